@@ -1,0 +1,58 @@
+"""ddfast — fused Triton and C++/CUDA operators for dataset distillation.
+
+Every op takes CPU and CUDA tensors, supports autograd, and has a ``backend=`` argument
+("auto", "cuda"/"cpp", "triton", "torch"); see ``ddfast.set_backend`` and ``ddfast info``.
+Public names are imported lazily, so ``import ddfast`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._backend import get_backend, set_backend
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one module per op, see ddfast/ops/)
+_PUBLIC = {
+    "param_match": "ddfast.ops.param_match",
+    "gradient_match": "ddfast.ops.gradient_match",
+    "GradientMatcher": "ddfast.ops.gradient_matcher",
+    "class_means": "ddfast.ops.class_means",
+    "class_mean_loss": "ddfast.ops.class_mean_loss",
+    "mmd": "ddfast.ops.mmd",
+    "bn_stat_loss": "ddfast.ops.bn_stat",
+    "BNStatMatcher": "ddfast.ops.bn_stat",
+    "DistributionMatcher": "ddfast.ops.distribution_matcher",
+    "supcon_nce": "ddfast.ops.supcon_nce",
+    "MIM4DD": "ddfast.ops.mim4dd",
+    "dsa_augment": "ddfast.ops.dsa",
+    "info": "ddfast.info",
+    "available_backends": "ddfast.info",
+}
+
+__all__ = sorted(_PUBLIC) + ["set_backend", "get_backend", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ddfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+def op_modules():
+    """Modules of every op, imported (each registers its backends)."""
+    mods = {}
+    for module in sorted({m for m in _PUBLIC.values() if m.startswith("ddfast.ops.")}):
+        try:
+            mods[module] = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return mods

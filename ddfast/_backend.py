@@ -1,0 +1,179 @@
+"""Backend selection, shared by every op.
+
+Backends: ``torch`` (the reference, always there), ``triton`` (Triton kernels; CUDA, or the
+CPU interpreter when TRITON_INTERPRET=1), ``cuda``/``cpp`` (the compiled extension: its CUDA
+kernel for CUDA tensors, its C++ kernel for CPU tensors; the two names are aliases).
+
+Selection, strongest first: the op's ``backend=`` argument (anything but "auto"),
+``ddfast.set_backend()``, the ``DDFAST_BACKEND`` environment variable, then ``auto`` — the
+fastest available for the tensor's device. The choice is made in Python before any
+autograd.Function/custom op runs, so every backend keeps its gradients.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("auto", "cuda", "cpp", "triton", "torch")
+COMPILED = "compiled"  # canonical internal name of the cuda/cpp backend
+_default: Optional[str] = None
+_warned: set = set()
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one op offers: which backends exist and where the C++ CPU kernel is worth using."""
+
+    name: str
+    triton: bool = True
+    compiled: bool = True
+    cpu_compiled_is_faster: bool = False  # measured: auto on CPU uses the C++ kernel only if True
+    on_load: Optional[Callable[[], None]] = field(default=None, compare=False, hash=False)
+
+
+_OPS: Dict[str, OpSpec] = {}
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    _OPS[spec.name] = spec
+    return spec
+
+
+def registered_ops() -> Dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Default backend for every op (None or "auto" restores automatic choice)."""
+    global _default
+    if name is not None:
+        _canonical(name)
+    _default = None if name in (None, "auto") else name
+
+
+def get_backend() -> str:
+    return _default or os.environ.get("DDFAST_BACKEND", "auto") or "auto"
+
+
+def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {BACKENDS}; got {type(name).__name__}")
+    key = name.lower()
+    if key == COMPILED:
+        return COMPILED
+    if key not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return COMPILED if key in ("cuda", "cpp") else key
+
+
+def triton_status(device: torch.device) -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return False, f"triton is not importable ({exc})"
+    if device.type == "cuda":
+        return True, "CUDA"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "interpreter (TRITON_INTERPRET=1)"
+        return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; slow, for tests)"
+    return False, f"no Triton support for device type {device.type}"
+
+
+def compiled_status(op: str, device: torch.device) -> Tuple[bool, str]:
+    spec = _OPS.get(op)
+    if spec is None or not spec.compiled:
+        return False, f"'{op}' has no compiled kernel"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"no compiled kernel for device type {device.type}"
+    if not _extension.load(op, spec.on_load):
+        return False, _extension.status().get(op, "unavailable")
+    if device.type == "cuda" and not _extension.has_cuda_kernel(f"ddfast::{op}_fwd"):
+        return False, "the extension was built without CUDA (CPU torch or no nvcc at build time)"
+    return True, "CUDA kernel" if device.type == "cuda" else "C++ kernel"
+
+
+def available(op: str, backend: str, device) -> bool:
+    device = torch.device(device)
+    b = _canonical(backend)
+    if b == "torch":
+        return True
+    if b == "triton":
+        return _OPS[op].triton and triton_status(device)[0]
+    if b == COMPILED:
+        return compiled_status(op, device)[0]
+    return True
+
+
+def _auto(op: str, device: torch.device) -> str:
+    spec = _OPS[op]
+    if device.type == "cuda":
+        if spec.compiled and compiled_status(op, device)[0]:
+            return COMPILED
+        if spec.triton and triton_status(device)[0]:
+            return "triton"
+        return "torch"
+    if device.type == "cpu" and spec.compiled and spec.cpu_compiled_is_faster and compiled_status(op, device)[0]:
+        return COMPILED
+    return "torch"
+
+
+def resolve(op: str, backend: Optional[str], device) -> str:
+    """Canonical backend ("torch" | "triton" | "compiled") that runs ``op`` on ``device``.
+
+    An explicitly requested backend that cannot run here warns once and falls back (compiled →
+    triton → torch), so a missing compiler never breaks a training script.
+    """
+    device = torch.device(device)
+    requested = backend if backend not in (None, "auto") else get_backend()
+    b = _canonical(requested)
+    if b == "auto":
+        return _auto(op, device)
+    spec = _OPS[op]
+    if b == "torch":
+        return b
+    if b == COMPILED:
+        ok, why = compiled_status(op, device)
+    else:
+        ok, why = (spec.triton and triton_status(device)[0]), (
+            triton_status(device)[1] if spec.triton else f"'{op}' has no Triton kernel")
+    if ok:
+        return b
+    fallback = "triton" if b == COMPILED and spec.triton and triton_status(device)[0] else "torch"
+    key = (op, b, device.type)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"ddfast.{op}: backend '{requested}' is unavailable on {device.type} ({why}); "
+                      f"using '{fallback}'", RuntimeWarning, stacklevel=3)
+    return fallback
+
+
+def provider_name(backend: str, device) -> str:
+    """Display name of a canonical backend on a device ("cuda" or "cpp" for the compiled one)."""
+    if backend == COMPILED:
+        return "cuda" if torch.device(device).type == "cuda" else "cpp"
+    return backend
+
+
+def ops_backends(device) -> Dict[str, Dict[str, str]]:
+    """op -> backend -> "yes (...)" / "no: reason", for ``ddfast info``."""
+    device = torch.device(device)
+    table: Dict[str, Dict[str, str]] = {}
+    for name, spec in sorted(_OPS.items()):
+        row = {"torch": "yes (reference)"}
+        ok, why = triton_status(device) if spec.triton else (False, "no Triton kernel for this op")
+        row["triton"] = f"yes ({why})" if ok else f"no: {why}"
+        ok, why = compiled_status(name, device)
+        row[provider_name(COMPILED, device)] = f"yes ({why})" if ok else f"no: {why}"
+        row["auto"] = provider_name(_auto(name, device), device)
+        table[name] = row
+    return table
+
+
+ALL_BACKENDS: FrozenSet[str] = frozenset({"torch", "triton", COMPILED})

@@ -1,0 +1,42 @@
+"""The ``ddfast`` command: ``ddfast info`` and ``ddfast bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ddfast", description="Fused operators for dataset distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, device, and which backend runs each op (and why not)")
+    p_info.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p_bench = sub.add_parser("bench", help="check every op against its reference, then time it")
+    p_bench.add_argument("--full", action="store_true", help="run every case (default: the quick ones)")
+    p_bench.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p_bench.add_argument("-k", "--select", default=None, help="regular expression on case names")
+    p_bench.add_argument("--out", default=None, help="JSON path (default: bench/results/<device>-<date>.json)")
+    p_bench.add_argument("--plot", default=None, metavar="DIR", help="write one PNG per op into DIR")
+    p_bench.add_argument("--repeats", type=int, default=5, help="minimum timed repeats per provider")
+    p_bench.add_argument("--min-seconds", type=float, default=0.5, help="minimum timed seconds per provider")
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_bench.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        from .info import info
+
+        info(args.device)
+        return 0
+    from .bench.cases import all_cases
+    from .bench.runner import run
+
+    if args.list:
+        for case in all_cases():
+            print(f"{case.name:48s} {'default' if case.default else 'full'}")
+        return 0
+    return run(full=args.full, device=args.device, select=args.select, out=args.out, min_repeats=args.repeats,
+               min_seconds=args.min_seconds, plot_dir=args.plot, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
