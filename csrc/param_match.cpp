@@ -4,7 +4,8 @@
 #include "ddfast_common.h"
 
 #ifdef DDFAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda/param_match.h"
 #endif
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> param_match_fwd_cuda(const at::Tensor& s, con
   at::Tensor loss = at::empty({}, s.options());
   at::Tensor den = at::empty({}, s.options().dtype(acc));
   param_match_forward_cuda(s.data_ptr(), a.data_ptr(), t.data_ptr(), n, code, ws.data_ptr(), loss.data_ptr(),
-                           den.data_ptr(), at::cuda::getCurrentCUDAStream());
+                           den.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, den};
 }
@@ -102,7 +103,7 @@ at::Tensor param_match_bwd_cuda(const at::Tensor& grad, const at::Tensor& s, con
   at::Tensor g = grad.to(s.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(s);
   param_match_backward_cuda(g.data_ptr(), s.data_ptr(), t.data_ptr(), den.data_ptr(), s.numel(), dtype_code(s),
-                            out.data_ptr(), at::cuda::getCurrentCUDAStream());
+                            out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
