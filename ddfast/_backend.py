@@ -163,6 +163,9 @@ def provider_name(backend: str, device) -> str:
 
 def ops_backends(device) -> Dict[str, Dict[str, str]]:
     """op -> backend -> "yes (...)" / "no: reason", for ``ddfast info``."""
+    import ddfast
+
+    ddfast.op_modules()
     device = torch.device(device)
     table: Dict[str, Dict[str, str]] = {}
     for name, spec in sorted(_OPS.items()):

@@ -9,6 +9,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # triton reads TRITON_INTERPRET when first imported: import it now, with the variable set
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,161 @@
+// bn_stat: SRe2L's BatchNorm statistic loss ‖μ − running_mean‖₂ + ‖σ²_biased − running_var‖₂ over
+// the channels of x viewed as (N, C, S) (ops ddfast::bn_stat_fwd/_bwd). Forward reads x once
+// (per channel: sums shifted by the channel's first value, fp64 on CPU); backward is one
+// elementwise pass grad_x = a_c + b_c (x − μ_c). The CUDA kernels live in cuda/bn_stat.cu.
+#include "ddfast_common.h"
+
+#ifdef DDFAST_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda/bn_stat.h"
+#endif
+
+#include <vector>
+
+namespace ddfast {
+namespace {
+
+void check_shapes(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
+  TORCH_CHECK(x.dim() == 3, "bn_stat: x must be viewed as (N, C, S)");
+  TORCH_CHECK(rm.numel() == x.size(1) && rv.numel() == x.size(1), "bn_stat: running stats must have C entries");
+  DDFAST_CHECK_CONTIGUOUS(x);
+}
+
+at::Tensor loss_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rm, const at::Tensor& rv) {
+  return at::linalg_vector_norm(mean - rm.to(mean.scalar_type()), 2) +
+         at::linalg_vector_norm(var - rv.to(var.scalar_type()), 2);
+}
+
+// a_c, b_c of grad_x = a_c + b_c (x − μ_c); a zero norm gives zero gradient (as torch.norm's backward).
+std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& grad, const at::Tensor& mean, const at::Tensor& var,
+                                                const at::Tensor& rm, const at::Tensor& rv, int64_t m) {
+  at::Tensor dm = mean - rm.to(mean.scalar_type());
+  at::Tensor dv = var - rv.to(var.scalar_type());
+  at::Tensor nm = at::linalg_vector_norm(dm, 2);
+  at::Tensor nv = at::linalg_vector_norm(dv, 2);
+  at::Tensor g = grad.to(mean.scalar_type());
+  at::Tensor a = at::where(nm > 0, g * dm / (nm * static_cast<double>(m)), at::zeros_like(dm));
+  at::Tensor b = at::where(nv > 0, 2.0 * g * dv / (nv * static_cast<double>(m)), at::zeros_like(dv));
+  return {a.contiguous(), b.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor& x, const at::Tensor& rm,
+                                                               const at::Tensor& rv) {
+  check_shapes(x, rm, rv);
+  const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
+  const double m = static_cast<double>(n * s);
+  TORCH_CHECK(n * s > 0, "bn_stat: x has no elements per channel");
+  at::Tensor mean = at::empty({c}, x.options().dtype(at::kDouble));
+  at::Tensor var = at::empty({c}, x.options().dtype(at::kDouble));
+  double* mp = mean.data_ptr<double>();
+  double* vp = var.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_fwd_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const double shift = static_cast<double>(xp[ch * s]);
+        double sum = 0.0, sumsq = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* row = xp + (i * c + ch) * s;
+          for (int64_t j = 0; j < s; ++j) {
+            const double d = static_cast<double>(row[j]) - shift;
+            sum += d;
+            sumsq += d * d;
+          }
+        }
+        const double md = sum / m;
+        mp[ch] = shift + md;
+        vp[ch] = std::max(0.0, sumsq / m - md * md);
+      }
+    });
+  });
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor loss = loss_from_stats(mean, var, rm, rv);
+  return {loss.to(acc), mean.to(acc), var.to(acc)};
+}
+
+at::Tensor bn_stat_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv,
+                           const at::Tensor& mean, const at::Tensor& var) {
+  check_shapes(x, rm, rv);
+  const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
+  auto [a, b] = coefficients(grad.to(at::kDouble), mean.to(at::kDouble), var.to(at::kDouble), rm, rv, n * s);
+  at::Tensor mu = mean.to(at::kDouble).contiguous();
+  const double* ap = a.data_ptr<double>();
+  const double* bp = b.data_ptr<double>();
+  const double* mup = mu.data_ptr<double>();
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_bwd_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(s, 1));
+    at::parallel_for(0, n * c, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t ch = r % c;
+        const acc_t av = static_cast<acc_t>(ap[ch]), bv = static_cast<acc_t>(bp[ch]), mv = static_cast<acc_t>(mup[ch]);
+        const scalar_t* xr = xp + r * s;
+        scalar_t* orow = op + r * s;
+        for (int64_t j = 0; j < s; ++j) orow[j] = static_cast<scalar_t>(av + bv * (static_cast<acc_t>(xr[j]) - mv));
+      }
+    });
+  });
+  return out;
+}
+
+#ifdef DDFAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cuda(const at::Tensor& x, const at::Tensor& rm,
+                                                                const at::Tensor& rv) {
+  check_shapes(x, rm, rv);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
+  TORCH_CHECK(n * s > 0, "bn_stat: x has no elements per channel");
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t splits = bn_stat_num_splits(n, s);
+  at::Tensor count = at::empty({c, splits}, x.options().dtype(acc));
+  at::Tensor pmean = at::empty({c, splits}, x.options().dtype(acc));
+  at::Tensor pm2 = at::empty({c, splits}, x.options().dtype(acc));
+  bn_stat_forward_cuda(x.data_ptr(), n, c, s, splits, dtype_code(x), count.data_ptr(), pmean.data_ptr(),
+                       pm2.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Chan's merge of the splits: exact, and C x splits is tiny
+  at::Tensor total = count.sum(1);
+  at::Tensor mean = (count * pmean).sum(1) / total;
+  at::Tensor var = (pm2.sum(1) + (count * (pmean - mean.unsqueeze(1)).pow(2)).sum(1)) / total;
+  return {loss_from_stats(mean, var, rm, rv), mean, var};
+}
+
+at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv,
+                            const at::Tensor& mean, const at::Tensor& var) {
+  check_shapes(x, rm, rv);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
+  auto [a, b] = coefficients(grad, mean, var, rm, rv, n * s);
+  at::Tensor mu = mean.contiguous();
+  at::Tensor out = at::empty_like(x);
+  bn_stat_backward_cuda(x.data_ptr(), a.data_ptr(), b.data_ptr(), mu.data_ptr(), n, c, s, dtype_code(x), out.data_ptr(),
+                        c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+#endif
+
+}  // namespace
+}  // namespace ddfast
+
+TORCH_LIBRARY_FRAGMENT(ddfast, m) {
+  m.def("bn_stat_fwd(Tensor x, Tensor running_mean, Tensor running_var) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_stat_bwd(Tensor grad, Tensor x, Tensor running_mean, Tensor running_var, Tensor mean, Tensor var) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
+  m.impl("bn_stat_fwd", &ddfast::bn_stat_fwd_cpu);
+  m.impl("bn_stat_bwd", &ddfast::bn_stat_bwd_cpu);
+}
+
+#ifdef DDFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ddfast, CUDA, m) {
+  m.impl("bn_stat_fwd", &ddfast::bn_stat_fwd_cuda);
+  m.impl("bn_stat_bwd", &ddfast::bn_stat_bwd_cuda);
+}
+#endif

@@ -1,0 +1,93 @@
+// class_means: per-class means of the rows of x (N, D) in one pass (ops ddfast::class_means_fwd/_bwd).
+// CPU kernel from class_means_cpu.h (fp64 accumulation); the CUDA kernel lives in cuda/class_means.cu.
+#include "ddfast_common.h"
+#include "class_means_cpu.h"
+
+#ifdef DDFAST_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda/class_means.h"
+#endif
+
+namespace ddfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> class_means_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
+  TORCH_CHECK(x.dim() == 2, "class_means_fwd: x must be (N, D)");
+  TORCH_CHECK(labels.numel() == x.size(0), "class_means_fwd: one label per row");
+  std::vector<double> sums;
+  std::vector<int64_t> counts;
+  segment_cpu::segment_sums(x, labels, num_classes, sums, counts);
+  const int64_t d = x.size(1);
+  at::Tensor counts_t = at::empty({num_classes}, labels.options());
+  std::copy(counts.begin(), counts.end(), counts_t.data_ptr<int64_t>());
+  at::Tensor means = at::empty({num_classes, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_means_fwd_cpu", [&] {
+    scalar_t* mp = means.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < num_classes; ++c) {
+      const double inv = 1.0 / static_cast<double>(std::max<int64_t>(counts[c], 1));
+      for (int64_t j = 0; j < d; ++j) mp[c * d + j] = static_cast<scalar_t>(sums[c * d + j] * inv);
+    }
+  });
+  return {means, counts_t};
+}
+
+at::Tensor class_means_bwd_cpu(const at::Tensor& grad_means, const at::Tensor& labels, const at::Tensor& counts) {
+  const int64_t num_classes = grad_means.size(0), d = grad_means.size(1);
+  segment_cpu::check_labels_in_range(labels, num_classes);
+  at::Tensor g = grad_means.to(at::kDouble).contiguous();
+  at::Tensor coef = 1.0 / counts.clamp_min(1).to(at::kDouble);
+  return segment_cpu::gather_scale(g.data_ptr<double>(), coef.data_ptr<double>(), labels, d, grad_means.options());
+}
+
+#ifdef DDFAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> class_means_fwd_cuda(const at::Tensor& x, const at::Tensor& labels, int64_t num_classes) {
+  DDFAST_CHECK_CONTIGUOUS(x);
+  DDFAST_CHECK_CONTIGUOUS(labels);
+  TORCH_CHECK(x.dim() == 2 && labels.numel() == x.size(0), "class_means_fwd: x (N, D) and one label per row");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor counts = at::bincount(labels, {}, num_classes);
+  at::Tensor offsets = at::zeros({num_classes + 1}, labels.options());
+  offsets.slice(0, 1).copy_(at::cumsum(counts, 0));
+  at::Tensor perm = std::get<1>(at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  at::Tensor means = at::empty({num_classes, x.size(1)}, x.options());
+  class_means_forward_cuda(x.data_ptr(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), num_classes, x.size(1),
+                           dtype_code(x), means.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {means, counts};
+}
+
+at::Tensor class_means_bwd_cuda(const at::Tensor& grad_means, const at::Tensor& labels, const at::Tensor& counts) {
+  c10::cuda::CUDAGuard guard(grad_means.device());
+  const auto acc = acc_type(grad_means.scalar_type());
+  at::Tensor g = grad_means.to(acc).contiguous();
+  at::Tensor coef = (1.0 / counts.clamp_min(1).to(acc)).contiguous();
+  at::Tensor lab = labels.contiguous();
+  at::Tensor out = at::empty({lab.numel(), grad_means.size(1)}, grad_means.options());
+  class_means_backward_cuda(g.data_ptr(), coef.data_ptr(), lab.data_ptr<int64_t>(), grad_means.size(0), lab.numel(),
+                            grad_means.size(1), dtype_code(grad_means), out.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+#endif
+
+}  // namespace
+}  // namespace ddfast
+
+TORCH_LIBRARY_FRAGMENT(ddfast, m) {
+  m.def("class_means_fwd(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");
+  m.def("class_means_bwd(Tensor grad_means, Tensor labels, Tensor counts) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
+  m.impl("class_means_fwd", &ddfast::class_means_fwd_cpu);
+  m.impl("class_means_bwd", &ddfast::class_means_bwd_cpu);
+}
+
+#ifdef DDFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ddfast, CUDA, m) {
+  m.impl("class_means_fwd", &ddfast::class_means_fwd_cuda);
+  m.impl("class_means_bwd", &ddfast::class_means_bwd_cuda);
+}
+#endif

@@ -1,0 +1,16 @@
+// Launchers of the bn_stat CUDA kernels (pure CUDA: no ATen types cross this boundary).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace ddfast {
+// Number of partial blocks per channel for x viewed as (N, C, S).
+int64_t bn_stat_num_splits(int64_t n, int64_t s);
+// Writes per (channel, split) partial count, mean and M2 (each (C, splits), accumulation dtype:
+// fp64 for fp64 inputs, else fp32), reading x once.
+void bn_stat_forward_cuda(const void* x, int64_t n, int64_t c, int64_t s, int64_t splits, int dtype, void* count_out,
+                          void* mean_out, void* m2_out, cudaStream_t stream);
+// grad_x = a[c] + b[c] * (x − mean[c]); a, b, mean in the accumulation dtype.
+void bn_stat_backward_cuda(const void* x, const void* a, const void* b, const void* mean, int64_t n, int64_t c,
+                           int64_t s, int dtype, void* grad_x, cudaStream_t stream);
+}  // namespace ddfast

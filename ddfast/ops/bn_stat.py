@@ -1,0 +1,169 @@
+"""bn_stat_loss and BNStatMatcher — SRe2L's BatchNorm statistic matching (SPEC 3.3).
+
+    loss = ‖μ − running_mean‖₂ + ‖σ²_biased − running_var‖₂
+
+over the channels of an N×C×… input (L2 norms, not squared; SRe2L's ``BNFeatureHook``). One read
+of ``x`` forward (per-channel mean and M2 merged with Chan's formula in fp32/fp64, or shifted fp64
+sums on CPU), one elementwise pass backward. The running statistics are constants (SRe2L reads
+``.data``). ``BNStatMatcher`` hooks every BatchNorm of a model and sums these losses, the first one
+scaled by ``first_layer_weight`` (SRe2L/INFER/DWA's ``first_bn_multiplier``); the hooks keep no
+copy of the activations (autograd saves the tensor the BatchNorm already holds).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .. import _backend
+from .._checks import check_float_tensor, check_result_finite, check_same_device
+
+OP = "bn_stat"
+
+
+def bn_stat_loss_reference(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """SRe2L's hook: per-channel mean and biased variance, then two L2 norms."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    mean = flat.mean(1)
+    var = flat.var(1, unbiased=False)
+    return torch.norm(running_mean - mean, 2) + torch.norm(running_var - var, 2)
+
+
+# --- autograd shared by the Triton and compiled ops (both return (loss, mean, var)) ------------
+
+def _setup_context(ctx, inputs, output):
+    x, rm, rv = inputs
+    ctx.save_for_backward(x, rm, rv, output[1], output[2])
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_loss, _grad_mean, _grad_var):
+        x, rm, rv, mean, var = ctx.saved_tensors
+        return bwd_op(grad_loss, x, rm, rv, mean, var), None, None
+    return backward
+
+
+def _fake_fwd(x, running_mean, running_var):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _fake_bwd(grad, x, running_mean, running_var, mean, var):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ddfast::bn_stat_triton_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.bn_stat import bn_stat_forward
+
+    return bn_stat_forward(x, running_mean, running_var)
+
+
+@torch.library.custom_op("ddfast::bn_stat_triton_bwd", mutates_args=())
+def _triton_bwd(grad: torch.Tensor, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    from ..kernels.bn_stat import bn_stat_backward
+
+    return bn_stat_backward(grad, x, running_mean, running_var, mean, var)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+
+
+def _register_compiled():
+    """Python side of the C++ ops (csrc/bn_stat.cpp), run once after the library loads."""
+    torch.library.register_fake("ddfast::bn_stat_fwd")(_fake_fwd)
+    torch.library.register_fake("ddfast::bn_stat_bwd")(_fake_bwd)
+    torch.library.register_autograd("ddfast::bn_stat_fwd", _make_backward(torch.ops.ddfast.bn_stat_bwd),
+                                    setup_context=_setup_context)
+
+
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
+
+
+def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, *,
+                 backend: str = "auto") -> torch.Tensor:
+    """``‖mean(x) − running_mean‖₂ + ‖var_biased(x) − running_var‖₂`` over the channels (dim 1) of
+    ``x`` (N, C, ...). Scalar in the promoted dtype of ``x`` and the running stats; gradient to ``x``."""
+    check_float_tensor("x", x, min_dim=2)
+    check_float_tensor("running_mean", running_mean, min_dim=1)
+    check_float_tensor("running_var", running_var, min_dim=1)
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.dim() != 1 or t.shape[0] != c:
+            raise ValueError(f"{name} must be 1-D with one entry per channel of x ({c}), got shape {tuple(t.shape)}")
+    check_same_device(x=x, running_mean=running_mean, running_var=running_var)
+    running_mean, running_var = running_mean.detach(), running_var.detach()
+    out_dtype = torch.promote_types(x.dtype, torch.promote_types(running_mean.dtype, running_var.dtype))
+    which = _backend.resolve(OP, backend, x.device)
+    if which == "torch":
+        loss = bn_stat_loss_reference(x, running_mean, running_var)
+    else:
+        x3 = x.reshape(x.shape[0], c, -1).contiguous()
+        op = torch.ops.ddfast.bn_stat_triton_fwd if which == "triton" else torch.ops.ddfast.bn_stat_fwd
+        loss = op(x3, running_mean.contiguous(), running_var.contiguous())[0]
+    loss = loss.to(out_dtype)
+    check_result_finite(loss, x=x, running_mean=running_mean, running_var=running_var)
+    return loss
+
+
+class BNStatMatcher:
+    """Hooks every BatchNorm (1d/2d/3d, SyncBatchNorm) of ``model`` that tracks running statistics.
+
+        matcher = BNStatMatcher(teacher, first_layer_weight=args.first_bn_multiplier)
+        out = teacher(x_syn)          # every forward starts a fresh list of losses
+        loss = ce(out, y) + r_bn * matcher.loss()
+
+    ``matcher(x)`` runs the model and returns ``(output, loss)``. ``remove()`` (or leaving a
+    ``with`` block) detaches the hooks. Losses use the running statistics at hook time (SRe2L runs
+    the teacher in eval mode, where they do not change).
+    """
+
+    def __init__(self, model: nn.Module, first_layer_weight: float = 1.0, *, backend: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.first_layer_weight = float(first_layer_weight)
+        self.backend = backend
+        self.losses: List[torch.Tensor] = []
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        if not self.layers:
+            raise ValueError("model has no BatchNorm layer with running statistics to match")
+        self._handles = [model.register_forward_pre_hook(self._start)]
+        self._handles += [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _start(self, _module, _inputs) -> None:
+        self.losses = []
+
+    def _hook(self, module, inputs, _output) -> None:
+        self.losses.append(bn_stat_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend))
+
+    def loss(self) -> torch.Tensor:
+        """Σ of the hooked losses of the last forward, the first one times ``first_layer_weight``."""
+        if not self.losses:
+            raise RuntimeError("BNStatMatcher.loss() needs a forward pass of the model first")
+        total: Optional[torch.Tensor] = self.losses[0] * self.first_layer_weight
+        for item in self.losses[1:]:
+            total = total + item
+        return total
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        return out, self.loss()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "BNStatMatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,115 @@
+"""class_means — per-class (segmented) means of a batch (SPEC 3.3).
+
+    means[c] = mean(x[labels == c]),  counts[c] = #{i: labels[i] == c}
+
+for any trailing shape (rows are flattened), unordered labels, empty classes (count 0, mean 0).
+One pass over ``x`` forward (rows grouped by a stable sort of the labels, fp32/fp64 accumulation);
+the backward is one gather pass ``grad_x[i] = grad_means[y_i] / counts[y_i]``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .. import _backend
+from .._checks import check_float_tensor, check_labels, check_result_finite, check_same_device
+
+OP = "class_means"
+
+
+def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """index_add of the rows, divided by the class sizes (empty classes stay 0)."""
+    flat = x.reshape(x.shape[0], -1)
+    counts = torch.bincount(labels, minlength=num_classes)
+    sums = flat.new_zeros((num_classes, flat.shape[1])).index_add(0, labels, flat)
+    means = sums / counts.clamp(min=1).unsqueeze(1).to(flat.dtype)
+    return means.reshape((num_classes,) + tuple(x.shape[1:])), counts
+
+
+def validate_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__}")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return num_classes
+
+
+# --- autograd shared by the Triton and compiled ops (both return (means, counts)) ------------
+
+def _setup_context(ctx, inputs, output):
+    _x, labels, _num_classes = inputs
+    ctx.save_for_backward(labels, output[1])
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_means, _grad_counts):
+        labels, counts = ctx.saved_tensors
+        return bwd_op(grad_means.contiguous(), labels, counts), None, None
+    return backward
+
+
+def _fake_fwd(x, labels, num_classes):
+    return x.new_empty((num_classes, x.shape[1])), labels.new_empty((num_classes,))
+
+
+def _fake_bwd(grad_means, labels, counts):
+    return grad_means.new_empty((labels.shape[0], grad_means.shape[1]))
+
+
+@torch.library.custom_op("ddfast::class_means_triton_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.class_means import segment_means
+
+    return segment_means(x, labels, num_classes)
+
+
+@torch.library.custom_op("ddfast::class_means_triton_bwd", mutates_args=())
+def _triton_bwd(grad_means: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    from ..kernels.class_means import acc_dtypes, gather_scale
+
+    acc = acc_dtypes(grad_means.dtype)[1]
+    coef = 1.0 / counts.clamp(min=1).to(acc)
+    return gather_scale(grad_means.to(acc), coef, labels, grad_means.dtype)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+
+
+def _register_compiled():
+    """Python side of the C++ ops (csrc/class_means.cpp), run once after the library loads."""
+    torch.library.register_fake("ddfast::class_means_fwd")(_fake_fwd)
+    torch.library.register_fake("ddfast::class_means_bwd")(_fake_bwd)
+    torch.library.register_autograd("ddfast::class_means_fwd", _make_backward(torch.ops.ddfast.class_means_bwd),
+                                    setup_context=_setup_context)
+
+
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
+
+
+def class_means_impl(x2d: torch.Tensor, labels: torch.Tensor, num_classes: int, which: str):
+    """Dispatch on validated (N, D) contiguous features and int64 labels; returns (means (C, D), counts)."""
+    if which == "torch":
+        return class_means_reference(x2d, labels, num_classes)
+    op = torch.ops.ddfast.class_means_triton_fwd if which == "triton" else torch.ops.ddfast.class_means_fwd
+    return op(x2d, labels, num_classes)
+
+
+def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means ``(C, *x.shape[1:])`` (input dtype) and counts ``(C,)`` (int64).
+
+    ``labels``: integer (N,) in ``[0, num_classes)``, any order. Empty classes: mean 0, count 0.
+    Gradient flows to ``x``.
+    """
+    check_float_tensor("x", x, min_dim=1)
+    num_classes = validate_num_classes(num_classes)
+    check_labels("labels", labels, x.shape[0], num_classes)
+    check_same_device(x=x, labels=labels)
+    which = _backend.resolve(OP, backend, x.device)
+    x2d = x.reshape(x.shape[0], -1).contiguous()
+    means, counts = class_means_impl(x2d, labels.to(torch.int64).contiguous(), num_classes, which)
+    check_result_finite(means, x=x)
+    return means.reshape((num_classes,) + tuple(x.shape[1:])), counts

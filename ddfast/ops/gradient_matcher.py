@@ -1,0 +1,268 @@
+"""GradientMatcher — the DatasetCondensation (DC/DSA) class loop as one batched op (SPEC 3.1).
+
+DC's ``main.py`` computes, for every class c, the parameter gradient of the mean cross-entropy on a
+real batch of class c (detached) and on the synthetic images of class c (``create_graph=True``), and
+sums ``match_loss(gw_syn, gw_real)`` over classes. ``GradientMatcher`` returns the same sum, with the
+same gradient w.r.t. the synthetic images, but computes all classes at once:
+
+* ``strategy="vmap"`` (any ``nn.Module``): ``torch.func.vmap`` over classes of ``torch.func.grad`` of a
+  weighted cross-entropy through ``functional_call``. Classes with fewer samples are padded with zero
+  images of weight 0; the others get weight ``1/n_c``, so each class's loss is exactly its CE mean.
+  Under vmap every class has its own copy of the weights, so convolutions run as one class-grouped
+  convolution and linear layers as one bmm — forward, backward and double backward.
+* ``strategy="loop"``: the reference loop (one autograd pass per class); the fallback for modules
+  that vmap cannot batch.
+* ``strategy="auto"``: "vmap" (measured faster than the loop on CPU, see bench/cases/dc_step.py).
+
+All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
+
+Semantics kept from the reference: parameters are those of ``model.parameters()`` that require grad,
+in that order (rank-1 tensors contribute 0 with metric "ours"); the real side is constant; the model
+is used in its current mode. The model's parameters receive no ``.grad`` (DC zeroes them before its
+network update anyway). BatchNorm: as DC's main.py does before its class loop, BatchNorm layers
+found in training mode are given running statistics from a real batch (the first
+``bn_images_per_class`` real images of every class, in class order, one forward in train mode) and
+are then switched to eval mode — that switch persists, exactly as in DC, until ``model.train()``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._checks import check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device, \
+    check_same_dtype
+
+METRICS = ("ours", "mse", "cos")
+STRATEGIES = ("auto", "vmap", "loop")
+
+
+# --- the DC ConvNet family (tests and benchmarks) ------------------------------------------------
+
+class ConvNet(nn.Module):
+    """DC's ``ConvNet`` layout: ``depth`` x [conv3x3 -> norm -> ReLU -> avgpool2], then one linear.
+
+    ``norm``: "instancenorm" (``GroupNorm(width, width)``, DC's default), "groupnorm"
+    (``GroupNorm(4, width)``), "batchnorm" or "none". As in DC, 1-channel inputs get padding 3 in
+    the first conv (28 px MNIST becomes 32 px); parameter order equals DC's, so state dicts match.
+    """
+
+    def __init__(self, channel: int, num_classes: int, width: int = 128, depth: int = 3, norm: str = "instancenorm",
+                 im_size=(32, 32)):
+        super().__init__()
+        check_choice("norm", norm, ("instancenorm", "groupnorm", "batchnorm", "none"))
+        h, w = (im_size, im_size) if isinstance(im_size, int) else tuple(im_size)
+        layers: List[nn.Module] = []
+        in_ch = channel
+        for d in range(depth):
+            pad = 3 if channel == 1 and d == 0 else 1
+            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=pad))
+            h, w = h + 2 * pad - 2, w + 2 * pad - 2
+            if norm == "instancenorm":
+                layers.append(nn.GroupNorm(width, width, affine=True))
+            elif norm == "groupnorm":
+                layers.append(nn.GroupNorm(4, width, affine=True))
+            elif norm == "batchnorm":
+                layers.append(nn.BatchNorm2d(width, affine=True))
+            layers += [nn.ReLU(inplace=True), nn.AvgPool2d(kernel_size=2, stride=2)]
+            h, w = h // 2, w // 2
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * h * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+# --- the reference: DC's class loop, written as DC writes it -------------------------------------
+
+def match_loss_reference(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor], metric: str = "ours",
+                         eps: float = 1e-6) -> torch.Tensor:
+    """DC ``utils.match_loss`` (with ``distance_wb``) for one class: the oracle of the tests."""
+    if metric == "ours":
+        dis = gw_syn[0].new_zeros(())
+        for gs, gr in zip(gw_syn, gw_real):
+            if gr.dim() == 1:  # biases, norm affine parameters: DC returns 0
+                continue
+            if gr.dim() > 2:
+                gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+            dis = dis + torch.sum(1 - torch.sum(gr * gs, dim=-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + eps))
+        return dis
+    real = torch.cat([g.reshape(-1) for g in gw_real])
+    syn = torch.cat([g.reshape(-1) for g in gw_syn])
+    if metric == "mse":
+        return torch.sum((syn - real) ** 2)
+    return 1 - torch.sum(real * syn) / (real.norm() * syn.norm() + eps)
+
+
+def class_loop_reference(model: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, x_syn: torch.Tensor,
+                         y_syn: torch.Tensor, metric: str = "ours", eps: float = 1e-6) -> torch.Tensor:
+    """DC ``main.py``'s class loop over the classes present on both sides (ascending)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = x_syn.new_zeros(())
+    for c in _common_classes(y_real, y_syn):
+        img_real, img_syn = x_real[y_real == c], x_syn[y_syn == c]
+        lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long, device=x_real.device)
+        lab_syn = torch.full((img_syn.shape[0],), c, dtype=torch.long, device=x_syn.device)
+        gw_real = torch.autograd.grad(F.cross_entropy(model(img_real), lab_real), params)
+        gw_real = [g.detach().clone() for g in gw_real]
+        gw_syn = torch.autograd.grad(F.cross_entropy(model(img_syn), lab_syn), params, create_graph=True)
+        loss = loss + match_loss_reference(gw_syn, gw_real, metric, eps)
+    return loss
+
+
+# --- batching helpers ----------------------------------------------------------------------------
+
+def _common_classes(y_real: torch.Tensor, y_syn: torch.Tensor) -> List[int]:
+    real = set(torch.unique(y_real).tolist())
+    return sorted(real.intersection(torch.unique(y_syn).tolist()))
+
+
+def _class_slots(y: torch.Tensor, classes: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(index (G, n_max), weight (G, n_max)): row g lists the samples of class ``classes[g]`` in
+    input order, padded with index N (a zero image appended by the caller) of weight 0; real
+    samples weigh 1/n_c, so the weighted CE sum of a row is that class's CE mean."""
+    n = y.shape[0]
+    member = y.unsqueeze(0) == classes.unsqueeze(1)              # (G, N)
+    counts = member.sum(1)
+    n_max = int(counts.max())
+    rank = member.cumsum(1) - 1                                  # position of each sample inside its class
+    index = torch.full((classes.shape[0], n_max), n, dtype=torch.long, device=y.device)
+    rows, cols = member.nonzero(as_tuple=True)
+    index[rows, rank[rows, cols]] = cols
+    weight = (index < n).to(dtype) / counts.unsqueeze(1).to(dtype)
+    return index, weight
+
+
+def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+    return padded[index]
+
+
+def _freeze_batchnorm(model: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, classes: List[int],
+                      per_class: int) -> None:
+    """DC main.py's BatchNorm handling: running stats from one real batch, then eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not bns:
+        return
+    batch = torch.cat([x_real[y_real == c][:per_class] for c in classes])
+    with torch.no_grad():
+        model(batch)
+    for m in bns:
+        m.eval()
+
+
+# --- the op --------------------------------------------------------------------------------------
+
+class GradientMatcher:
+    """DC's class loop as one op: ``matcher(x_real, y_real, x_syn, y_syn)`` returns
+
+        Σ_c gradient_match(∇θ CE_mean(model(x_syn_c), c), ∇θ CE_mean(model(x_real_c), c))
+
+    over the classes present in both label sets (any order, any count per class), differentiable
+    w.r.t. ``x_syn`` (real side constant). ``metric``/``eps``/``backend`` go to
+    ``ddfast.gradient_match``; ``strategy`` picks how per-class gradients are batched (module doc).
+    ``bn_images_per_class``: real images per class used for BatchNorm running statistics (DC: 16).
+    """
+
+    def __init__(self, model: nn.Module, metric: str = "ours", eps: float = 1e-6, *, strategy: str = "auto",
+                 backend: str = "auto", bn_images_per_class: int = 16):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.metric = check_choice("metric", metric, METRICS)
+        if not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        self.eps = float(eps)
+        self.strategy = check_choice("strategy", strategy, STRATEGIES)
+        self.backend = backend
+        if not isinstance(bn_images_per_class, int) or bn_images_per_class < 1:
+            raise ValueError(f"bn_images_per_class must be a positive int, got {bn_images_per_class!r}")
+        self.bn_images_per_class = bn_images_per_class
+
+    def __repr__(self) -> str:
+        return (f"GradientMatcher({type(self.model).__name__}, metric={self.metric!r}, eps={self.eps}, "
+                f"strategy={self.strategy!r})")
+
+    def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, x_syn: torch.Tensor,
+                 y_syn: torch.Tensor) -> torch.Tensor:
+        check_float_tensor("x_real", x_real, min_dim=2)
+        check_float_tensor("x_syn", x_syn, min_dim=2)
+        check_labels("y_real", y_real, x_real.shape[0])
+        check_labels("y_syn", y_syn, x_syn.shape[0])
+        check_same_device(x_real=x_real, y_real=y_real, x_syn=x_syn, y_syn=y_syn)
+        check_same_dtype(x_real=x_real, x_syn=x_syn)
+        if x_real.shape[1:] != x_syn.shape[1:]:
+            raise ValueError(f"x_real and x_syn must have the same per-sample shape; got "
+                             f"{tuple(x_real.shape[1:])} and {tuple(x_syn.shape[1:])}")
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError("model has no parameters that require grad")
+        x_real = x_real.detach()
+        classes = _common_classes(y_real, y_syn)
+        if not classes:  # every class skipped: an empty sum, still connected to x_syn
+            return x_syn.reshape(-1)[:0].sum()
+        _freeze_batchnorm(self.model, x_real, y_real, classes, self.bn_images_per_class)
+        strategy = "vmap" if self.strategy == "auto" else self.strategy
+        if strategy == "vmap":
+            g_real, g_syn = self._grads_vmap(names, classes, x_real, y_real, x_syn, y_syn)
+        else:
+            g_real, g_syn = self._grads_loop(names, classes, x_real, y_real, x_syn, y_syn)
+        loss = _grouped_distance(g_syn, g_real, self.metric, self.eps, self.backend)
+        check_result_finite(loss, x_real=x_real, x_syn=x_syn)
+        return loss
+
+    def _split_state(self, names: List[str]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        params = dict(self.model.named_parameters())
+        frozen = {n: p for n, p in params.items() if n not in set(names)}
+        frozen.update(dict(self.model.named_buffers()))
+        return {n: params[n].detach() for n in names}, frozen
+
+    def _grads_vmap(self, names, classes, x_real, y_real, x_syn, y_syn):
+        from torch.func import functional_call, grad, vmap
+
+        params, frozen = self._split_state(names)
+        model = self.model
+
+        def weighted_ce(p, x, y, w):
+            out = functional_call(model, (p, frozen), (x,))
+            return (w * F.cross_entropy(out, y, reduction="none")).sum()
+
+        per_class = vmap(grad(weighted_ce), in_dims=(None, 0, 0, 0), randomness="different")
+        cls = torch.tensor(classes, dtype=torch.long, device=x_syn.device)
+
+        def grads(x, y):
+            index, weight = _class_slots(y, cls, x.dtype)
+            labels = cls.unsqueeze(1).expand_as(index)
+            g = per_class(params, _gather_padded(x, index), labels, weight)
+            return [g[n] for n in names]
+
+        g_real = [g.detach() for g in grads(x_real, y_real)]
+        return g_real, grads(x_syn, y_syn)
+
+    def _grads_loop(self, names, classes, x_real, y_real, x_syn, y_syn):
+        from torch.func import functional_call
+
+        params, frozen = self._split_state(names)
+        leaves = {n: p.requires_grad_() for n, p in params.items()}  # fresh leaves: no .grad on the model
+        order = [leaves[n] for n in names]
+
+        def class_grad(x, c, create_graph):
+            labels = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+            out = functional_call(self.model, (leaves, frozen), (x,))
+            return torch.autograd.grad(F.cross_entropy(out, labels), order, create_graph=create_graph)
+
+        real = [class_grad(x_real[y_real == c], c, False) for c in classes]
+        syn = [class_grad(x_syn[y_syn == c], c, True) for c in classes]
+        stack = lambda per_cls: [torch.stack(gs) for gs in zip(*per_cls)]  # noqa: E731
+        return stack(real), stack(syn)
+
+
+def _grouped_distance(g_syn: List[torch.Tensor], g_real: List[torch.Tensor], metric: str, eps: float,
+                      backend: str) -> torch.Tensor:
+    """Σ over classes of the match distance, one ``ddfast.gradient_match(grouped=True)`` call."""
+    from .gradient_match import gradient_match
+
+    return gradient_match(g_syn, g_real, metric, eps=eps, grouped=True, reduction="sum", backend=backend)

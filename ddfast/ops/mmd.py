@@ -1,0 +1,327 @@
+"""mmd — maximum mean discrepancy between two feature sets, optionally per class (SPEC 3.3).
+
+Kernels on flattened features (x: (N, D...), y: (M, D...) → D = prod of the trailing dims):
+
+* ``"gaussian"``: ``k(a, b) = Σ_s exp(−‖a − b‖² / (2 s²))`` over the bandwidths ``s``.
+* ``"linear"``:   ``k(a, b) = <a, b>`` (the biased per-class MMD² is then DM's
+  ``Σ_c ‖mean x_c − mean y_c‖²``).
+
+Estimators per class c (n = |x_c|, m = |y_c|):
+
+* ``"biased"`` (V-statistic): ``mean k(x, x') + mean k(y, y') − 2 mean k(x, y)`` over all pairs.
+* ``"unbiased"`` (U-statistic): the xx and yy means leave out the diagonal (``i ≠ i'``, divided by
+  ``n(n − 1)``); needs n ≥ 2 and m ≥ 2 for every class present on both sides.
+
+Default bandwidths (``bandwidths=None``): the median ``med`` of the pairwise Euclidean distances
+``‖z_i − z_j‖, i < j`` of the concatenated sample ``z = [x; y]`` (all classes together), computed
+on the rows ``⌊k·R/1024⌋, k = 0..1023`` when there are R > 1024 rows (else on all rows), then
+``s = med · 2^k`` for ``k = −2, −1, 0, 1, 2``. A zero median (all sampled points equal) uses
+``med = 1``. Bandwidths, default or given, are constants for autograd (no gradient flows to them).
+
+Labels: ``x_labels``/``y_labels`` (both or neither) give the per-class MMD²; ``reduction="sum"``
+sums them, ``"none"`` returns shape (C,). A class absent on either side contributes 0. Without
+labels all samples form one class (``"none"`` → shape (1,)).
+
+Kernels (Triton and C++/CUDA) work on ``z = [x; y]`` sorted by class: one launch for all classes,
+each program owns a block of rows and walks only the column tiles of its classes (block-diagonal),
+recomputing distance tiles ``‖a‖² + ‖b‖² − 2<a, b>`` (clamped at 0; fp32/fp64 features are
+centred first, which leaves Gaussian distances unchanged and limits cancellation) so memory stays
+O(N + M).
+Their forward output is, per row i, the kernel sums over same-class x columns and y columns
+(``A_i``, ``B_i``); the per-class MMD² is an O(N + M) weighted sum of those, so autograd of the
+custom op only needs ``∂/∂z`` of weighted kernel sums, which the fused backward recomputes tile by
+tile. fp32 dot products use exact fp32 (``input_precision="ieee"``) unless
+``torch.backends.cuda.matmul.allow_tf32`` is set (opt-in TF32 on CUDA in the Triton kernels).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .._checks import (check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device,
+                       check_same_dtype)
+
+OP = "mmd"
+KERNELS = ("gaussian", "linear")
+ESTIMATORS = ("biased", "unbiased")
+REDUCTIONS = ("sum", "none")
+MEDIAN_SUBSAMPLE = 1024
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def median_bandwidths(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default bandwidths (see the module docstring): median pairwise distance × 2^(−2..2).
+
+    x (N, D), y (M, D); returns 5 bandwidths in the accumulation dtype, without gradient.
+    """
+    with torch.no_grad():
+        z = torch.cat([x, y]).to(_acc_dtype(x.dtype))
+        rows = z.shape[0]
+        if rows > MEDIAN_SUBSAMPLE:
+            z = z[torch.arange(MEDIAN_SUBSAMPLE, device=z.device) * rows // MEDIAN_SUBSAMPLE]
+        med = torch.pdist(z).median()
+        med = torch.where(med > 0, med, torch.ones_like(med))
+        return med * torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0], dtype=z.dtype, device=z.device)
+
+
+def _kernel_matrix(a: torch.Tensor, b: torch.Tensor, kernel: str, bandwidths: Optional[torch.Tensor]) -> torch.Tensor:
+    if kernel == "linear":
+        return a @ b.T
+    sq_dist = torch.cdist(a, b).pow(2)
+    return sum(torch.exp(-sq_dist / (2 * s * s)) for s in bandwidths)
+
+
+def mmd_reference(x, y, *, kernel="gaussian", bandwidths=None, x_labels=None, y_labels=None, num_classes=None,
+                  estimator="biased", reduction="sum"):
+    """Plain PyTorch: per class, the full kernel matrices (cdist → exp) and the estimator formula."""
+    out_dtype = x.dtype
+    acc = _acc_dtype(x.dtype)
+    x = x.reshape(x.shape[0], -1).to(acc)
+    y = y.reshape(y.shape[0], -1).to(acc)
+    if kernel == "gaussian":
+        bandwidths = (median_bandwidths(x, y) if bandwidths is None
+                      else torch.as_tensor(bandwidths, dtype=acc, device=x.device).reshape(-1))
+    if x_labels is None:
+        x_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        y_labels = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+        num_classes = 1
+    elif num_classes is None:
+        num_classes = int(max(x_labels.max(), y_labels.max())) + 1
+    per_class = []
+    for c in range(num_classes):
+        xc, yc = x[x_labels == c], y[y_labels == c]
+        n, m = xc.shape[0], yc.shape[0]
+        if n == 0 or m == 0:
+            per_class.append(x.new_zeros(()))
+            continue
+        kxx = _kernel_matrix(xc, xc, kernel, bandwidths)
+        kyy = _kernel_matrix(yc, yc, kernel, bandwidths)
+        kxy = _kernel_matrix(xc, yc, kernel, bandwidths)
+        if estimator == "biased":
+            value = kxx.mean() + kyy.mean() - 2 * kxy.mean()
+        else:
+            value = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+                     + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+        per_class.append(value)
+    result = torch.stack(per_class)
+    return (result.sum() if reduction == "sum" else result).to(out_dtype)
+
+
+# --- the kernels' contract --------------------------------------------------------------------
+# Inputs: z (R, D) contiguous, rows sorted by class; cls (R,) int64 class of each row; side (R,)
+# int32 0 = row of x, 1 = row of y; offsets (C + 1,) int64, class c owns rows offsets[c]:offsets[c+1];
+# coefs (S,) accumulation dtype, 1 / (2 s²) per bandwidth (empty for the linear kernel).
+# Forward output: (R, 2) accumulation dtype, [A_i, B_i] = Σ k(z_i, z_j) over same-class columns j of
+# x (A) and of y (B), the diagonal j = i left out when `unbiased`.
+# Backward: given grad (R, 2) of that output, grad_z (R, D) in z's dtype.
+
+def _fake_fwd(z, cls, side, offsets, coefs, linear, unbiased):
+    return z.new_empty((z.shape[0], 2), dtype=_acc_dtype(z.dtype))
+
+
+def _fake_bwd(grad, z, cls, side, offsets, coefs, linear, unbiased):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, cls, side, offsets, coefs, linear, unbiased = inputs
+    ctx.save_for_backward(z, cls, side, offsets, coefs)
+    ctx.linear, ctx.unbiased = linear, unbiased
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad):
+        z, cls, side, offsets, coefs = ctx.saved_tensors
+        grad_z = bwd_op(grad.contiguous(), z, cls, side, offsets, coefs, ctx.linear, ctx.unbiased)
+        return grad_z, None, None, None, None, None, None
+    return backward
+
+
+@torch.library.custom_op("ddfast::mmd_triton_fwd", mutates_args=())
+def _triton_fwd(z: torch.Tensor, cls: torch.Tensor, side: torch.Tensor, offsets: torch.Tensor, coefs: torch.Tensor,
+                linear: bool, unbiased: bool) -> torch.Tensor:
+    from ..kernels.mmd import mmd_forward
+
+    return mmd_forward(z, cls, side, offsets, coefs, linear, unbiased)
+
+
+@torch.library.custom_op("ddfast::mmd_triton_bwd", mutates_args=())
+def _triton_bwd(grad: torch.Tensor, z: torch.Tensor, cls: torch.Tensor, side: torch.Tensor, offsets: torch.Tensor,
+                coefs: torch.Tensor, linear: bool, unbiased: bool) -> torch.Tensor:
+    from ..kernels.mmd import mmd_backward
+
+    return mmd_backward(grad, z, cls, side, offsets, coefs, linear, unbiased)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+
+
+def _register_compiled():
+    """Python side of the C++ ops (csrc/mmd.cpp), run once after the library loads."""
+    torch.library.register_fake("ddfast::mmd_fwd")(_fake_fwd)
+    torch.library.register_fake("ddfast::mmd_bwd")(_fake_bwd)
+    torch.library.register_autograd("ddfast::mmd_fwd", _make_backward(torch.ops.ddfast.mmd_bwd),
+                                    setup_context=_setup_context)
+
+
+# Measured (bench/cases/mmd.py, 2-core CPU): the C++ kernel is slower than torch's cdist + exp
+# (MKL matmul), so auto keeps the reference on CPU.
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, on_load=_register_compiled))
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _check_bandwidths(bandwidths, kernel: str, acc: torch.dtype, device) -> Optional[torch.Tensor]:
+    if bandwidths is None:
+        return None
+    if kernel != "gaussian":
+        raise ValueError(f"bandwidths apply only to kernel='gaussian', got kernel={kernel!r}")
+    if isinstance(bandwidths, torch.Tensor):
+        if bandwidths.dtype.is_complex or bandwidths.dtype == torch.bool:
+            raise TypeError(f"bandwidths must be real numbers, got dtype {bandwidths.dtype}")
+        values = bandwidths.detach().to(device=device, dtype=acc).reshape(-1)
+    elif isinstance(bandwidths, (int, float)) and not isinstance(bandwidths, bool):
+        values = torch.tensor([float(bandwidths)], dtype=acc, device=device)
+    elif isinstance(bandwidths, (list, tuple)) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in bandwidths):
+        values = torch.tensor([float(b) for b in bandwidths], dtype=acc, device=device)
+    else:
+        raise TypeError("bandwidths must be None, a positive number, a sequence of positive numbers or a 1-D "
+                        f"tensor; got {type(bandwidths).__name__}")
+    if values.numel() == 0:
+        raise ValueError("bandwidths is empty; pass at least one positive bandwidth (or None for the default)")
+    if not bool(((values > 0) & torch.isfinite(values)).all()):
+        raise ValueError(f"bandwidths must be positive and finite, got {values.tolist()}")
+    return values
+
+
+def _check_labels(x_labels, y_labels, n: int, m: int, num_classes, device) -> int:
+    if (x_labels is None) != (y_labels is None):
+        missing = "y_labels" if y_labels is None else "x_labels"
+        raise ValueError(f"{missing} is None: pass both x_labels and y_labels, or neither")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if x_labels is None:
+        return 1
+    check_labels("x_labels", x_labels, n, num_classes)
+    check_labels("y_labels", y_labels, m, num_classes)
+    check_same_device(x=torch.empty(0, device=device), x_labels=x_labels, y_labels=y_labels)
+    if num_classes is None:
+        num_classes = int(max(x_labels.max(), y_labels.max())) + 1
+    return num_classes
+
+
+def _class_counts(x_labels, y_labels, n, m, num_classes, device):
+    if x_labels is None:
+        return (torch.tensor([n], device=device), torch.tensor([m], device=device))
+    return (torch.bincount(x_labels, minlength=num_classes), torch.bincount(y_labels, minlength=num_classes))
+
+
+def _check_unbiased_counts(n_c: torch.Tensor, m_c: torch.Tensor, labeled: bool) -> None:
+    both = (n_c > 0) & (m_c > 0)
+    for side, counts in (("x", n_c), ("y", m_c)):
+        small = (both & (counts < 2)).nonzero().flatten().tolist()
+        if small:
+            where = f"{side}_labels class {small[0]}" if labeled else side
+            raise ValueError(f"estimator='unbiased' needs at least 2 samples per class on each side; {where} has "
+                             f"{int(counts[small[0]])} (use estimator='biased')")
+
+
+# --- the kernels' path --------------------------------------------------------------------------
+
+def _fused(x2, y2, x_labels, y_labels, n_c, m_c, num_classes, kernel, coefs, estimator, reduction, which):
+    n, m = x2.shape[0], y2.shape[0]
+    device = x2.device
+    acc = _acc_dtype(x2.dtype)
+    z = torch.cat([x2, y2])
+    if kernel == "gaussian" and z.dtype in (torch.float32, torch.float64):
+        # distances are shift-invariant: centring keeps |a|² + |b|² − 2<a, b> from cancelling
+        # catastrophically on features with a large common offset (a constant for autograd; half
+        # inputs are left as given, rounding the centred values would cost more than it saves)
+        z = z - z.detach().mean(0)
+    side = torch.cat([torch.zeros(n, dtype=torch.int32, device=device), torch.ones(m, dtype=torch.int32, device=device)])
+    if x_labels is None:
+        cls = torch.zeros(n + m, dtype=torch.long, device=device)
+    else:
+        cls, order = torch.sort(torch.cat([x_labels, y_labels]).long(), stable=True)
+        z, side = z[order], side[order]
+    z = z.contiguous()
+    offsets = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
+    offsets[1:] = torch.cumsum(n_c + m_c, 0)
+    unbiased = estimator == "unbiased"
+    op = torch.ops.ddfast.mmd_triton_fwd if which == "triton" else torch.ops.ddfast.mmd_fwd
+    sums = op(z, cls, side, offsets, coefs, kernel == "linear", unbiased)  # (R, 2): [A_i, B_i]
+
+    # per-class weights of the xx, yy and xy kernel sums; classes absent on a side weigh 0
+    n_f, m_f = n_c.to(acc), m_c.to(acc)
+    present = (n_c > 0) & (m_c > 0)
+    if unbiased:
+        w_xx, w_yy = 1 / (n_f * (n_f - 1)), 1 / (m_f * (m_f - 1))
+    else:
+        w_xx, w_yy = 1 / (n_f * n_f), 1 / (m_f * m_f)
+    w_xy = -1 / (n_f * m_f)
+    zero = torch.zeros((), dtype=acc, device=device)
+    w_xx, w_yy, w_xy = (torch.where(present, w, zero) for w in (w_xx, w_yy, w_xy))
+    is_y = side.bool()
+    weight_a = torch.where(is_y, w_xy[cls], w_xx[cls])  # weight of A_i (row i against x columns)
+    weight_b = torch.where(is_y, w_yy[cls], w_xy[cls])  # weight of B_i
+    per_row = weight_a * sums[:, 0] + weight_b * sums[:, 1]
+    if reduction == "sum":
+        return per_row.sum()
+    return torch.zeros(num_classes, dtype=acc, device=device).index_add(0, cls, per_row)
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidths=None, x_labels=None,
+        y_labels=None, num_classes: Optional[int] = None, estimator: str = "biased", reduction: str = "sum",
+        backend: str = "auto") -> torch.Tensor:
+    """MMD² between x (N, D...) and y (M, D...), per class when labels are given (see module doc).
+
+    Returns a scalar (``reduction="sum"``) or shape (C,) (``"none"``) in the input dtype; gradients
+    flow to both x and y.
+    """
+    check_float_tensor("x", x, min_dim=1)
+    check_float_tensor("y", y, min_dim=1)
+    check_same_device(x=x, y=y)
+    check_same_dtype(x=x, y=y)
+    check_choice("kernel", kernel, KERNELS)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    n, m = x.shape[0], y.shape[0]
+    d_x, d_y = math.prod(x.shape[1:]), math.prod(y.shape[1:])
+    if d_x != d_y:
+        raise ValueError(f"x and y must have the same number of features per sample; got x {tuple(x.shape)} "
+                         f"(D={d_x}) and y {tuple(y.shape)} (D={d_y})")
+    if d_x == 0:
+        raise ValueError(f"x has no features (shape {tuple(x.shape)})")
+    acc = _acc_dtype(x.dtype)
+    bw = _check_bandwidths(bandwidths, kernel, acc, x.device)
+    num_classes = _check_labels(x_labels, y_labels, n, m, num_classes, x.device)
+    n_c, m_c = _class_counts(x_labels, y_labels, n, m, num_classes, x.device)
+    if estimator == "unbiased":
+        _check_unbiased_counts(n_c, m_c, x_labels is not None)
+
+    which = _backend.resolve(OP, backend, x.device)
+    if which == "torch":
+        result = mmd_reference(x, y, kernel=kernel, bandwidths=bw, x_labels=x_labels, y_labels=y_labels,
+                               num_classes=num_classes, estimator=estimator, reduction=reduction)
+    else:
+        x2, y2 = x.reshape(n, d_x), y.reshape(m, d_x)
+        if kernel == "linear":
+            coefs = torch.empty(0, dtype=acc, device=x.device)
+        else:
+            s = median_bandwidths(x2, y2) if bw is None else bw
+            coefs = (0.5 / (s * s)).contiguous()
+        result = _fused(x2, y2, x_labels, y_labels, n_c, m_c, num_classes, kernel, coefs, estimator, reduction,
+                        which).to(x.dtype)
+    check_result_finite(result, x=x, y=y)
+    return result

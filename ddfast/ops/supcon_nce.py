@@ -1,0 +1,219 @@
+"""supcon_nce — MIM4DD's contrastive score between synthetic and real features (SPEC 3.4).
+
+Positives are syn/real pairs with the same label, negatives the rest. With
+``s_ij = <z_syn_i, z_real_j> / T`` (z = F.normalize(f, dim=1, eps=1e-12) when ``normalize``):
+
+* ``variant="infonce"``: per anchor ``l_i = logsumexp_j s_ij − logsumexp_{j: y_j = y_i} s_ij``.
+  Anchors with no positive are excluded: their per-anchor loss is exactly 0 (and gets no
+  gradient); ``reduction="mean"`` averages over the anchors that have a positive. If **no** anchor
+  has a positive, "mean" returns 0 with a zero gradient (a training loop that adds this term
+  with a weight keeps running; nothing is divided by zero).
+* ``variant="nce"`` (the CRD binary critic): ``h_ij = e^{s_ij} / (e^{s_ij} + c)``, c = ``noise_ratio``;
+  per anchor ``l_i = −(Σ_{pos} log h_ij + Σ_{neg} log(1 − h_ij))``, computed stably as
+  ``Σ_pos softplus(log c − s) + Σ_neg softplus(s − log c)``. "mean" divides by n_syn.
+
+``reduction``: "mean" (above), "sum" (Σ_i l_i), "none" (the (n_syn,) vector l, zeros for
+excluded infonce anchors).
+
+Fused backends (Triton, C++ CPU, CUDA) compute the per-anchor vector ``l`` without the
+n_syn × n_real logit matrix: tiles of ``z_syn z_realᵀ`` with an online logsumexp over all columns
+and over the label-masked positive columns in one pass. They save only ``lse_all`` and
+``lse_pos`` (−inf for anchors without a positive) for the backward, which recomputes the tiles:
+``dL/ds_ij = g_i (softmax_all_ij − [pos_ij] softmax_pos_ij)`` (infonce) or
+``g_i (σ(s_ij − log c) − [pos_ij])`` (nce), with ``g = dLoss/dl``; the gradient to z_syn is
+``Σ_j dL/ds_ij z_real_j / T`` (row-block programs) and to z_real ``Σ_i dL/ds_ij z_syn_i / T``
+(column-block programs, a second launch, no atomics). The L2 normalisation and the reduction
+stay in torch autograd around the fused op, so gradients reach both feature sets through them.
+Features with more than two dims are flattened from dim 1.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._checks import (check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device,
+                       check_same_dtype)
+
+OP = "supcon_nce"
+VARIANTS = ("infonce", "nce")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def supcon_nce_reference(f_syn, y_syn, f_real, y_real, temperature=0.1, normalize=True, variant="infonce",
+                         noise_ratio=1.0, reduction="mean"):
+    """The formula with the full logit matrix materialised (the oracle of the fused backends)."""
+    z_syn = f_syn.flatten(1)
+    z_real = f_real.flatten(1)
+    if normalize:
+        z_syn = F.normalize(z_syn, dim=1, eps=1e-12)
+        z_real = F.normalize(z_real, dim=1, eps=1e-12)
+    logits = z_syn @ z_real.t() / temperature
+    pos = y_syn[:, None] == y_real[None, :]
+    if variant == "infonce":
+        has_pos = pos.any(dim=1)
+        lse_all = torch.logsumexp(logits, dim=1)
+        # rows without a positive get a finite dummy row, so that where() passes them no NaN gradient
+        pos_logits = logits.masked_fill(~pos, float("-inf")).masked_fill(~has_pos[:, None], 0.0)
+        lse_pos = torch.logsumexp(pos_logits, dim=1)
+        per_anchor = torch.where(has_pos, lse_all - lse_pos, torch.zeros_like(lse_all))
+        count = has_pos.sum()
+    else:
+        log_c = math.log(noise_ratio)
+        per_anchor = torch.where(pos, F.softplus(log_c - logits), F.softplus(logits - log_c)).sum(dim=1)
+        count = torch.tensor(per_anchor.shape[0], device=per_anchor.device)
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor.sum() / count.clamp_min(1)
+
+
+# --- autograd shared by the Triton and compiled ops --------------------------------------------
+# fwd(z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c) -> (per_anchor, lse_all, lse_pos), the
+# last three in the accumulation dtype (fp64 for fp64 inputs, else fp32); for nce the lse outputs
+# are zeros. bwd(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c)
+# -> (grad_z_syn, grad_z_real) in the input dtype.
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c):
+    acc = _acc_dtype(z_syn.dtype)
+    n = z_syn.shape[0]
+    return tuple(z_syn.new_empty((n,), dtype=acc) for _ in range(3))
+
+
+def _fake_bwd(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c):
+    return torch.empty_like(z_syn), torch.empty_like(z_real)
+
+
+def _setup_context(ctx, inputs, output):
+    z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c = inputs
+    ctx.save_for_backward(z_syn, y_syn, z_real, y_real, output[1], output[2])
+    ctx.params = (inv_temp, nce, log_c)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_per_anchor, _grad_lse_all, _grad_lse_pos):
+        z_syn, y_syn, z_real, y_real, lse_all, lse_pos = ctx.saved_tensors
+        g = grad_per_anchor.to(lse_all.dtype).contiguous()
+        grad_syn, grad_real = bwd_op(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, *ctx.params)
+        return grad_syn, None, grad_real, None, None, None, None
+    return backward
+
+
+@torch.library.custom_op("ddfast::supcon_nce_triton_fwd", mutates_args=())
+def _triton_fwd(z_syn: torch.Tensor, y_syn: torch.Tensor, z_real: torch.Tensor, y_real: torch.Tensor,
+                inv_temp: float, nce: bool, log_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.supcon_nce import supcon_nce_forward
+
+    return supcon_nce_forward(z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c)
+
+
+@torch.library.custom_op("ddfast::supcon_nce_triton_bwd", mutates_args=())
+def _triton_bwd(g: torch.Tensor, z_syn: torch.Tensor, y_syn: torch.Tensor, z_real: torch.Tensor,
+                y_real: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor, inv_temp: float, nce: bool,
+                log_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.supcon_nce import supcon_nce_backward
+
+    return supcon_nce_backward(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+
+
+def _register_compiled():
+    """Python side of the C++ ops (csrc/supcon_nce.cpp), run once after the library loads."""
+    torch.library.register_fake("ddfast::supcon_nce_fwd")(_fake_fwd)
+    torch.library.register_fake("ddfast::supcon_nce_bwd")(_fake_bwd)
+    torch.library.register_autograd("ddfast::supcon_nce_fwd", _make_backward(torch.ops.ddfast.supcon_nce_bwd),
+                                    setup_context=_setup_context)
+
+
+# cpu_compiled_is_faster: measured with bench/cases/nce.py on the 2-core CPU (see the report)
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_label_tensor(name: str, labels, n: int) -> None:
+    if not torch.compiler.is_compiling():
+        check_labels(name, labels, n)
+        return
+    # traced code: dtype/shape only (reading label values would be a data-dependent guard)
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be a tensor of integer class labels")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D of length {n} (one label per sample), got shape {tuple(labels.shape)}")
+
+
+def _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant, noise_ratio, reduction):
+    check_float_tensor("f_syn", f_syn, min_dim=2)
+    check_float_tensor("f_real", f_real, min_dim=2)
+    check_same_dtype(f_syn=f_syn, f_real=f_real)
+    d_syn, d_real = f_syn[0].numel(), f_real[0].numel()
+    if d_syn != d_real:
+        raise ValueError(f"f_syn and f_real must have the same feature size D; got f_syn {tuple(f_syn.shape)} "
+                         f"(D={d_syn}) and f_real {tuple(f_real.shape)} (D={d_real})")
+    _check_label_tensor("y_syn", y_syn, f_syn.shape[0])
+    _check_label_tensor("y_real", y_real, f_real.shape[0])
+    check_same_device(f_syn=f_syn, y_syn=y_syn, f_real=f_real, y_real=y_real)
+    temperature = _check_positive("temperature", temperature)
+    noise_ratio = _check_positive("noise_ratio", noise_ratio)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    check_choice("variant", variant, VARIANTS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    return temperature, noise_ratio
+
+
+def supcon_nce(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_real: torch.Tensor, *,
+               temperature: float = 0.1, normalize: bool = True, variant: str = "infonce",
+               noise_ratio: float = 1.0, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Supervised contrastive score of synthetic against real features (see the module doc).
+
+    f_syn (n_syn, D…), f_real (n_real, D…): float features of one dtype and device (flattened from
+    dim 1); y_syn, y_real: integer labels. Gradients flow to both feature sets. Returns a scalar
+    (reduction "mean"/"sum") or the per-anchor (n_syn,) vector ("none"), in the features' dtype.
+    """
+    temperature, noise_ratio = _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant,
+                                             noise_ratio, reduction)
+    which = _backend.resolve(OP, backend, f_syn.device)
+    if which == "torch":
+        loss = supcon_nce_reference(f_syn, y_syn, f_real, y_real, temperature, normalize, variant, noise_ratio,
+                                    reduction)
+    else:
+        z_syn, z_real = f_syn.flatten(1), f_real.flatten(1)
+        if normalize:
+            z_syn = F.normalize(z_syn, dim=1, eps=1e-12)
+            z_real = F.normalize(z_real, dim=1, eps=1e-12)
+        op = torch.ops.ddfast.supcon_nce_triton_fwd if which == "triton" else torch.ops.ddfast.supcon_nce_fwd
+        nce = variant == "nce"
+        per_anchor, _lse_all, lse_pos = op(z_syn.contiguous(), y_syn.long().contiguous(), z_real.contiguous(),
+                                           y_real.long().contiguous(), 1.0 / temperature, nce,
+                                           math.log(noise_ratio))
+        if reduction == "none":
+            loss = per_anchor
+        elif reduction == "sum":
+            loss = per_anchor.sum()
+        elif nce:
+            loss = per_anchor.sum() / per_anchor.shape[0]
+        else:  # anchors without a positive carry lse_pos = −inf and are left out of the mean
+            loss = per_anchor.sum() / (lse_pos > float("-inf")).sum().clamp_min(1)
+        loss = loss.to(f_syn.dtype)
+    check_result_finite(loss, f_syn=f_syn, f_real=f_real)
+    return loss

@@ -1,0 +1,268 @@
+"""Triton kernels for gradient_match: multi-tensor apply over all tensors and all groups.
+
+Every (per-group) gradient tensor is cut into segments: for metric "ours" a segment is a slice of
+at most SEG columns of one DC row; for "mse"/"cos" a slice of the flattened tensor. A segment
+table (tensor, offset, length, row) — the same for every group, cached per shape signature — and a
+table of data addresses (int64, cast to pointers inside the kernel) let ONE grid (segments ×
+groups) cover every tensor and group:
+
+forward  1. ``_partials_kernel``: per segment and group, <r,s>, ‖r‖², ‖s‖² (or Σ(s−r)² for mse).
+         2. ``_fold_kernel`` (one program, deterministic: no atomics): folds the segments of each
+            row (ours) or group (cos/mse), writes the distance per group or its sum, and the
+            coefficients A, B of the closed-form gradient.
+backward ``_backward_kernel``: one grid over the same table writes go·(A·s − B·r) per segment
+         (rank-1 tensors under "ours" get zeros).
+Accumulation in fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+SEG = 8192          # columns per segment: long rows (ResNet 512 × 4608) are split, the fold re-joins them
+MAX_BLOCK = 1024    # elements per inner iteration
+_FOLD_BLOCK = 256
+METRIC_CODE = {"ours": 0, "mse": 1, "cos": 2}
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+             torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid):
+    k = tl.load(seg_ptr + sid)
+    offset = tl.load(seg_ptr + num_segs + sid)
+    length = tl.load(seg_ptr + 2 * num_segs + sid)
+    row = tl.load(seg_ptr + 3 * num_segs + sid)
+    base = gid * tl.load(gnumel_ptr + k) + offset  # int64: group stride × group index
+    return k, base, length, row
+
+
+@triton.jit
+def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, partial_ptr, num_groups,
+                     METRIC: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    sid = tl.program_id(0)
+    gid = tl.program_id(1)
+    k, base, length, row = _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid)
+    syn = tl.load(addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
+    real = tl.load(addr_ptr + num_tensors + k).to(tl.pointer_type(DTYPE)) + base
+    length = tl.where(row >= 0, length, 0)  # rank-1 tensors under "ours": no contribution
+    dot = tl.zeros((BLOCK,), dtype=ACC)
+    nr = tl.zeros((BLOCK,), dtype=ACC)
+    ns = tl.zeros((BLOCK,), dtype=ACC)
+    for c in range(0, length, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
+        mask = offs < length
+        s = tl.load(syn + offs, mask=mask, other=0.0).to(ACC)
+        r = tl.load(real + offs, mask=mask, other=0.0).to(ACC)
+        if METRIC == 1:
+            dot += (s - r) * (s - r)
+        else:
+            dot += s * r
+            nr += r * r
+            ns += s * s
+    out = partial_ptr + gid * num_segs + sid
+    plane = num_groups * num_segs
+    tl.store(out, tl.sum(dot, axis=0))
+    if METRIC != 1:
+        tl.store(out + plane, tl.sum(nr, axis=0))
+        tl.store(out + 2 * plane, tl.sum(ns, axis=0))
+
+
+@triton.jit
+def _cosine_terms(dot, nr, ns, eps):
+    """(1 − dot/D, A, B) with D = ‖r‖‖s‖ + eps and d/ds = A·s − B·r (A = 0 where s = 0, as autograd)."""
+    norm_r = tl.sqrt(nr)
+    norm_s = tl.sqrt(ns)
+    den = norm_r * norm_s + eps
+    term = 1.0 - dot / den
+    coef_b = 1.0 / den
+    coef_a = tl.where(norm_s > 0, dot * norm_r / tl.where(norm_s > 0, norm_s, 1.0) / (den * den), 0.0)
+    return term, coef_a, coef_b
+
+
+@triton.jit
+def _fold_kernel(partial_ptr, num_segs, row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr, num_groups, eps_ptr,
+                 METRIC: tl.constexpr, SUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # eps travels as float64 bits in the address table: a float kernel argument would be rounded to fp32
+    eps = tl.load(eps_ptr).to(tl.float64, bitcast=True).to(ACC)
+    plane = num_groups * num_segs
+    coef_plane = num_groups * num_rows
+    total = tl.zeros((BLOCK,), dtype=ACC)
+    lanes = tl.arange(0, BLOCK)
+    for g in range(0, num_groups):
+        group_partials = partial_ptr + g * num_segs
+        if METRIC == 0:
+            acc = tl.zeros((BLOCK,), dtype=ACC)
+            for r0 in range(0, num_rows, BLOCK):
+                rows = r0 + lanes
+                rmask = rows < num_rows
+                first = tl.load(row_ptr + rows, mask=rmask, other=0)
+                count = tl.load(row_ptr + num_rows + rows, mask=rmask, other=0)
+                dot = tl.zeros((BLOCK,), dtype=ACC)
+                nr = tl.zeros((BLOCK,), dtype=ACC)
+                ns = tl.zeros((BLOCK,), dtype=ACC)
+                for j in range(0, max_row_segs):
+                    m = rmask & (j < count)
+                    dot += tl.load(group_partials + first + j, mask=m, other=0.0)
+                    nr += tl.load(group_partials + plane + first + j, mask=m, other=0.0)
+                    ns += tl.load(group_partials + 2 * plane + first + j, mask=m, other=0.0)
+                term, coef_a, coef_b = _cosine_terms(dot, nr, ns, eps)
+                acc += tl.where(rmask, term, 0.0)
+                tl.store(coef_ptr + g * num_rows + rows, coef_a, mask=rmask)
+                tl.store(coef_ptr + coef_plane + g * num_rows + rows, coef_b, mask=rmask)
+            group_loss = tl.sum(acc, axis=0)
+        else:
+            dot = tl.zeros((BLOCK,), dtype=ACC)
+            nr = tl.zeros((BLOCK,), dtype=ACC)
+            ns = tl.zeros((BLOCK,), dtype=ACC)
+            for s0 in range(0, num_segs, BLOCK):
+                offs = s0 + lanes
+                m = offs < num_segs
+                dot += tl.load(group_partials + offs, mask=m, other=0.0)
+                if METRIC == 2:
+                    nr += tl.load(group_partials + plane + offs, mask=m, other=0.0)
+                    ns += tl.load(group_partials + 2 * plane + offs, mask=m, other=0.0)
+            if METRIC == 1:
+                group_loss = tl.sum(dot, axis=0)
+                coef_a = tl.full((), 2.0, ACC)
+                coef_b = coef_a
+            else:
+                group_loss, coef_a, coef_b = _cosine_terms(tl.sum(dot, axis=0), tl.sum(nr, axis=0),
+                                                           tl.sum(ns, axis=0), eps)
+            tl.store(coef_ptr + g, coef_a)
+            tl.store(coef_ptr + coef_plane + g, coef_b)
+        if SUM:
+            total += tl.where(lanes == 0, group_loss, 0.0)
+        else:
+            tl.store(loss_ptr + g, group_loss.to(loss_ptr.dtype.element_ty))
+    if SUM:
+        tl.store(loss_ptr, tl.sum(total, axis=0).to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, grad_stride, addr_ptr, num_tensors, out_addr_ptr, seg_ptr, num_segs, gnumel_ptr,
+                     coef_ptr, num_rows, num_groups,
+                     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    sid = tl.program_id(0)
+    gid = tl.program_id(1)
+    k, base, length, row = _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid)
+    syn = tl.load(addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
+    real = tl.load(addr_ptr + num_tensors + k).to(tl.pointer_type(DTYPE)) + base
+    out = tl.load(out_addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
+    active = row >= 0
+    safe_row = tl.where(active, row, 0)
+    go = tl.load(grad_ptr + gid * grad_stride).to(ACC)
+    coef_a = tl.where(active, go * tl.load(coef_ptr + gid * num_rows + safe_row), 0.0)
+    coef_b = tl.where(active, go * tl.load(coef_ptr + num_groups * num_rows + gid * num_rows + safe_row), 0.0)
+    read_length = tl.where(active, length, 0)  # rank-1 tensors under "ours": write zeros, read nothing
+    for c in range(0, length, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
+        mask = offs < length
+        s = tl.load(syn + offs, mask=offs < read_length, other=0.0).to(ACC)
+        r = tl.load(real + offs, mask=offs < read_length, other=0.0).to(ACC)
+        tl.store(out + offs, (coef_a * s - coef_b * r).to(DTYPE), mask=mask)
+
+
+# --- host side -------------------------------------------------------------------------------
+
+def _rows_cols(shape):
+    from ddfast.ops.gradient_match import rows_cols
+
+    return rows_cols(shape)
+
+
+@functools.lru_cache(maxsize=128)
+def _tables(shapes: Tuple[Tuple[int, ...], ...], metric: str, grouped: bool, device: str):
+    """Segment table [4, S] (tensor, offset, length, row), row table [2, R] (first segment, count),
+    per-group element counts [K], max segments of one row, longest segment."""
+    groups = shapes[0][0] if grouped else 1
+    segs, row_first, row_count, gnumel = [], [], [], []
+    num_rows = 0
+    for k, full in enumerate(shapes):
+        shape = full[1:] if grouped else full
+        numel = math.prod(shape)
+        gnumel.append(numel)
+        rc = _rows_cols(shape) if metric == "ours" else (1, numel)
+        rows, cols = rc if rc is not None else (1, numel)
+        nseg = -(-cols // SEG)
+        i = torch.arange(rows, dtype=torch.int64).repeat_interleave(nseg)
+        j = torch.arange(nseg, dtype=torch.int64).repeat(rows)
+        offset = i * cols + j * SEG
+        length = torch.clamp(cols - j * SEG, max=SEG)
+        if metric != "ours":
+            row = torch.zeros_like(i)
+        elif rc is None:
+            row = torch.full_like(i, -1)
+        else:
+            first = sum(int(s.shape[1]) for s in segs)
+            row_first.append(first + torch.arange(rows, dtype=torch.int64) * nseg)
+            row_count.append(torch.full((rows,), nseg, dtype=torch.int64))
+            row = num_rows + i
+            num_rows += rows
+        segs.append(torch.stack([torch.full_like(i, k), offset, length, row]))
+    seg = torch.cat(segs, dim=1)
+    if row_first:
+        rows_t = torch.stack([torch.cat(row_first), torch.cat(row_count)])
+        max_row_segs = int(rows_t[1].max())
+    else:
+        rows_t = torch.zeros((2, 0), dtype=torch.int64)
+        max_row_segs = 0
+    block = min(MAX_BLOCK, triton.next_power_of_2(int(seg[2].max())))
+    dev = torch.device(device)
+    return (seg.contiguous().to(dev), rows_t.contiguous().to(dev), torch.tensor(gnumel, dtype=torch.int64).to(dev),
+            max(num_rows, 1) if metric == "ours" else 1, max_row_segs, block, groups)
+
+
+def _addresses(*lists: List[torch.Tensor], device, extra=()) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for lst in lists for t in lst] + list(extra), dtype=torch.int64).to(device)
+
+
+def _float64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def gradient_match_forward(g_syn: List[torch.Tensor], g_real: List[torch.Tensor], metric: str, eps: float,
+                           grouped: bool, reduction: str):
+    """(loss: () or (G,) in the input dtype, coefs [2, G, R] in the accumulation dtype); contiguous inputs."""
+    s0 = g_syn[0]
+    shapes = tuple(tuple(s.shape) for s in g_syn)
+    seg, rows, gnumel, num_rows, max_row_segs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
+    acc_tl, acc_torch = _acc(s0.dtype)
+    num_segs = seg.shape[1]
+    code = METRIC_CODE[metric]
+    partials = torch.empty((1 if code == 1 else 3) * groups * num_segs, device=s0.device, dtype=acc_torch)
+    coefs = torch.empty((2, groups, num_rows), device=s0.device, dtype=acc_torch)
+    loss = torch.empty(() if reduction == "sum" else (groups,), device=s0.device, dtype=s0.dtype)
+    addr = _addresses(g_syn, g_real, device=s0.device, extra=(_float64_bits(eps),))
+    _partials_kernel[(num_segs, groups)](addr, len(g_syn), seg, num_segs, gnumel, partials, groups,
+                                         METRIC=code, DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block)
+    _fold_kernel[(1,)](partials, num_segs, rows, rows.shape[1], max_row_segs, loss, coefs, groups, addr[2 * len(g_syn):],
+                       METRIC=code, SUM=reduction == "sum", ACC=acc_tl, BLOCK=_FOLD_BLOCK)
+    return loss, coefs
+
+
+def gradient_match_backward(grad: torch.Tensor, g_syn: List[torch.Tensor], g_real: List[torch.Tensor],
+                            coefs: torch.Tensor, metric: str, grouped: bool) -> List[torch.Tensor]:
+    s0 = g_syn[0]
+    shapes = tuple(tuple(s.shape) for s in g_syn)
+    seg, _rows, gnumel, num_rows, _mrs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
+    acc_tl, _ = _acc(s0.dtype)
+    grads = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in g_syn]
+    grad = grad.contiguous()
+    addr = _addresses(g_syn, g_real, device=s0.device)
+    out_addr = _addresses(grads, device=s0.device)
+    _backward_kernel[(seg.shape[1], groups)](grad, 1 if grad.dim() else 0, addr, len(g_syn), out_addr, seg,
+                                             seg.shape[1], gnumel, coefs.contiguous(), num_rows, groups,
+                                             DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block)
+    return grads

@@ -1,0 +1,260 @@
+"""mmd against its reference (cdist → exp, the estimator formulas): values, gradients, labels, bad input.
+
+fp32 results are compared with the reference evaluated in float64 on the same values (the oracle;
+an fp32 cdist carries its own rounding), within the SPEC's fp32 tolerance (gradients: atol scaled
+by the gradient's largest entry).
+"""
+import pytest
+import torch
+
+import ddfast
+from ddfast.ops.mmd import median_bandwidths, mmd_reference
+
+from conftest import require_backend, tol
+
+OP = "mmd"
+
+
+def _features(n, m, device, dtype=torch.float32, seed=0, shape=(5, 7), shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    y = torch.randn((m, *shape), generator=g, dtype=torch.float64) * 1.3 + shift
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def _labels(n, m, device, seed=0):
+    """Unordered labels over 5 classes: class 3 has no y sample, class 4 none at all."""
+    g = torch.Generator().manual_seed(seed + 1)
+    x_labels = torch.tensor([0, 1, 2, 3] * (n // 4) + [0, 1, 2, 3][: n % 4])
+    y_labels = torch.tensor([0, 1, 2] * (m // 3) + [0, 1, 2][: m % 3])
+    x_labels = x_labels[torch.randperm(n, generator=g)]
+    y_labels = y_labels[torch.randperm(m, generator=g)]
+    return x_labels.to(device), y_labels.to(device)
+
+
+def _value_and_grads(fn, x, y, reduction):
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    out = fn(x, y)
+    weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    (out * weights).sum().backward()  # distinct upstream weights per class for reduction="none"
+    return out.detach(), x.grad, y.grad
+
+
+def _check_against_reference(x, y, backend, device, **kw):
+    got = _value_and_grads(lambda a, b: ddfast.mmd(a, b, backend=backend, **kw), x, y, kw.get("reduction"))
+    want = _value_and_grads(lambda a, b: mmd_reference(a.double(), b.double(), **kw), x, y, kw.get("reduction"))
+    value_tol = tol(device, torch.float32)
+    torch.testing.assert_close(got[0].double(), want[0], **value_tol)
+    for g, w in zip(got, want):
+        assert g.dtype == x.dtype
+    for g, w in zip(got[1:], want[1:]):
+        # fp32 distances |a|² + |b|² − 2<a, b> carry ~eps·|a|² absolute error, so gradient entries
+        # are held to the fp32 tolerance relative to the gradient's scale
+        atol = max(value_tol["atol"], value_tol["rtol"] * float(w.abs().max()))
+        torch.testing.assert_close(g.double(), w, rtol=value_tol["rtol"], atol=atol)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("labeled", [False, True])
+def test_matches_reference(device, backend_kind, kernel, estimator, reduction, labeled):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(14, 11, device)  # D = 35: not a multiple of any tile
+    kw = dict(kernel=kernel, estimator=estimator, reduction=reduction)
+    if labeled:
+        x_labels, y_labels = _labels(14, 11, device)
+        kw.update(x_labels=x_labels, y_labels=y_labels, num_classes=5)
+    _check_against_reference(x, y, backend, device, **kw)
+
+
+@pytest.mark.parametrize("labeled", [False, True])
+def test_many_tiles(device, backend_kind, labeled):
+    """More than one row block and column tile; classes straddle block boundaries."""
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(70, 61, device, shape=(40,))
+    kw = dict(estimator="unbiased", reduction="none")
+    if labeled:
+        x_labels, y_labels = _labels(70, 61, device)
+        kw.update(x_labels=x_labels, y_labels=y_labels)
+    _check_against_reference(x, y, backend, device, **kw)
+
+
+@pytest.mark.parametrize("n, m", [(1, 6), (6, 1), (1, 1)])
+def test_single_sample_biased(device, backend_kind, n, m):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(n, m, device, shape=(9,))
+    _check_against_reference(x, y, backend, device, kernel="gaussian", bandwidths=[0.5, 3.0])
+
+
+def test_gradcheck_float64(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(5, 4, device, dtype=torch.float64, shape=(3,))
+    x_labels, y_labels = torch.tensor([1, 0, 1, 0, 2]), torch.tensor([0, 1, 1, 0])
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    fast = backend == "triton" and device == "cpu"  # the interpreter is slow: one random direction
+    for kernel, estimator in (("gaussian", "unbiased"), ("linear", "biased")):
+        def f(a, b):
+            # explicit widths: the default ones follow the data's median, a constant for autograd
+            widths = [0.7, 2.0] if kernel == "gaussian" else None
+            return ddfast.mmd(a, b, kernel=kernel, estimator=estimator, bandwidths=widths,
+                              x_labels=x_labels.to(device), y_labels=y_labels.to(device), reduction="none",
+                              backend=backend)
+        assert torch.autograd.gradcheck(f, (x, y), fast_mode=fast)
+
+
+def test_default_bandwidths_rule():
+    x, y = _features(700, 500, "cpu", shape=(3,))
+    got = median_bandwidths(x.reshape(700, -1), y.reshape(500, -1))
+    z = torch.cat([x, y]).reshape(1200, -1)
+    sub = z[[k * 1200 // 1024 for k in range(1024)]]
+    dist = torch.cdist(sub.double(), sub.double())
+    iu = torch.triu_indices(1024, 1024, offset=1)
+    med = dist[iu[0], iu[1]].median()
+    want = med * torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    same = torch.ones(4, 3)
+    assert median_bandwidths(same, same).tolist() == [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("bandwidths", [2.0, [0.5, 4.0], torch.tensor([1.0, 2.0, 8.0])])
+def test_explicit_bandwidths(device, backend_kind, bandwidths):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(9, 7, device, shape=(6,))
+    _check_against_reference(x, y, backend, device, bandwidths=bandwidths, estimator="unbiased")
+
+
+def test_linear_per_class_equals_class_mean_loss(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(14, 11, device, dtype=torch.float64)
+    x_labels, y_labels = _labels(14, 11, device)
+    got = ddfast.mmd(x, y, kernel="linear", x_labels=x_labels, y_labels=y_labels, num_classes=5,
+                     reduction="none", backend=backend)
+    want = torch.zeros(5, dtype=torch.float64, device=device)
+    for c in range(5):
+        xc, yc = x[x_labels == c].flatten(1), y[y_labels == c].flatten(1)
+        if len(xc) and len(yc):  # DM: classes present on both sides
+            want[c] = ((xc.mean(0) - yc.mean(0)) ** 2).sum()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_huge_distances_stay_finite(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(8, 6, device, shape=(5,))
+    for shift, scale in ((1e6, 1.0), (0.0, 1e15)):
+        a = (x * scale).requires_grad_(True)
+        b = (y * scale + shift).requires_grad_(True)
+        got = ddfast.mmd(a, b, bandwidths=None if scale > 1 else [1.0, 2.0], backend=backend)
+        got.backward()
+        assert torch.isfinite(got) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    # in float64 the far-apart cross terms underflow to 0 and the rest still matches the reference
+    x, y = _features(8, 6, device, dtype=torch.float64, shape=(5,))
+    got = ddfast.mmd(x, y + 1e4, bandwidths=[1.0, 2.0], backend=backend)
+    want = mmd_reference(x, y + 1e4, bandwidths=[1.0, 2.0])
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_noncontiguous_inputs(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(12, 9, device, shape=(6, 4))
+    x, y = x.transpose(1, 2), y[::2]  # views that are not contiguous
+    assert not x.is_contiguous() and not y.is_contiguous()
+    _check_against_reference(x, y, backend, device, estimator="unbiased")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
+    if backend_kind == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter runs fp32 only")
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(10, 8, device, dtype=dtype, shape=(16,))
+    x.requires_grad_(True)
+    got = ddfast.mmd(x, y, backend=backend)
+    got.backward()
+    x32 = x.detach().float().requires_grad_(True)
+    want = mmd_reference(x32, y.float())
+    want.backward()
+    assert got.dtype == dtype and x.grad.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **tol(device, dtype))
+    torch.testing.assert_close(x.grad.float(), x32.grad, **tol(device, dtype))
+
+
+def test_reduction_none_without_labels_has_one_class(device):
+    x, y = _features(4, 5, device)
+    out = ddfast.mmd(x, y, reduction="none")
+    assert out.shape == (1,)
+    torch.testing.assert_close(out[0], ddfast.mmd(x, y))
+
+
+def test_auto_matches_reference_and_grads_flow(device):
+    x, y = _features(6, 5, device)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    ddfast.mmd(x, y).backward()
+    assert x.grad is not None and y.grad is not None
+
+
+def test_opcheck(device):
+    from ddfast.ops.mmd import _fused  # noqa: F401  (registers the ops)
+
+    x, y = _features(9, 7, device, shape=(5,))
+    z = torch.cat([x, y]).contiguous().requires_grad_(True)
+    cls = torch.tensor([0] * 7 + [1] * 9, device=device)
+    side = torch.tensor([0, 1] * 8, dtype=torch.int32, device=device)
+    offsets = torch.tensor([0, 7, 16], device=device)
+    coefs = torch.tensor([0.5, 0.125], device=device)
+    checked = 0
+    for kind, name in (("compiled", "mmd_fwd"), ("triton", "mmd_triton_fwd")):
+        try:
+            require_backend(OP, kind, device)
+        except pytest.skip.Exception:
+            continue
+        for linear, unbiased in ((False, True), (True, False)):
+            torch.library.opcheck(getattr(torch.ops.ddfast, name), (z, cls, side, offsets, coefs, linear, unbiased))
+        checked += 1
+    if not checked:
+        pytest.skip("no compiled or Triton backend here")
+
+
+def _bad(**changes):
+    x, y = _features(6, 5, "cpu")
+    x_labels, y_labels = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 1, 0, 1, 1])
+    kw = dict(x=x, y=y, x_labels=x_labels, y_labels=y_labels)
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (_bad(estimator="unbiased", y_labels=torch.tensor([0, 1, 1, 1, 1])), ValueError, "y_labels class 0"),
+    (dict(x=torch.randn(1, 4), y=torch.randn(3, 4), estimator="unbiased"), ValueError, "unbiased.*x has 1"),
+    (_bad(x_labels=torch.tensor([0.0, 1, 0, 1, 0, 1])), TypeError, "x_labels"),
+    (_bad(y_labels=torch.tensor([0, 1, 0, 1, 7]), num_classes=3), ValueError, "y_labels"),
+    (_bad(x_labels=torch.tensor([0, 1, 0, -1, 0, 1])), ValueError, "x_labels"),
+    (_bad(x_labels=torch.tensor([0, 1, 0])), ValueError, "x_labels"),
+    (_bad(y_labels=None), ValueError, "y_labels"),
+    (_bad(y=torch.randn(5, 36)), ValueError, "same number of features"),
+    (_bad(bandwidths=[1.0, 0.0]), ValueError, "bandwidths"),
+    (_bad(bandwidths=-2.0), ValueError, "bandwidths"),
+    (_bad(bandwidths="wide"), TypeError, "bandwidths"),
+    (_bad(kernel="linear", bandwidths=1.0), ValueError, "bandwidths"),
+    (_bad(kernel="rbf"), ValueError, "kernel"),
+    (_bad(estimator="mvue"), ValueError, "estimator"),
+    (_bad(reduction="mean"), ValueError, "reduction"),
+    (_bad(num_classes=2.5), TypeError, "num_classes"),
+    (_bad(x=torch.randn(0, 5, 7), x_labels=torch.zeros(0, dtype=torch.long)), ValueError, "x is empty"),
+    (_bad(y=torch.randint(0, 3, (5, 5, 7))), TypeError, "y must be a floating"),
+    (_bad(y=torch.randn(5, 5, 7, dtype=torch.float64)), TypeError, "dtype"),
+])
+def test_bad_input(kw, err, match):
+    with pytest.raises(err, match=match):
+        ddfast.mmd(**kw)
+
+
+def test_nan_input_is_named(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, y = _features(6, 5, device)
+    y[2, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="y contains NaN"):
+        ddfast.mmd(x, y, bandwidths=1.0, backend=backend)
