@@ -22,22 +22,24 @@ void check_shapes(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& r
   DDFAST_CHECK_CONTIGUOUS(x);
 }
 
+// The norms run in fp64 (C values): squares of fp32 statistics above ~1e19 would overflow.
 at::Tensor loss_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rm, const at::Tensor& rv) {
-  return at::linalg_vector_norm(mean - rm.to(mean.scalar_type()), 2) +
-         at::linalg_vector_norm(var - rv.to(var.scalar_type()), 2);
+  return at::linalg_vector_norm(mean.to(at::kDouble) - rm.to(at::kDouble), 2) +
+         at::linalg_vector_norm(var.to(at::kDouble) - rv.to(at::kDouble), 2);
 }
 
-// a_c, b_c of grad_x = a_c + b_c (x − μ_c); a zero norm gives zero gradient (as torch.norm's backward).
+// a_c, b_c of grad_x = a_c + b_c (x − μ_c), in fp64 (C values); a zero norm gives zero gradient
+// (as torch.norm's backward).
 std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& grad, const at::Tensor& mean, const at::Tensor& var,
                                                 const at::Tensor& rm, const at::Tensor& rv, int64_t m) {
-  at::Tensor dm = mean - rm.to(mean.scalar_type());
-  at::Tensor dv = var - rv.to(var.scalar_type());
+  at::Tensor dm = mean.to(at::kDouble) - rm.to(at::kDouble);
+  at::Tensor dv = var.to(at::kDouble) - rv.to(at::kDouble);
   at::Tensor nm = at::linalg_vector_norm(dm, 2);
   at::Tensor nv = at::linalg_vector_norm(dv, 2);
-  at::Tensor g = grad.to(mean.scalar_type());
+  at::Tensor g = grad.to(at::kDouble);
   at::Tensor a = at::where(nm > 0, g * dm / (nm * static_cast<double>(m)), at::zeros_like(dm));
   at::Tensor b = at::where(nv > 0, 2.0 * g * dv / (nv * static_cast<double>(m)), at::zeros_like(dv));
-  return {a.contiguous(), b.contiguous()};
+  return {a.to(mean.scalar_type()).contiguous(), b.to(mean.scalar_type()).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor& x, const at::Tensor& rm,
@@ -122,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cuda(const at::Tensor
   at::Tensor total = count.sum(1);
   at::Tensor mean = (count * pmean).sum(1) / total;
   at::Tensor var = (pm2.sum(1) + (count * (pmean - mean.unsqueeze(1)).pow(2)).sum(1)) / total;
-  return {loss_from_stats(mean, var, rm, rv), mean, var};
+  return {loss_from_stats(mean, var, rm, rv).to(acc), mean, var};
 }
 
 at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv,

@@ -61,9 +61,13 @@ at::Tensor class_mean_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& count_syn, at::ScalarType dtype) {
   const int64_t num_classes = diff.size(0), d = diff.size(1);
   segment_cpu::check_labels_in_range(y_syn, num_classes);
-  at::Tensor g = diff.to(at::kDouble).contiguous();
-  at::Tensor coef = (2.0 * grad_loss.to(at::kDouble) / count_syn.clamp_min(1).to(at::kDouble)).contiguous();
-  return segment_cpu::gather_scale(g.data_ptr<double>(), coef.data_ptr<double>(), y_syn, d, diff.options().dtype(dtype));
+  const auto acc = acc_type(dtype);
+  at::Tensor g = diff.to(acc).contiguous();
+  at::Tensor coef = (2.0 * grad_loss.to(acc) / count_syn.clamp_min(1).to(acc)).contiguous();
+  const auto opts = diff.options().dtype(dtype);
+  if (acc == at::kDouble)
+    return segment_cpu::gather_scale(g.data_ptr<double>(), coef.data_ptr<double>(), y_syn, d, opts);
+  return segment_cpu::gather_scale(g.data_ptr<float>(), coef.data_ptr<float>(), y_syn, d, opts);
 }
 
 #ifdef DDFAST_WITH_CUDA

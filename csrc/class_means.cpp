@@ -1,5 +1,5 @@
 // class_means: per-class means of the rows of x (N, D) in one pass (ops ddfast::class_means_fwd/_bwd).
-// CPU kernel from class_means_cpu.h (fp64 accumulation); the CUDA kernel lives in cuda/class_means.cu.
+// CPU kernel from class_means_cpu.h (fp32 blocks flushed into fp64); the CUDA kernel lives in cuda/class_means.cu.
 #include "ddfast_common.h"
 #include "class_means_cpu.h"
 
@@ -36,9 +36,13 @@ std::tuple<at::Tensor, at::Tensor> class_means_fwd_cpu(const at::Tensor& x, cons
 at::Tensor class_means_bwd_cpu(const at::Tensor& grad_means, const at::Tensor& labels, const at::Tensor& counts) {
   const int64_t num_classes = grad_means.size(0), d = grad_means.size(1);
   segment_cpu::check_labels_in_range(labels, num_classes);
-  at::Tensor g = grad_means.to(at::kDouble).contiguous();
-  at::Tensor coef = 1.0 / counts.clamp_min(1).to(at::kDouble);
-  return segment_cpu::gather_scale(g.data_ptr<double>(), coef.data_ptr<double>(), labels, d, grad_means.options());
+  // grad / count in the opmath type, as the reference's division backward
+  const auto acc = acc_type(grad_means.scalar_type());
+  at::Tensor g = grad_means.to(acc).contiguous();
+  at::Tensor coef = (1.0 / counts.clamp_min(1).to(acc)).contiguous();
+  if (acc == at::kDouble)
+    return segment_cpu::gather_scale(g.data_ptr<double>(), coef.data_ptr<double>(), labels, d, grad_means.options());
+  return segment_cpu::gather_scale(g.data_ptr<float>(), coef.data_ptr<float>(), labels, d, grad_means.options());
 }
 
 #ifdef DDFAST_WITH_CUDA

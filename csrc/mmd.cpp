@@ -3,7 +3,8 @@
 // (0 = x row, 1 = y row); offsets (C+1,) int64 class row ranges; coefs (S,) 1/(2 s^2) per bandwidth.
 // fwd -> (R, 2) [sum over x columns, sum over y columns]; bwd(grad (R, 2)) -> grad_z (R, D).
 // CPU kernel here: row blocks in parallel (each owns its output rows: no atomics), column blocks
-// of the rows' classes only, distances recomputed as |a|^2 + |b|^2 - 2<a,b>; half inputs run in fp32.
+// of the rows' classes only, distances recomputed per pair (sum of squared differences: no
+// cancellation); half inputs run in fp32.
 // The CUDA kernels live in cuda/mmd.cu.
 #include "ddfast_common.h"
 
@@ -37,6 +38,24 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// |a - b|^2 summed directly: on the CPU this costs what the dot product does and, unlike
+// |a|^2 + |b|^2 - 2<a, b>, does not cancel when a and b are close relative to their norms.
+template <typename T>
+inline T sq_dist(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T diff = a[k + l] - b[k + l];
+      lanes[l] += diff * diff;
+    }
+  T s = 0;
+  for (; k < n; ++k) s += (a[k] - b[k]) * (a[k] - b[k]);
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
 void check_inputs(const at::Tensor& z, const at::Tensor& cls, const at::Tensor& side, const at::Tensor& offsets,
                   const at::Tensor& coefs, bool linear) {
   DDFAST_CHECK_CONTIGUOUS(z); DDFAST_CHECK_CONTIGUOUS(cls); DDFAST_CHECK_CONTIGUOUS(side);
@@ -61,28 +80,19 @@ struct Problem {
   const T* coefs;
   int64_t num_bw, rows, dim;
   bool linear, unbiased;
-  std::vector<T> sq;
 
   // column range [lo, hi) of the classes of rows [r0, r1) (rows are sorted by class)
   std::pair<int64_t, int64_t> columns(int64_t r0, int64_t r1) const {
     return {offsets[cls[r0]], offsets[cls[r1 - 1] + 1]};
   }
   bool pair_used(int64_t i, int64_t j) const { return cls[i] == cls[j] && !(unbiased && i == j); }
-  T sq_dist(int64_t i, int64_t j, T ij) const {  // clamp rounding below 0; NaN passes through
-    const T d = sq[i] + sq[j] - T(2) * ij;
-    return d < T(0) ? T(0) : d;
-  }
 };
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& z, const at::Tensor& cls, const at::Tensor& side, const at::Tensor& offsets,
                         const at::Tensor& coefs, bool linear, bool unbiased) {
   Problem<T> p{z.data_ptr<T>(), cls.data_ptr<int64_t>(), side.data_ptr<int32_t>(), offsets.data_ptr<int64_t>(),
-               coefs.data_ptr<T>(), coefs.numel(), z.size(0), z.size(1), linear, unbiased, {}};
-  p.sq.resize(p.rows);
-  at::parallel_for(0, p.rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) p.sq[i] = dot(p.z + i * p.dim, p.z + i * p.dim, p.dim);
-  });
+               coefs.data_ptr<T>(), coefs.numel(), z.size(0), z.size(1), linear, unbiased};
   return p;
 }
 
@@ -100,12 +110,12 @@ void forward_rows(const Problem<T>& p, T* out) {
           const T* zi = p.z + i * p.dim;
           for (int64_t j = c0; j < c1; ++j) {
             if (!p.pair_used(i, j)) continue;
-            const T ij = dot(zi, p.z + j * p.dim, p.dim);
+            const T* zj = p.z + j * p.dim;
             T k;
             if (p.linear) {
-              k = ij;
+              k = dot(zi, zj, p.dim);
             } else {
-              const T d = p.sq_dist(i, j, ij);
+              const T d = sq_dist(zi, zj, p.dim);
               k = 0;
               for (int64_t s = 0; s < p.num_bw; ++s) k += std::exp(-p.coefs[s] * d);
             }
@@ -130,7 +140,6 @@ void backward_rows(const Problem<T>& p, const T* grad, T* out) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowBlock, r1 = std::min(p.rows, r0 + kRowBlock);
       std::fill(acc.begin(), acc.end(), T(0));
-      T row_sum[kRowBlock] = {};
       const auto [lo, hi] = p.columns(r0, r1);
       for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {
         const int64_t c1 = std::min(hi, c0 + kColBlock);
@@ -142,25 +151,20 @@ void backward_rows(const Problem<T>& p, const T* grad, T* out) {
             // k(z_i, z_j) is in row i's sum (weight by j's side) and in row j's (weight by i's side)
             const T w = grad[2 * i + (p.side[j] != 0)] + grad[2 * j + (p.side[i] != 0)];
             const T* zj = p.z + j * dim;
-            T coef = w;  // linear: d k / d z_i = z_j
-            if (!p.linear) {  // gaussian: d k / d z_i = g (z_i - z_j), g = -2 sum_s c_s exp(-c_s d)
-              const T d = p.sq_dist(i, j, dot(zi, zj, dim));
+            if (p.linear) {  // d k / d z_i = z_j
+              for (int64_t k = 0; k < dim; ++k) gi[k] += w * zj[k];
+            } else {  // d k / d z_i = g (z_i - z_j), g = -2 sum_s c_s exp(-c_s d); the difference
+                      // taken per element does not cancel like g z_i - g z_j would
+              const T d = sq_dist(zi, zj, dim);
               T g = 0;
               for (int64_t s = 0; s < p.num_bw; ++s) g -= T(2) * p.coefs[s] * std::exp(-p.coefs[s] * d);
-              coef = -w * g;
-              row_sum[i - r0] += w * g;
+              const T coef = w * g;
+              for (int64_t k = 0; k < dim; ++k) gi[k] += coef * (zi[k] - zj[k]);
             }
-            for (int64_t k = 0; k < dim; ++k) gi[k] += coef * zj[k];
           }
         }
       }
-      for (int64_t i = r0; i < r1; ++i) {
-        const T* zi = p.z + i * dim;
-        const T* gi = acc.data() + (i - r0) * dim;
-        T* oi = out + i * dim;
-        const T rs = row_sum[i - r0];
-        for (int64_t k = 0; k < dim; ++k) oi[k] = gi[k] + rs * zi[k];
-      }
+      std::copy(acc.begin(), acc.begin() + (r1 - r0) * dim, out + r0 * dim);
     }
   });
 }

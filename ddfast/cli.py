@@ -20,6 +20,13 @@ def main(argv=None) -> int:
     p_bench.add_argument("--min-seconds", type=float, default=0.5, help="minimum timed seconds per provider")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_bench.add_argument("--list", action="store_true", help="list the cases and exit")
+    sub.add_parser("distill-digits", help="distil scikit-learn's digits with DM or DC and evaluate", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "distill-digits":  # the example owns its arguments
+        from .examples.digits import main as digits_main
+
+        return digits_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "info":

@@ -20,7 +20,7 @@ def _bn_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, S, M, chunk, num_s
                        BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     c = tl.program_id(0)
     sp = tl.program_id(1)
-    lo = sp * chunk
+    lo = sp.to(tl.int64) * chunk
     hi = tl.minimum(lo + chunk, M)
     n_acc = tl.zeros((), dtype=ACC_DTYPE)
     mean_acc = tl.zeros((), dtype=ACC_DTYPE)
@@ -72,20 +72,23 @@ def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
 
 
 def loss_from_stats(mean, var, running_mean, running_var):
-    return torch.linalg.vector_norm(mean - running_mean.to(mean.dtype)) + \
-        torch.linalg.vector_norm(var - running_var.to(var.dtype))
+    """The two norms in fp64 (C values): squares of fp32 statistics above ~1e19 would overflow."""
+    loss = torch.linalg.vector_norm(mean.double() - running_mean.double()) + \
+        torch.linalg.vector_norm(var.double() - running_var.double())
+    return loss.to(mean.dtype)
 
 
 def backward_coefficients(grad, mean, var, running_mean, running_var, m: int):
-    """a_c, b_c of grad_x = a_c + b_c (x − μ_c); a zero norm gives a zero gradient (as torch.norm)."""
-    dm = mean - running_mean.to(mean.dtype)
-    dv = var - running_var.to(var.dtype)
+    """a_c, b_c of grad_x = a_c + b_c (x − μ_c), computed in fp64 (C values); a zero norm gives a zero
+    gradient (as torch.norm's backward)."""
+    dm = mean.double() - running_mean.double()
+    dv = var.double() - running_var.double()
     nm = torch.linalg.vector_norm(dm)
     nv = torch.linalg.vector_norm(dv)
-    g = grad.to(mean.dtype)
+    g = grad.double()
     a = torch.where(nm > 0, g * dm / (nm * m), torch.zeros_like(dm))
     b = torch.where(nv > 0, 2.0 * g * dv / (nv * m), torch.zeros_like(dv))
-    return a.contiguous(), b.contiguous()
+    return a.to(mean.dtype).contiguous(), b.to(mean.dtype).contiguous()
 
 
 def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):

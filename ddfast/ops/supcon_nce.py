@@ -25,6 +25,13 @@ and over the label-masked positive columns in one pass. They save only ``lse_all
 (column-block programs, a second launch, no atomics). The L2 normalisation and the reduction
 stay in torch autograd around the fused op, so gradients reach both feature sets through them.
 Features with more than two dims are flattened from dim 1.
+
+Backends: Triton (``tl.dot`` tiles; fp32 uses input_precision="ieee" unless
+``torch.backends.cuda.matmul.allow_tf32`` is set; feature sizes above 128 recompute the logit tiles
+once per 128-wide slice of the gradient's feature axis in the backward). CUDA: SIMT tiles in
+shared memory with fp32 accumulation (fp64 for double; bf16/fp16 inputs accumulate in fp32), not
+tensor cores. C++ CPU: chunks of real columns, BLAS GEMM per chunk, vectorised online-LSE rows
+with at::parallel_for; its scratch is one n_syn × chunk block (≤ 4M elements), never the full matrix.
 """
 from __future__ import annotations
 
@@ -137,7 +144,8 @@ def _register_compiled():
                                     setup_context=_setup_context)
 
 
-# cpu_compiled_is_faster: measured with bench/cases/nce.py on the 2-core CPU (see the report)
+# cpu_compiled_is_faster: measured fwd+bwd on a shared 2-core CPU: 1000x8192x128, 1 thread: infonce
+# 138 vs 362 ms, nce 134 vs 221 ms (median); bench default case 4.1 vs 5.4 ms
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 

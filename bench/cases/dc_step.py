@@ -1,0 +1,53 @@
+"""dc_step cases: one DC class loop (forward + image-gradient backward), DC's loop vs GradientMatcher.
+
+ConvNet-3 (instancenorm), 256 real images per class as in DC's batch_real, synthetic set of ipc
+images per class. The check tolerance is loose: with metric "ours" the image gradient is
+ill-conditioned in fp32 (SPEC 3.1: ~1e-2 relative between two exact-in-math implementations).
+"""
+import torch
+
+import ddfast
+from ddfast.ops.gradient_matcher import ConvNet, class_loop_reference
+
+from ..case import Case
+
+
+def _inputs(num_classes, ipc, real_per_class, width, im):
+    def make(device):
+        torch.manual_seed(0)
+        model = ConvNet(3, num_classes, width=width, depth=3, norm="instancenorm", im_size=im).to(device)
+        g = torch.Generator().manual_seed(0)
+        x_real = torch.randn(num_classes * real_per_class, 3, im, im, generator=g)
+        x_syn = torch.randn(num_classes * ipc, 3, im, im, generator=g)
+        return {"model": model,
+                "x_real": x_real.to(device),
+                "y_real": torch.arange(num_classes).repeat_interleave(real_per_class).to(device),
+                "x_syn": x_syn.to(device).requires_grad_(True),
+                "y_syn": torch.arange(num_classes).repeat_interleave(ipc).to(device)}
+    return make
+
+
+def _fused(backend, model, **data):
+    return ddfast.GradientMatcher(model, backend=backend)(**data)
+
+
+def cases():
+    out = []
+    for label, classes, ipc, real, width, im, default in (
+            ("convnet3-w32-c10-ipc1-r8-16px", 10, 1, 8, 32, 16, True),
+            ("convnet3-cifar10-ipc10", 10, 10, 256, 128, 32, False),
+            ("convnet3-cifar10-ipc50", 10, 50, 256, 128, 32, False),
+            ("convnet3-cifar100-ipc10", 100, 10, 256, 128, 32, False)):
+        out.append(Case(
+            name=f"dc_step/{label}",
+            make_inputs=_inputs(classes, ipc, real, width, im),
+            reference=class_loop_reference,
+            fused=_fused,
+            backends=("auto",),
+            grad_inputs=("x_syn",),
+            default=default,
+            tol=5e-2,
+            size=classes * (ipc + real),
+            notes="metric 'ours'; reference = DC main.py's per-class loop",
+        ))
+    return out

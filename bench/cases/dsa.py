@@ -1,0 +1,57 @@
+"""dsa cases: DSA's per-iteration augmentation, every class's real and synthetic batch with its own
+Siamese transform. Reference: one DiffAugment call per class and batch (the DSA loop, torch ops);
+ddfast: one dsa_augment call over all of them (groups = classes). Forward+backward; the gradient
+flows to the synthetic images."""
+import torch
+
+import ddfast
+from ddfast.ops.dsa import diff_augment
+
+from ..case import Case
+
+STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _inputs(classes, n_real, n_syn, size):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        real = torch.randn(classes * n_real, 3, size, size, generator=g).to(device)
+        syn = torch.randn(classes * n_syn, 3, size, size, generator=g).to(device).requires_grad_(True)
+        groups = torch.cat([torch.arange(classes).repeat_interleave(n_real),
+                            torch.arange(classes).repeat_interleave(n_syn)]).to(device)
+        seeds = [1000 + 7 * c for c in range(classes)]
+        return {"real": real, "syn": syn, "groups": groups, "seeds": seeds, "n_real": n_real, "n_syn": n_syn}
+    return make
+
+
+def _reference(real, syn, groups, seeds, n_real, n_syn):
+    outs = []
+    for c, seed in enumerate(seeds):
+        outs.append(diff_augment(real[c * n_real:(c + 1) * n_real], STRATEGY, seed, backend="torch"))
+    for c, seed in enumerate(seeds):
+        outs.append(diff_augment(syn[c * n_syn:(c + 1) * n_syn], STRATEGY, seed, backend="torch"))
+    return torch.cat(outs)
+
+
+def _fused(backend, real, syn, groups, seeds, n_real, n_syn):
+    return ddfast.dsa_augment(torch.cat([real, syn]), groups, STRATEGY, seeds, backend=backend)
+
+
+def cases():
+    out = []
+    for label, classes, n_real, n_syn, default in (("cifar10-b2560", 10, 256, 10, False),
+                                                    ("small-c4-b64", 4, 16, 2, True)):
+        out.append(Case(
+            name=f"dsa/{label}",
+            op="dsa",
+            make_inputs=_inputs(classes, n_real, n_syn, 32),
+            reference=_reference,
+            fused=_fused,
+            grad_inputs=("syn",),
+            default=default,
+            # forward reads and writes every image; backward reads and writes the gradient
+            bytes_moved=lambda inp: 4 * (inp["real"].numel() + inp["syn"].numel()) * inp["real"].element_size(),
+            size=classes * (n_real + n_syn),
+            notes="mode 'S' (DC's default): each class draws one op family per call",
+        ))
+    return out

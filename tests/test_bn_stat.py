@@ -1,0 +1,223 @@
+"""bn_stat_loss against SRe2L's BNFeatureHook formula, and BNStatMatcher against hooks written that way."""
+import pytest
+import torch
+from torch import nn
+
+import ddfast
+from ddfast.ops.bn_stat import bn_stat_loss_reference
+
+from conftest import require_backend, tol
+
+OP = "bn_stat"
+
+
+def _inputs(shape, device, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7) * scale
+    rm = torch.randn(c, generator=g, dtype=torch.float64) * scale
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5) * scale * scale
+    return x.to(device=device, dtype=dtype), rm.to(device), rv.to(device)
+
+
+def _sre2l_hook_loss(x, rm, rv):
+    """SRe2L BNFeatureHook.hook_fn for 4-D inputs."""
+    nch = x.shape[1]
+    mean = x.mean([0, 2, 3])
+    var = x.permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+    return torch.norm(rm - mean, 2) + torch.norm(rv - var, 2)
+
+
+def _compare(x, rm, rv, backend, device, dtype=torch.float32):
+    x_new = x.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    got = ddfast.bn_stat_loss(x_new, rm.to(dtype), rv.to(dtype), backend=backend)
+    want = bn_stat_loss_reference(x_ref, rm.to(dtype), rv.to(dtype))
+    got.backward()
+    want.backward()
+    assert got.shape == () and got.dtype == dtype
+    torch.testing.assert_close(got, want, **tol(device, dtype))
+    torch.testing.assert_close(x_new.grad, x_ref.grad, **tol(device, dtype))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 7, 9, 11), (17, 5), (3, 4, 13), (2, 3, 2, 3, 4), (6, 2, 40, 40)])
+def test_matches_reference(device, backend_kind, shape):
+    backend = require_backend(OP, backend_kind, device)
+    _compare(*_inputs(shape, device), backend, device)
+
+
+def test_reference_is_sre2l_hook():
+    x, rm, rv = _inputs((5, 4, 3, 3), "cpu", dtype=torch.float64)
+    torch.testing.assert_close(bn_stat_loss_reference(x, rm, rv), _sre2l_hook_loss(x, rm, rv))
+
+
+def test_noncontiguous_channels_last(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((3, 6, 5, 7), device)
+    x = x.to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    _compare(x, rm, rv, backend, device)
+
+
+def test_gradcheck_float64(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((3, 4, 2, 3), device, dtype=torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ddfast.bn_stat_loss(t, rm, rv, backend=backend), (x,))
+
+
+def test_stats_equal_running_stats_give_zero_and_finite_grad(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, _, _ = _inputs((4, 3, 5, 5), device, dtype=torch.float64)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    x.requires_grad_(True)
+    loss = ddfast.bn_stat_loss(x, flat.mean(1), flat.var(1, unbiased=False), backend=backend)
+    loss.backward()
+    assert loss.abs() < 1e-12
+    assert torch.isfinite(x.grad).all()
+
+
+def test_large_offset_and_values(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    # a mean far above the spread: E[x²] − E[x]² in fp32 would lose the variance entirely
+    x, rm, rv = _inputs((8, 3, 16, 16), device)
+    x = x + 1e4
+    got = ddfast.bn_stat_loss(x, rm + 1e4, rv, backend=backend)
+    want = bn_stat_loss_reference(x.double(), (rm + 1e4).double(), rv.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # the fp32 reference overflows in its norms from ~1e10 on; the kernels take the norms in fp64
+    for scale in (1e9,) if backend == "torch" else (1e9, 1e15):
+        x, rm, rv = _inputs((4, 3, 8, 8), device, scale=scale)
+        got = ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), bn_stat_loss_reference(x.double(), rm, rv), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
+    if backend_kind == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter runs fp32 only")
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((8, 4, 12, 12), device, dtype=dtype)
+    x.requires_grad_(True)
+    got = ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+    got.backward()
+    x32 = x.detach().float().requires_grad_(True)
+    want = bn_stat_loss_reference(x32, rm.float(), rv.float())
+    want.backward()
+    assert got.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(got, want, **tol(device, dtype))
+    torch.testing.assert_close(x.grad.float(), x32.grad, **tol(device, dtype))
+
+
+def test_opcheck_compiled_and_triton(device):
+    for kind in ("compiled", "triton"):
+        try:
+            backend = require_backend(OP, kind, device)
+        except pytest.skip.Exception:
+            continue
+        x, rm, rv = _inputs((3, 4, 10), device)
+        x.requires_grad_(True)
+        name = "bn_stat_triton_fwd" if backend == "triton" else "bn_stat_fwd"
+        torch.library.opcheck(getattr(torch.ops.ddfast, name), (x, rm.float(), rv.float()))
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda x, m, v: (x, m[:-1], v), ValueError, "running_mean"),
+    (lambda x, m, v: (x, m, v[None]), ValueError, "running_var"),
+    (lambda x, m, v: (x.long(), m, v), TypeError, "x"),
+    (lambda x, m, v: (x[0, 0, 0], m, v), ValueError, "x"),
+    (lambda x, m, v: (x[:0], m, v), ValueError, "x"),
+    (lambda x, m, v: (x, m.long(), v), TypeError, "running_mean"),
+])
+def test_bad_input(bad, err, match):
+    x, rm, rv = _inputs((3, 4, 5, 5), "cpu")
+    with pytest.raises(err, match=match):
+        ddfast.bn_stat_loss(*bad(x, rm.float(), rv.float()))
+
+
+def test_nan_input_is_named(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((3, 4, 5, 5), device)
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+
+
+# --- BNStatMatcher -----------------------------------------------------------------------------
+
+class _SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+        self.bn3 = nn.BatchNorm1d(6)
+        self.free = nn.BatchNorm2d(8, track_running_stats=False)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.free(x)
+        return self.bn3(self.fc(x.mean((2, 3))))
+
+
+def _trained_net(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = _SmallNet().to(device=device, dtype=dtype)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 8, 8, device=device, dtype=dtype) * 2 + 1)
+    return net.eval()
+
+
+def _sre2l_reference(net, x, first_bn_multiplier):
+    """SRe2L's BNFeatureHook per BatchNorm (r_feature), summed with rescale [first, 1, 1, ...]."""
+    feats = []
+
+    def hook(module, inputs, _out):
+        inp = inputs[0]
+        flat = inp.transpose(0, 1).reshape(inp.shape[1], -1)
+        feats.append(torch.norm(module.running_mean.data - flat.mean(1), 2) +
+                     torch.norm(module.running_var.data - flat.var(1, unbiased=False), 2))
+
+    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.track_running_stats]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    out = net(x)
+    for h in handles:
+        h.remove()
+    rescale = [first_bn_multiplier] + [1.0] * (len(feats) - 1)
+    return out, sum(f * r for f, r in zip(feats, rescale))
+
+
+def test_matcher_equals_sre2l_hooks(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    net = _trained_net(device)
+    x = torch.randn(6, 3, 8, 8, device=device)
+    x_new, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with ddfast.BNStatMatcher(net, first_layer_weight=10.0, backend=backend) as matcher:
+        assert len(matcher.layers) == 3
+        out, loss = matcher(x_new)
+        (loss + out.sum()).backward()
+        assert len(matcher.losses) == 3
+        net(x_new.detach())  # a new forward starts a fresh list
+        assert len(matcher.losses) == 3
+    net(x_new.detach())
+    assert len(matcher.losses) == 3  # hooks removed: nothing appended
+    out_ref, loss_ref = _sre2l_reference(net, x_ref, 10.0)
+    (loss_ref + out_ref.sum()).backward()
+    torch.testing.assert_close(loss, loss_ref, **tol(device, torch.float32))
+    torch.testing.assert_close(x_new.grad, x_ref.grad, **tol(device, torch.float32))
+
+
+def test_matcher_bad_input():
+    with pytest.raises(TypeError, match="model"):
+        ddfast.BNStatMatcher(lambda x: x)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        ddfast.BNStatMatcher(nn.Linear(3, 3))
+    matcher = ddfast.BNStatMatcher(_SmallNet())
+    with pytest.raises(RuntimeError, match="forward"):
+        matcher.loss()
