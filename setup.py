@@ -34,7 +34,8 @@ def _extensions():
         return [], {}
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DDFAST_NO_CUDA") != "1"
-    common_flags = {"cxx": ["-O3"]}
+    # at::parallel_for is OpenMP in torch's CPU builds; its pragmas need -fopenmp here too
+    common_flags = {"cxx": ["-O3", "-fopenmp"]}
     if with_cuda:
         common_flags["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
     exts = []
@@ -42,7 +43,8 @@ def _extensions():
         op = os.path.splitext(os.path.basename(cpp))[0]
         cu = os.path.join("csrc", "cuda", op + ".cu")
         sources = [cpp]
-        kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=dict(common_flags))
+        kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=dict(common_flags),
+                      extra_link_args=["-fopenmp"])
         if with_cuda and os.path.exists(cu):
             sources.append(cu)
             kwargs["define_macros"] = [("DDFAST_WITH_CUDA", "1")]

@@ -4,6 +4,10 @@ Backends: ``torch`` (the reference, always there), ``triton`` (Triton kernels; C
 CPU interpreter when TRITON_INTERPRET=1), ``cuda``/``cpp`` (the compiled extension: its CUDA
 kernel for CUDA tensors, its C++ kernel for CPU tensors; the two names are aliases).
 
+On CUDA, auto takes the compiled kernel, then Triton, then torch — except ops whose Triton
+kernel reaches tensor cores through ``tl.dot`` while their CUDA kernel is SIMT (mmd,
+supcon_nce: ``cuda_prefers_triton``).
+
 Selection, strongest first: the op's ``backend=`` argument (anything but "auto"),
 ``ddfast.set_backend()``, the ``DDFAST_BACKEND`` environment variable, then ``auto`` — the
 fastest available for the tensor's device. The choice is made in Python before any
@@ -34,6 +38,7 @@ class OpSpec:
     triton: bool = True
     compiled: bool = True
     cpu_compiled_is_faster: bool = False  # measured: auto on CPU uses the C++ kernel only if True
+    cuda_prefers_triton: bool = False     # auto on CUDA tries Triton before the compiled kernel
     on_load: Optional[Callable[[], None]] = field(default=None, compare=False, hash=False)
 
 
@@ -114,6 +119,8 @@ def available(op: str, backend: str, device) -> bool:
 def _auto(op: str, device: torch.device) -> str:
     spec = _OPS[op]
     if device.type == "cuda":
+        if spec.cuda_prefers_triton and spec.triton and triton_status(device)[0]:
+            return "triton"
         if spec.compiled and compiled_status(op, device)[0]:
             return COMPILED
         if spec.triton and triton_status(device)[0]:

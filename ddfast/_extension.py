@@ -86,7 +86,7 @@ def _jit_build(op: str) -> str:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     sources = [cpp]
-    cflags = ["-O3"]
+    cflags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU builds
     cu = os.path.join(src, "cuda", op + ".cu")
     if _with_cuda() and os.path.exists(cu):
         sources.append(cu)
@@ -100,6 +100,7 @@ def _jit_build(op: str) -> str:
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3", "--use_fast_math", "-DDDFAST_WITH_CUDA=1"],
         extra_include_paths=[src],
+        extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
         is_python_module=False,
         verbose=os.environ.get("DDFAST_VERBOSE_BUILD") == "1",

@@ -72,6 +72,27 @@ def test_missing_class_and_single_syn_samples(device):
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 7, 24])
+def test_chunked_real_side_equals_reference_loop(device, chunk):
+    embed = _convnet_embed(device=device)
+    x_real, y_real, x_syn, y_syn = _data(4, 6, 2, device)
+    y_real = y_real.clone()
+    y_real[y_real == 3] = 0  # class 3 has synthetic images only: skipped, as in the loop
+    matcher = ddfast.DistributionMatcher(embed, 4, real_chunk_size=chunk)
+    got, g_got = _run(lambda x: matcher(x_real, y_real, x, y_syn), x_syn)
+    want, g_want = _run(lambda x: dm_reference_loop(embed, x_real, y_real, x, y_syn, 4), x_syn)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunking_options_are_validated():
+    embed = _convnet_embed()
+    with pytest.raises(ValueError, match="real_chunk_size"):
+        ddfast.DistributionMatcher(embed, real_chunk_size=0)
+    with pytest.raises(ValueError, match="real_chunk_size"):
+        ddfast.DistributionMatcher(embed, real_chunk_size=8, loss="mmd")
+
+
 @pytest.mark.skipif(not (_has("ddfast.ops.dsa") and _has("ddfast.compat._dc_dsa")), reason="dsa_augment not present")
 def test_dsa_equals_reference_loop_with_per_class_seeds():
     from ddfast.compat.dc import DiffAugment, ParamDiffAug

@@ -7,6 +7,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "cuda_common.cuh"
 
 namespace ddfast {
 namespace {
@@ -14,15 +15,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxSplits = 64;
 constexpr int64_t kPerBlockTarget = 16384;  // elements per block before adding another split
-
-template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
 
 template <typename Acc> struct Stats { Acc n, mean, m2; };
 

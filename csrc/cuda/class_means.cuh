@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include "cuda_common.cuh"
 
 namespace ddfast {
 namespace segment_cuda {
@@ -14,15 +15,6 @@ namespace segment_cuda {
 constexpr int kCols = 64;   // features per block
 constexpr int kLanes = 4;   // row lanes per block (kCols * kLanes threads)
 constexpr int kThreads = kCols * kLanes;
-
-template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
 
 // grid.x = C * dblocks. Without a reference: out = class mean (T). With one: out = mean − ref (Acc)
 // for classes present on both sides (else 0) and partial[c * dblocks + pd] = Σ over the block of out².

@@ -5,34 +5,13 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "cuda_common.cuh"
 
 namespace ddfast {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
-
-template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_acc(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
-template <typename Acc> __device__ Acc block_sum(Acc v) {
-  __shared__ Acc warp_sums[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : Acc(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  __syncthreads();  // warp_sums is reused by the next call
-  return v;
-}
 
 template <typename T, typename Acc>
 __global__ void partial_sums_kernel(const T* __restrict__ s, const T* __restrict__ a, const T* __restrict__ t,

@@ -175,7 +175,9 @@ def _register_compiled():
 # Measured on this project's CPU, one thread, fwd + bwd, N = M (min of 7): reference 21 ms vs C++ 74 ms
 # at 256×64, 118 ms vs 386 ms at 512×128 (MKL matmuls inside cdist beat the C++ loops), so auto
 # keeps the reference on CPU.
-_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, on_load=_register_compiled))
+# tl.dot uses tensor cores (bf16/fp16, tf32 on opt-in); the CUDA kernel is SIMT FMA: prefer Triton on GPUs
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, cuda_prefers_triton=True,
+                                     on_load=_register_compiled))
 
 
 # --- validation -------------------------------------------------------------------------------

@@ -146,7 +146,9 @@ def _register_compiled():
 
 # cpu_compiled_is_faster: measured fwd+bwd on a shared 2-core CPU: 1000x8192x128, 1 thread: infonce
 # 138 vs 362 ms, nce 134 vs 221 ms (median); bench default case 4.1 vs 5.4 ms
-_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
+# tl.dot uses tensor cores (bf16/fp16, tf32 on opt-in); the CUDA kernel is SIMT FMA: prefer Triton on GPUs
+_backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, cuda_prefers_triton=True,
+                                     on_load=_register_compiled))
 
 
 def _check_positive(name: str, value) -> float:
