@@ -264,17 +264,32 @@ def test_dc_outer_iterations_same_images(device, strategy):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def test_compat_dsa_uses_shared_seed_per_class(device):
-    dc = pytest.importorskip("ddfast.compat.dc")
-    if not hasattr(dc, "DiffAugment"):
-        pytest.skip("ddfast.compat.dc has no DiffAugment yet")
-    model = _net(torch.float64, device, channel=3, num_classes=2, width=4, depth=1, im_size=8)
-    x_real, y_real, x_syn, y_syn = _data(2, 3, 2, (3, 8, 8), torch.float64, device)
-    args = SimpleNamespace(batch_real=3, dis_metric="ours", dsa=True,
-                           dsa_strategy="color_crop_cutout_flip_scale_rotate", dsa_param=dc.ParamDiffAug())
-    loss = dc.dc_class_loop_loss(model, lambda c, n: x_real[y_real == c][:n], x_syn, y_syn, args)
+def test_compat_dsa_equals_per_class_diffaugment_loop(device):
+    """One grouped dsa_augment call per side == DC's two DiffAugment calls per class (same seeds)."""
+    from ddfast.compat import dc
+
+    model = _net(torch.float64, device, channel=3, num_classes=3, width=4, depth=1, im_size=8)
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 2, (3, 8, 8), torch.float64, device, shuffle=True)
+    strategy, param, seeds = "color_crop_cutout_flip_scale_rotate", dc.ParamDiffAug(), [11, 2024, 77]
+    args = SimpleNamespace(batch_real=3, dis_metric="ours", dsa=True, dsa_strategy=strategy, dsa_param=param)
+    get_images = lambda c, n: x_real[y_real == c][:n]  # noqa: E731
+    loss = dc.dc_class_loop_loss(model, get_images, x_syn, y_syn, args, seeds=seeds)
     loss.backward()
-    assert torch.isfinite(loss) and x_syn.grad is not None and torch.isfinite(x_syn.grad).all()
+    got = x_syn.grad.clone()
+    x_syn.grad = None
+    want = x_syn.new_zeros(())
+    for c, seed in zip(range(3), seeds):
+        img_real = dc.DiffAugment(get_images(c, 3), strategy, seed=seed, param=param)
+        img_syn = dc.DiffAugment(x_syn[y_syn == c], strategy, seed=seed, param=param)
+        y_r = torch.full((len(img_real),), c, device=device)
+        y_s = torch.full((len(img_syn),), c, device=device)
+        want = want + class_loop_reference(model, img_real, y_r, img_syn, y_s, "ours")
+    want.backward()
+    if device == "cpu":  # the draws are the reference's stream only on CPU
+        torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got, x_syn.grad, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="seeds"):
+        dc.dc_class_loop_loss(model, get_images, x_syn, y_syn, args, seeds=[1])
 
 
 # --- bad input --------------------------------------------------------------------------------------

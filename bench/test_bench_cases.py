@@ -1,0 +1,43 @@
+"""The ``ddfast bench`` cases under pytest-benchmark (forward+backward per case and provider).
+
+    python -m pytest bench/test_bench_cases.py --benchmark-only            # the default cases
+    DDFAST_BENCH_FULL=1 python -m pytest bench/test_bench_cases.py --benchmark-only --benchmark-json out.json
+
+Each provider is checked against the reference before it is timed, as in ``ddfast bench``.
+Not part of the test suite (``testpaths = tests``).
+"""
+import os
+
+import pytest
+import torch
+
+from ddfast.bench.cases import all_cases
+from ddfast.bench.runner import _run_step, _sync, check, providers_for
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL = os.environ.get("DDFAST_BENCH_FULL") == "1"
+CASES = [c for c in all_cases() if DEVICE.type in c.devices and (FULL or c.default)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("provider", ["reference", "ddfast"])
+def test_case(benchmark, case, provider):
+    inputs = case.make_inputs(DEVICE)
+    ref_fn = lambda: case.reference(**inputs)  # noqa: E731
+    if provider == "reference":
+        fn = ref_fn
+    else:
+        provs = providers_for(case, DEVICE)
+        if not provs:
+            pytest.skip(f"no ddfast provider for {case.name} on {DEVICE.type}")
+        name, prov = next(iter(provs.items()))  # the first available: compiled before triton
+        fn = lambda: prov(inputs)  # noqa: E731
+        ok, err = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn)
+        assert ok, f"{case.name}[{name}] differs from the reference (max rel err {err:.2e})"
+        benchmark.extra_info["provider"] = name
+
+    def step():
+        _run_step(fn, inputs, case.grad_inputs, collect=False)
+        _sync(DEVICE)
+
+    benchmark(step)
