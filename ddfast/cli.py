@@ -27,8 +27,14 @@ def main(argv=None) -> int:
         from .examples.digits import main as digits_main
 
         return digits_main(argv[1:])
+    p_report = sub.add_parser("report", help="markdown table of a `ddfast bench` JSON file")
+    p_report.add_argument("json", help="a file written by ddfast bench")
     args = parser.parse_args(argv)
 
+    if args.command == "report":
+        from .bench.report import main as report_main
+
+        return report_main(args.json)
     if args.command == "info":
         from .info import info
 

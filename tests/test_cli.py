@@ -48,6 +48,10 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path):
             assert row["check"] == "ok"
     assert os.path.exists(tmp_path / "param_match.png")
     assert "median ms" in res.stdout
+    table = _cli("report", str(out))
+    assert table.returncode == 0, table.stderr
+    assert "| param_match/convnet3-320k | reference | reference |" in table.stdout
+    assert report["commit"] in table.stdout
 
 
 def test_bench_fails_on_a_wrong_kernel(tmp_path):
