@@ -132,8 +132,9 @@ at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const a
   check_shapes(x, rm, rv);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
-  auto [a, b] = coefficients(grad, mean, var, rm, rv, n * s);
-  at::Tensor mu = mean.contiguous();
+  // the launcher reads a, b and mean as the accumulation dtype of x (coefficients returns mean's dtype)
+  at::Tensor mu = mean.to(acc_type(x.scalar_type())).contiguous();
+  auto [a, b] = coefficients(grad, mu, var, rm, rv, n * s);
   at::Tensor out = at::empty_like(x);
   bn_stat_backward_cuda(x.data_ptr(), a.data_ptr(), b.data_ptr(), mu.data_ptr(), n, c, s, dtype_code(x), out.data_ptr(),
                         c10::cuda::getCurrentCUDAStream());

@@ -99,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_mean_loss_fwd_cuda(const at
 at::Tensor class_mean_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& y_syn, const at::Tensor& diff,
                                     const at::Tensor& count_syn, at::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(diff.device());
-  const auto acc = diff.scalar_type();
-  at::Tensor g = diff.contiguous();
+  const auto acc = acc_type(dtype);  // the launcher reads diff and coef as acc_type(dtype)
+  at::Tensor g = diff.to(acc).contiguous();
   at::Tensor coef = (2.0 * grad_loss.to(acc) / count_syn.clamp_min(1).to(acc)).contiguous();
   at::Tensor lab = y_syn.contiguous();
   at::Tensor out = at::empty({lab.numel(), diff.size(1)}, diff.options().dtype(dtype));

@@ -319,7 +319,10 @@ std::tuple<at::Tensor, at::Tensor> gradient_match_fwd_cuda(at::TensorList g_syn,
   const auto acc = acc_type(syn[0].scalar_type());
   DeviceTable d = device_table(L, syn, real, {});
   at::Tensor partials = at::empty({3 * L.groups * L.num_segs()}, syn[0].options().dtype(acc));
-  at::Tensor coefs = at::empty({2, L.groups, L.coef_rows}, syn[0].options().dtype(acc));
+  // "ours" with only rank-1 tensors: the fold writes no coefficient (no row), so zero them as the CPU path
+  at::Tensor coefs = metric == 0 && L.num_rows == 0
+                         ? at::zeros({2, L.groups, L.coef_rows}, syn[0].options().dtype(acc))
+                         : at::empty({2, L.groups, L.coef_rows}, syn[0].options().dtype(acc));
   at::Tensor loss = sum_groups ? at::empty({}, syn[0].options()) : at::empty({L.groups}, syn[0].options());
   gradient_match_forward_cuda(d.table, metric, dtype_code(syn[0]), eps, sum_groups, partials.data_ptr(),
                               loss.data_ptr(), coefs.data_ptr(), c10::cuda::getCurrentCUDAStream());
@@ -336,9 +339,9 @@ std::vector<at::Tensor> gradient_match_bwd_cuda(const at::Tensor& grad, at::Tens
   const Layout L = build_layout(syn, metric, grouped, kGradientMatchSegment, kGradientMatchSegment);
   std::vector<at::Tensor> grads;
   for (const auto& s : syn) grads.push_back(at::empty_like(s, at::MemoryFormat::Contiguous));
-  at::Tensor go = grad.to(syn[0].scalar_type()).contiguous();
+  at::Tensor go = grad.to(syn[0].device(), syn[0].scalar_type()).contiguous();
   TORCH_CHECK(go.numel() == 1 || go.numel() == L.groups, "gradient_match_bwd: grad must be a scalar or (G,)");
-  at::Tensor cf = coefs.to(acc_type(syn[0].scalar_type())).contiguous();
+  at::Tensor cf = coefs.to(syn[0].device(), acc_type(syn[0].scalar_type())).contiguous();
   TORCH_CHECK(cf.numel() == 2 * L.groups * L.coef_rows, "gradient_match_bwd: coefs do not match the inputs");
   DeviceTable d = device_table(L, syn, real, grads);
   gradient_match_backward_cuda(d.table, dtype_code(syn[0]), go.data_ptr(), go.numel() == 1 ? 0 : 1, cf.data_ptr(),

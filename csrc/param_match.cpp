@@ -85,6 +85,10 @@ at::Tensor param_match_bwd_cpu(const at::Tensor& grad, const at::Tensor& s, cons
 #ifdef DDFAST_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> param_match_fwd_cuda(const at::Tensor& s, const at::Tensor& a, const at::Tensor& t) {
   DDFAST_CHECK_CONTIGUOUS(s); DDFAST_CHECK_CONTIGUOUS(a); DDFAST_CHECK_CONTIGUOUS(t);
+  // the launcher reads all three as s's dtype over s.numel() elements
+  TORCH_CHECK(s.numel() == a.numel() && s.numel() == t.numel(), "param_match: sizes differ");
+  TORCH_CHECK(a.scalar_type() == s.scalar_type() && t.scalar_type() == s.scalar_type(), "param_match: dtypes differ");
+  DDFAST_CHECK_SAME_DEVICE(a, s); DDFAST_CHECK_SAME_DEVICE(t, s);
   c10::cuda::CUDAGuard guard(s.device());
   const int64_t n = s.numel();
   const int code = dtype_code(s);
@@ -99,10 +103,16 @@ std::tuple<at::Tensor, at::Tensor> param_match_fwd_cuda(const at::Tensor& s, con
 }
 
 at::Tensor param_match_bwd_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t, const at::Tensor& den) {
+  DDFAST_CHECK_CONTIGUOUS(s); DDFAST_CHECK_CONTIGUOUS(t);
+  TORCH_CHECK(t.numel() == s.numel() && t.scalar_type() == s.scalar_type(), "param_match_bwd: student/target differ");
+  TORCH_CHECK(grad.numel() == 1 && den.numel() == 1, "param_match_bwd: grad and den must be scalars");
+  DDFAST_CHECK_SAME_DEVICE(t, s);
   c10::cuda::CUDAGuard guard(s.device());
-  at::Tensor g = grad.to(s.scalar_type()).contiguous();
+  // the kernel reads g[0] as s's dtype and den[0] as the accumulation dtype, on s's device
+  at::Tensor g = grad.to(s.device(), s.scalar_type()).contiguous();
+  at::Tensor dn = den.to(s.device(), acc_type(s.scalar_type())).contiguous();
   at::Tensor out = at::empty_like(s);
-  param_match_backward_cuda(g.data_ptr(), s.data_ptr(), t.data_ptr(), den.data_ptr(), s.numel(), dtype_code(s),
+  param_match_backward_cuda(g.data_ptr(), s.data_ptr(), t.data_ptr(), dn.data_ptr(), s.numel(), dtype_code(s),
                             out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -280,6 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_nce_fwd_cuda(const at::Ten
                                                                    const at::Tensor& zr, const at::Tensor& yr,
                                                                    double inv_temp, bool nce, double log_c) {
   check_inputs(zs, ys, zr, yr);
+  // the kernels dereference every pointer on the device: a CPU label tensor would fault there
+  DDFAST_CHECK_SAME_DEVICE(zs, ys); DDFAST_CHECK_SAME_DEVICE(zs, zr); DDFAST_CHECK_SAME_DEVICE(zs, yr);
   c10::cuda::CUDAGuard guard(zs.device());
   const auto acc = acc_type(zs.scalar_type());
   const int64_t n_syn = zs.size(0);
@@ -298,6 +300,10 @@ std::tuple<at::Tensor, at::Tensor> supcon_nce_bwd_cuda(const at::Tensor& g, cons
                                                        const at::Tensor& lse_all, const at::Tensor& lse_pos,
                                                        double inv_temp, bool nce, double log_c) {
   check_inputs(zs, ys, zr, yr);
+  DDFAST_CHECK_SAME_DEVICE(zs, ys); DDFAST_CHECK_SAME_DEVICE(zs, zr); DDFAST_CHECK_SAME_DEVICE(zs, yr);
+  DDFAST_CHECK_SAME_DEVICE(zs, g); DDFAST_CHECK_SAME_DEVICE(zs, lse_all); DDFAST_CHECK_SAME_DEVICE(zs, lse_pos);
+  TORCH_CHECK(g.numel() == zs.size(0) && lse_all.numel() == zs.size(0) && lse_pos.numel() == zs.size(0),
+              "supcon_nce: g, lse_all, lse_pos must have n_syn elements");
   // the backward grid's second axis tiles the feature dim in blocks of 32 (fp64) or 64
   TORCH_CHECK(zs.size(1) <= int64_t(65535) * 32, "supcon_nce: feature size D too large for the CUDA kernel");
   c10::cuda::CUDAGuard guard(zs.device());

@@ -5,11 +5,16 @@
 
 namespace ddfast {
 
-// Load-side conversion to the accumulation type: fp32 for half types and float, fp64 for double.
-template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
+// Accumulation type: fp32 for half types and float, fp64 for double.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// Load-side conversion to the accumulation type (also right when called as to_acc<double>(x)).
+template <typename T> __device__ __forceinline__ typename AccOf<T>::type to_acc(T v) {
+  return static_cast<typename AccOf<T>::type>(v);
+}
 template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
 
 // Store-side conversion from the accumulation type.
 template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v) { return static_cast<T>(v); }

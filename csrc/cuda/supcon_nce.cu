@@ -270,6 +270,7 @@ template <typename T, typename Acc, int TM>
 void forward_impl(const void* zs, const int64_t* ys, const void* zr, const int64_t* yr, int64_t n_syn,
                   int64_t n_real, int64_t dim, double inv_temp, bool nce, double log_c, void* loss, void* lse_all,
                   void* lse_pos, cudaStream_t stream) {
+  if (n_syn <= 0) return;  // no anchors: nothing to write (a 0-block launch is an invalid configuration)
   const dim3 grid(static_cast<unsigned>(blocks_of(n_syn, 16 * TM)));
   forward_kernel<T, Acc, TM><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(zs), ys, static_cast<const T*>(zr), yr, n_syn, n_real, dim, static_cast<Acc>(inv_temp),
@@ -286,12 +287,16 @@ void backward_impl(const void* g, const void* zs, const int64_t* ys, const void*
   const Acc* la = static_cast<const Acc*>(lse_all);
   const Acc* lp = static_cast<const Acc*>(lse_pos);
   const Acc t = static_cast<Acc>(inv_temp), c = static_cast<Acc>(log_c);
-  backward_kernel<T, Acc, TM, true><<<dim3(static_cast<unsigned>(blocks_of(n_syn, BM)), d_blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(zs), ys, static_cast<const T*>(zr), yr, gp, la, lp, n_syn, n_real, dim, t, nce, c,
-      static_cast<T*>(grad_syn));
-  backward_kernel<T, Acc, TM, false><<<dim3(static_cast<unsigned>(blocks_of(n_real, BM)), d_blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(zr), yr, static_cast<const T*>(zs), ys, gp, la, lp, n_real, n_syn, dim, t, nce, c,
-      static_cast<T*>(grad_real));
+  // an empty output (n = 0 or dim = 0) gets no launch: a 0-block grid is an invalid configuration
+  if (d_blocks == 0) return;
+  if (n_syn > 0)
+    backward_kernel<T, Acc, TM, true><<<dim3(static_cast<unsigned>(blocks_of(n_syn, BM)), d_blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(zs), ys, static_cast<const T*>(zr), yr, gp, la, lp, n_syn, n_real, dim, t, nce, c,
+        static_cast<T*>(grad_syn));
+  if (n_real > 0)
+    backward_kernel<T, Acc, TM, false><<<dim3(static_cast<unsigned>(blocks_of(n_real, BM)), d_blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(zr), yr, static_cast<const T*>(zs), ys, gp, la, lp, n_real, n_syn, dim, t, nce, c,
+        static_cast<T*>(grad_real));
 }
 
 }  // namespace
