@@ -12,12 +12,23 @@ from ddfast.ops.param_match import param_match_reference
 
 from conftest import require_backend
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same examples on every run
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
 
 
 def _cpp(op):
     return require_backend(op, "compiled", "cpu")
+
+
+def _grads(out, inputs):
+    """d out / d inputs, zeros where out does not depend on an input (e.g. only rank-1 layers under
+    "ours", or no class on both sides: the references then return a constant, as DC/DM do)."""
+    if not out.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 @SETTINGS
@@ -32,8 +43,8 @@ def test_gradient_match_any_layers(layer_shapes, groups, metric, seed):
     want = gradient_match_reference(syn, real, metric, grouped=True, reduction="none")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     w = torch.randn(groups, generator=g, dtype=torch.float64)
-    got_grads = torch.autograd.grad((got * w).sum(), syn)
-    want_grads = torch.autograd.grad((want * w).sum(), syn)
+    got_grads = _grads((got * w).sum(), syn)
+    want_grads = _grads((want * w).sum(), syn)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -51,7 +62,7 @@ def test_class_mean_loss_any_labels(n_real, n_syn, dim, classes, seed):
     got = ddfast.class_mean_loss(f_real, y_real, f_syn, y_syn, classes, backend=backend)
     want = class_mean_loss_reference(f_real, y_real, f_syn, y_syn, classes)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    (ga,), (gb,) = torch.autograd.grad(got, f_syn), torch.autograd.grad(want, f_syn)
+    (ga,), (gb,) = _grads(got, [f_syn]), _grads(want, [f_syn])
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
 
 
@@ -66,5 +77,5 @@ def test_param_match_any_shape_and_scale(shape, scale, seed):
     got = ddfast.param_match(student, start, target, backend=backend)
     want = param_match_reference(student, start, target)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    (ga,), (gb,) = torch.autograd.grad(got, student), torch.autograd.grad(want, student)
+    (ga,), (gb,) = _grads(got, [student]), _grads(want, [student])
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6 * max(1.0, gb.abs().max().item()))
