@@ -1,7 +1,7 @@
 """The benchmark case: how to build inputs, the reference, the fused call, and its cost model."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -22,9 +22,4 @@ class Case:
     tol: float = 1e-4                                    # max |fused − ref| / max |ref| (per output and grad)
     size: Optional[float] = None                         # x-axis of the per-op plot (e.g. elements)
     devices: Tuple[str, ...] = ("cpu", "cuda")
-    notes: str = ""
-    extra: Dict = field(default_factory=dict)
-
-    @property
-    def op_family(self) -> str:
-        return self.name.split("/", 1)[0]
+    notes: str = ""                                      # what the case measures; copied into the JSON report

@@ -274,6 +274,7 @@ def run(*, full: bool = False, device: Optional[str] = None, select: Optional[st
         "peaks": peaks,
         "results": rows,
         "speedups": speedups,
+        "notes": {case.name: case.notes for case in cases if case.notes},
     }
     print(format_table(rows))
     path = out or default_out(label)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -185,5 +185,3 @@ def ops_backends(device) -> Dict[str, Dict[str, str]]:
         table[name] = row
     return table
 
-
-ALL_BACKENDS: FrozenSet[str] = frozenset({"torch", "triton", COMPILED})

@@ -83,13 +83,27 @@ def check_labels(name: str, labels, n: int, num_classes: Optional[int] = None) -
         raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must be 1-D of length {n} (one label per sample), got shape {tuple(labels.shape)}")
-    if n and num_classes is not None:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
+    if n:
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device sync for both bounds
+        if num_classes is not None and (lo < 0 or hi >= num_classes):
             raise ValueError(f"{name} must lie in [0, {num_classes}); found values in [{lo}, {hi}]")
-    elif n and int(labels.min()) < 0:
-        raise ValueError(f"{name} must be non-negative class indices")
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative class indices")
     return labels
+
+
+def check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__}")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return num_classes
+
+
+def infer_num_classes(*labels: torch.Tensor) -> int:
+    """max label over every non-empty label tensor, plus one (one device sync)."""
+    maxima = [y.max() for y in labels if y.numel()]
+    return int(torch.stack(maxima).max()) + 1 if maxima else 1
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:

@@ -15,9 +15,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend
-from .._checks import (check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device)
+from .._checks import (check_choice, check_float_tensor, check_labels, check_num_classes, check_result_finite,
+                       check_same_device, infer_num_classes)
 from .class_means import OP as MEANS_OP
-from .class_means import class_means_impl, validate_num_classes
+from .class_means import class_means_impl
 
 OP = "class_mean_loss"
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -143,11 +144,11 @@ def class_mean_loss(f_real: Features, y_real: torch.Tensor, f_syn: Features, y_s
                              f"{fs.shape[0]} syn rows")
         check_same_device(f_real=fr, f_syn=fs, y_real=y_real, y_syn=y_syn)
     if num_classes is not None:
-        num_classes = validate_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
     check_labels("y_real", y_real, reals[0].shape[0], num_classes)
     check_labels("y_syn", y_syn, syns[0].shape[0], num_classes)
     if num_classes is None:
-        num_classes = int(max(int(y_real.max()), int(y_syn.max()))) + 1
+        num_classes = infer_num_classes(y_real, y_syn)
     device = syns[0].device
     which = _backend.resolve(OP, backend, device)
     if which == "torch":

@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_float_tensor, check_labels, check_result_finite, check_same_device
+from .._checks import check_float_tensor, check_labels, check_num_classes, check_result_finite, check_same_device
 
 OP = "class_means"
 
@@ -26,13 +26,6 @@ def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: in
     means = sums / counts.clamp(min=1).unsqueeze(1).to(flat.dtype)
     return means.reshape((num_classes,) + tuple(x.shape[1:])), counts
 
-
-def validate_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__}")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return num_classes
 
 
 # --- autograd shared by the Triton and compiled ops (both return (means, counts)) ------------
@@ -106,7 +99,7 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     Gradient flows to ``x``.
     """
     check_float_tensor("x", x, min_dim=1)
-    num_classes = validate_num_classes(num_classes)
+    num_classes = check_num_classes(num_classes)
     check_labels("labels", labels, x.shape[0], num_classes)
     check_same_device(x=x, labels=labels)
     which = _backend.resolve(OP, backend, x.device)

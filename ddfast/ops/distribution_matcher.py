@@ -18,9 +18,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .._checks import check_choice, check_float_tensor, check_labels, check_same_device
+from .._checks import check_choice, check_float_tensor, check_labels, check_num_classes, check_same_device, infer_num_classes
 from .class_mean_loss import class_mean_loss
-from .class_means import class_means, validate_num_classes
+from .class_means import class_means
 from .dsa import dsa_augment
 from .mmd import mmd
 
@@ -70,7 +70,7 @@ class DistributionMatcher:
         if not callable(embed):
             raise TypeError(f"embed must be callable (an nn.Module or function), got {type(embed).__name__}")
         self.embed = embed
-        self.num_classes = None if num_classes is None else validate_num_classes(num_classes)
+        self.num_classes = None if num_classes is None else check_num_classes(num_classes)
         self.dsa_strategy = dsa_strategy or None
         self.dsa_param = dsa_param
         self.align_corners = align_corners
@@ -95,7 +95,7 @@ class DistributionMatcher:
         check_same_device(x_real=x_real, y_real=y_real, x_syn=x_syn, y_syn=y_syn)
         check_labels("y_real", y_real, x_real.shape[0], self.num_classes)
         check_labels("y_syn", y_syn, x_syn.shape[0], self.num_classes)
-        num_classes = self.num_classes or int(max(int(y_real.max()), int(y_syn.max()))) + 1
+        num_classes = self.num_classes or infer_num_classes(y_real, y_syn)
         if self.dsa_strategy is not None:
             seeds = list(self.seed_fn(num_classes) if seeds is None else seeds)
             if len(seeds) < num_classes:

@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import (check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device,
-                       check_same_dtype)
+from .._checks import (check_choice, check_float_tensor, check_labels, check_num_classes, check_result_finite,
+                       check_same_device, check_same_dtype, infer_num_classes)
 
 OP = "mmd"
 KERNELS = ("gaussian", "linear")
@@ -210,18 +210,14 @@ def _check_labels(x_labels, y_labels, n: int, m: int, num_classes, device) -> in
     if (x_labels is None) != (y_labels is None):
         missing = "y_labels" if y_labels is None else "x_labels"
         raise ValueError(f"{missing} is None: pass both x_labels and y_labels, or neither")
-    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes is not None:
+        check_num_classes(num_classes)
     if x_labels is None:
         return 1
     check_labels("x_labels", x_labels, n, num_classes)
     check_labels("y_labels", y_labels, m, num_classes)
     check_same_device(x=torch.empty(0, device=device), x_labels=x_labels, y_labels=y_labels)
-    if num_classes is None:
-        num_classes = int(max(x_labels.max(), y_labels.max())) + 1
-    return num_classes
+    return num_classes if num_classes is not None else infer_num_classes(x_labels, y_labels)
 
 
 def _class_counts(x_labels, y_labels, n, m, num_classes, device):
