@@ -15,6 +15,7 @@ class Case:
     fused: Callable[..., torch.Tensor]                   # fused(backend, **inputs) -> same
     op: Optional[str] = None                             # ddfast op whose backends are timed (None: composite step)
     backends: Tuple[str, ...] = ("triton", "compiled")   # ddfast backends to time; ("auto",) for composite steps
+    variants: Tuple[str, ...] = ()                       # named alternatives of a composite step, each its own provider
     grad_inputs: Tuple[str, ...] = ()                    # inputs whose .grad is compared with the reference
     default: bool = False                                # part of the default (quick) run; else only --full
     bytes_moved: Optional[Callable[[Dict], float]] = None  # minimal fwd+bwd DRAM traffic, for GB/s

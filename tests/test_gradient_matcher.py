@@ -12,7 +12,7 @@ from ddfast.ops.gradient_matcher import ConvNet, GradientMatcher, class_loop_ref
 from conftest import require_backend
 
 METRICS = ["ours", "mse", "cos"]
-STRATEGIES = ["vmap", "loop"]
+STRATEGIES = ["segmented", "vmap", "loop"]
 
 
 def _data(num_classes, real_per_class, syn_per_class, shape, dtype, device, seed=0, shuffle=False):
@@ -179,6 +179,10 @@ def test_general_modules_float64(device, make, metric, strategy):
     torch.manual_seed(0)
     model = make().to(device=device, dtype=torch.float64)
     data = _data(3, 4, 2, (2, 5, 5), torch.float64, device, shuffle=True)
+    if strategy == "segmented":  # custom forwards (tanh between children, a residual): not a layer sequence
+        with pytest.raises(ValueError, match="segmented.*(custom forward|interpreted forward fails)"):
+            GradientMatcher(model, metric, strategy=strategy)(*data)
+        return
     ref, ref_grad, got, got_grad = _both(model, *data, metric, strategy=strategy)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-8, atol=1e-10)
@@ -304,6 +308,8 @@ def test_bad_input():
         GradientMatcher(model, metric="l2")
     with pytest.raises(ValueError, match="strategy"):
         GradientMatcher(model, strategy="fast")
+    with pytest.raises(ValueError, match="real_chunk_size"):
+        GradientMatcher(model, real_chunk_size=0)
     with pytest.raises(ValueError, match="eps"):
         GradientMatcher(model, eps=-1.0)
     m = GradientMatcher(model)

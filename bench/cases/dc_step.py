@@ -1,7 +1,8 @@
 """dc_step cases: one DC class loop (forward + image-gradient backward), DC's loop vs GradientMatcher.
 
 ConvNet-3 (instancenorm), 256 real images per class as in DC's batch_real, synthetic set of ipc
-images per class. The check tolerance is loose: with metric "ours" the image gradient is
+images per class. Providers: "ddfast" (strategy auto) and each GradientMatcher strategy on its own
+(segmented, vmap, loop), so a run shows which one a device should pick. The check tolerance is loose: with metric "ours" the image gradient is
 ill-conditioned in fp32 (SPEC 3.1: ~1e-2 relative between two exact-in-math implementations).
 """
 import torch
@@ -27,14 +28,16 @@ def _inputs(num_classes, ipc, real_per_class, width, im):
     return make
 
 
-def _fused(backend, model, **data):
-    return ddfast.GradientMatcher(model, backend=backend)(**data)
+def _fused(strategy, model, **data):
+    # provider "ddfast" is strategy "auto"; the variants time each strategy on its own
+    return ddfast.GradientMatcher(model, strategy=strategy)(**data)
 
 
 def cases():
     out = []
     for label, classes, ipc, real, width, im, default in (
             ("convnet3-w32-c10-ipc1-r8-16px", 10, 1, 8, 32, 16, True),
+            ("convnet3-w64-c10-ipc10-r32-32px", 10, 10, 32, 64, 32, False),  # CPU-sized, past the CPU switch
             ("convnet3-cifar10-ipc10", 10, 10, 256, 128, 32, False),
             ("convnet3-cifar10-ipc50", 10, 50, 256, 128, 32, False),
             ("convnet3-cifar100-ipc10", 100, 10, 256, 128, 32, False)):
@@ -44,6 +47,7 @@ def cases():
             reference=class_loop_reference,
             fused=_fused,
             backends=("auto",),
+            variants=("segmented", "vmap", "loop"),
             grad_inputs=("x_syn",),
             default=default,
             tol=5e-2,

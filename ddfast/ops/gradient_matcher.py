@@ -5,6 +5,13 @@ real batch of class c (detached) and on the synthetic images of class c (``creat
 sums ``match_loss(gw_syn, gw_real)`` over classes. ``GradientMatcher`` returns the same sum, with the
 same gradient w.r.t. the synthetic images, but computes all classes at once:
 
+* ``strategy="segmented"`` (the fast path for DD's ConvNet family and other layer sequences:
+  ``nn.Sequential`` models, or modules like DC's ConvNet whose children run in order — conv, linear,
+  group/instance/layer norm, eval BatchNorm, activations, pooling; see ``_segmented_grads``): one
+  dense forward over all classes, one data-only backward, and per-class parameter gradients as
+  class-segmented reductions of per-sample terms (the first-order trick: layer input x output
+  gradient, summed per class). The real side needs no graph and runs in chunks of whole classes
+  (``real_chunk_size`` images); the synthetic side keeps the graph for the image gradient.
 * ``strategy="vmap"`` (any ``nn.Module``): ``torch.func.vmap`` over classes of ``torch.func.grad`` of a
   weighted cross-entropy through ``functional_call``. Classes with fewer samples are padded with zero
   images of weight 0; the others get weight ``1/n_c``, so each class's loss is exactly its CE mean.
@@ -12,10 +19,14 @@ same gradient w.r.t. the synthetic images, but computes all classes at once:
   convolution and linear layers as one bmm — forward, backward and double backward.
 * ``strategy="loop"``: the reference loop (one autograd pass per class); the fallback for modules
   that vmap cannot batch.
-* ``strategy="auto"``: "vmap" on CUDA (one batched pass instead of many small per-class kernels;
-  not yet timed on a GPU), "loop" on CPU, where the class-grouped convolutions of vmap measured
-  slower than per-class dense ones (2-core Xeon, ConvNet-3 32 px: w32/16 real per class 156 vs
-  118 ms, w64/ipc10/32 real 912 vs 549 ms; only tiny 16 px inputs were faster, 30 vs 58 ms).
+* ``strategy="auto"``: "segmented" when the model qualifies (checked once per model against
+  ``model(x)``), else "vmap" on CUDA and "loop" on CPU. On CPU "segmented" is taken only for steps
+  whose first-layer activations over the real batch stay under ~6M elements: past that, dense
+  big-batch passes fall out of cache and the per-class loop measured faster (2-core Xeon, ConvNet-3,
+  10 classes, loop vs segmented ms: 65 vs 28 at 0.66M elements, 146 vs 143 at 5.2M, 575 vs 785 at
+  21M); vmap's class-grouped convolutions measured slower than the loop on CPU (w64/ipc10/32 real
+  912 vs 549 ms). None of the strategies is timed on a GPU yet: ``ddfast bench --full`` times all
+  three on the dc_step cases.
 
 All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
 
@@ -29,7 +40,7 @@ are then switched to eval mode — that switch persists, exactly as in DC, until
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,23 +50,27 @@ from .._checks import check_choice, check_finite, check_float_tensor, check_labe
     check_same_dtype
 
 METRICS = ("ours", "mse", "cos")
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "segmented", "vmap", "loop")
 
 
 # --- the DC ConvNet family (tests and benchmarks) ------------------------------------------------
 
 class ConvNet(nn.Module):
-    """DC's ``ConvNet`` layout: ``depth`` x [conv3x3 -> norm -> ReLU -> avgpool2], then one linear.
+    """DC's ``ConvNet`` layout: ``depth`` x [conv3x3 -> norm -> act -> pool], then one linear.
 
     ``norm``: "instancenorm" (``GroupNorm(width, width)``, DC's default), "groupnorm"
-    (``GroupNorm(4, width)``), "batchnorm" or "none". As in DC, 1-channel inputs get padding 3 in
+    (``GroupNorm(4, width)``), "layernorm" (``LayerNorm([width, h, w])``), "batchnorm" or "none";
+    ``act``: "relu" (default), "leakyrelu" (slope 0.01), "sigmoid"; ``pooling``: "avgpooling"
+    (default), "maxpooling" (2x2, stride 2) or "none". As in DC, 1-channel inputs get padding 3 in
     the first conv (28 px MNIST becomes 32 px); parameter order equals DC's, so state dicts match.
     """
 
     def __init__(self, channel: int, num_classes: int, width: int = 128, depth: int = 3, norm: str = "instancenorm",
-                 im_size=(32, 32)):
+                 im_size=(32, 32), act: str = "relu", pooling: str = "avgpooling"):
         super().__init__()
-        check_choice("norm", norm, ("instancenorm", "groupnorm", "batchnorm", "none"))
+        check_choice("norm", norm, ("instancenorm", "groupnorm", "layernorm", "batchnorm", "none"))
+        check_choice("act", act, ("relu", "leakyrelu", "sigmoid"))
+        check_choice("pooling", pooling, ("avgpooling", "maxpooling", "none"))
         h, w = (im_size, im_size) if isinstance(im_size, int) else tuple(im_size)
         layers: List[nn.Module] = []
         in_ch = channel
@@ -67,10 +82,15 @@ class ConvNet(nn.Module):
                 layers.append(nn.GroupNorm(width, width, affine=True))
             elif norm == "groupnorm":
                 layers.append(nn.GroupNorm(4, width, affine=True))
+            elif norm == "layernorm":
+                layers.append(nn.LayerNorm([width, h, w], elementwise_affine=True))
             elif norm == "batchnorm":
                 layers.append(nn.BatchNorm2d(width, affine=True))
-            layers += [nn.ReLU(inplace=True), nn.AvgPool2d(kernel_size=2, stride=2)]
-            h, w = h // 2, w // 2
+            layers.append({"relu": lambda: nn.ReLU(inplace=True), "leakyrelu": lambda: nn.LeakyReLU(0.01),
+                           "sigmoid": nn.Sigmoid}[act]())
+            if pooling != "none":
+                layers.append(nn.AvgPool2d(2, 2) if pooling == "avgpooling" else nn.MaxPool2d(2, 2))
+                h, w = h // 2, w // 2
             in_ch = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * h * w, num_classes)
@@ -168,10 +188,14 @@ class GradientMatcher:
     w.r.t. ``x_syn`` (real side constant). ``metric``/``eps``/``backend`` go to
     ``ddfast.gradient_match``; ``strategy`` picks how per-class gradients are batched (module doc).
     ``bn_images_per_class``: real images per class used for BatchNorm running statistics (DC: 16).
+    ``real_chunk_size``: real images per chunk on the "segmented" path (whole classes per chunk;
+    None: all at once) — bounds activation memory, e.g. CIFAR-100 with 256 real images per class.
+    After a call, ``last_strategy`` says which strategy ran and ``segmented_reason`` why the model
+    does not qualify for "segmented" (None when it does).
     """
 
     def __init__(self, model: nn.Module, metric: str = "ours", eps: float = 1e-6, *, strategy: str = "auto",
-                 backend: str = "auto", bn_images_per_class: int = 16):
+                 backend: str = "auto", bn_images_per_class: int = 16, real_chunk_size: Optional[int] = 2048):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -184,6 +208,11 @@ class GradientMatcher:
         if not isinstance(bn_images_per_class, int) or bn_images_per_class < 1:
             raise ValueError(f"bn_images_per_class must be a positive int, got {bn_images_per_class!r}")
         self.bn_images_per_class = bn_images_per_class
+        if real_chunk_size is not None and (not isinstance(real_chunk_size, int) or real_chunk_size < 1):
+            raise ValueError(f"real_chunk_size must be a positive int or None, got {real_chunk_size!r}")
+        self.real_chunk_size = real_chunk_size
+        self.last_strategy: Optional[str] = None  # what the last call ran ("auto" resolved)
+        self.segmented_reason: Optional[str] = None  # why the model cannot take "segmented", if known
 
     def __repr__(self) -> str:
         return (f"GradientMatcher({type(self.model).__name__}, metric={self.metric!r}, eps={self.eps}, "
@@ -210,10 +239,19 @@ class GradientMatcher:
         if not classes:  # every class skipped: an empty sum, still connected to x_syn
             return x_syn.reshape(-1)[:0].sum()
         _freeze_batchnorm(self.model, x_real, y_real, classes, self.bn_images_per_class)
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "vmap" if x_syn.device.type == "cuda" else "loop"  # measured, see the module doc
-        if strategy == "vmap":
+        strategy, plan = self.strategy, None
+        if strategy in ("auto", "segmented"):
+            plan = self._segmented_plan(names, x_syn)
+            if plan is None and strategy == "segmented":
+                raise ValueError(f"strategy='segmented' does not apply to this model: {self.segmented_reason}")
+            if plan is not None and (x_syn.device.type != "cpu" or _cpu_segmented_pays(plan, self._state(), x_real)):
+                strategy = "segmented"
+            elif strategy == "auto":  # measured, see the module doc
+                strategy = "vmap" if x_syn.device.type == "cuda" else "loop"
+        self.last_strategy = strategy
+        if strategy == "segmented":
+            g_real, g_syn = self._grads_segmented(plan, names, classes, x_real, y_real, x_syn, y_syn)
+        elif strategy == "vmap":
             g_real, g_syn = self._grads_vmap(names, classes, x_real, y_real, x_syn, y_syn)
         else:
             g_real, g_syn = self._grads_loop(names, classes, x_real, y_real, x_syn, y_syn)
@@ -224,6 +262,40 @@ class GradientMatcher:
         frozen = {n: p for n, p in params.items() if n not in set(names)}
         frozen.update(dict(self.model.named_buffers()))
         return {n: params[n].detach() for n in names}, frozen
+
+    def _state(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    def _segmented_plan(self, names, probe):
+        from ._segmented_grads import NotSegmentable, plan_for
+
+        try:
+            plan = plan_for(self.model, names, self._state(), probe)
+        except NotSegmentable as exc:
+            self.segmented_reason = str(exc)
+            return None
+        self.segmented_reason = None
+        return plan
+
+    def _grads_segmented(self, plan, names, classes, x_real, y_real, x_syn, y_syn):
+        from ._segmented_grads import class_grads, segment_bounds
+
+        state = self._state()
+        cls = torch.tensor(classes, dtype=torch.long, device=x_syn.device)
+
+        def grads(x, y, create_graph, chunk):
+            index, weight = _class_slots(y, cls, x.dtype)
+            G, n = index.shape
+            padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+            labels = cls.unsqueeze(1).expand_as(index)
+            parts = []
+            for a, b in segment_bounds(G, n, chunk):
+                parts.append(class_grads(plan, state, names, padded[index[a:b].reshape(-1)],
+                                         labels[a:b].reshape(-1), weight[a:b].reshape(-1), b - a, n, create_graph))
+            return parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
+
+        g_real = [g.detach() for g in grads(x_real, y_real, False, self.real_chunk_size)]
+        return g_real, grads(x_syn, y_syn, True, None)
 
     def _grads_vmap(self, names, classes, x_real, y_real, x_syn, y_syn):
         from torch.func import functional_call, grad, vmap
@@ -263,6 +335,19 @@ class GradientMatcher:
         syn = [class_grad(x_syn[y_syn == c], c, True) for c in classes]
         stack = lambda per_cls: [torch.stack(gs) for gs in zip(*per_cls)]  # noqa: E731
         return stack(real), stack(syn)
+
+
+# CPU (2-core Xeon, ConvNet-3, 10 classes; loop vs segmented ms): first-layer activations of the
+# whole real batch at 0.66M elements 65 vs 28, 1.5M 56 vs 50, 2.6M 108 vs 66, 5.2M 146 vs 143 and
+# 316 vs 244, 10.5M 450 vs 502, 21M 575 vs 785. Past a few million elements the dense big-batch
+# passes fall out of cache and the per-class loop wins; on CPU "auto" switches there.
+_CPU_SEGMENTED_MAX_ACTIVATIONS = 6_000_000
+
+
+def _cpu_segmented_pays(plan, state, x_real: torch.Tensor) -> bool:
+    from ._segmented_grads import first_activation_numel
+
+    return first_activation_numel(plan, state, x_real) * x_real.shape[0] <= _CPU_SEGMENTED_MAX_ACTIVATIONS
 
 
 def _grouped_distance(g_syn: List[torch.Tensor], g_real: List[torch.Tensor], metric: str, eps: float,

@@ -1,0 +1,306 @@
+"""Per-class parameter gradients of layer-sequence models in one dense pass (GradientMatcher "segmented").
+
+For a model whose samples do not interact (convolutions, linears, per-sample norms, eval-mode
+BatchNorm, pointwise activations, pooling), each class's CE-mean gradient is a class-segmented
+sum of per-sample terms taken at the same weights. For a layer z = W·in:
+
+    ∇W CE_mean(class c) = Σ_{n∈c} go_n ⊗ in_n,    go_n = ∂L/∂z_n,   L = Σ_c Σ_{n∈c} CE_n / n_c
+
+and go_n is the same whether taken of class c's loss or of the total L, because sample n reaches
+only its own term. So all classes take one dense forward, one data-only backward (``autograd.grad``
+w.r.t. the layer outputs; ``create_graph`` on the synthetic side, so the result stays differentiable
+w.r.t. the images) and one class-grouped reduction per parameter. Unlike ``vmap`` the forward and
+the data backward keep dense, shared-weight convolutions; only the weight-gradient reductions are
+grouped by class. Samples are laid out class-major (G classes x n slots, short classes padded with
+zero images of loss weight 0, whose go is exactly 0).
+
+A model qualifies when it is an ``nn.Sequential`` of supported layers, or a module whose children,
+flattened in registration order (a ``flatten(1)`` before a ``Linear`` that meets a >2-D input), are
+such layers — DC's ConvNet (``features`` then ``classifier``) is the case in point. Because a custom
+``forward`` may do something else, the interpreted forward is checked once per model against
+``model(x)`` on two samples; a mismatch means the model does not qualify.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+              nn.Hardtanh, nn.Mish, nn.Identity)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+_LOOP_MIN_SLOTS = 64  # per-class weight-gradient kernels from this many samples per class up
+
+
+class NotSegmentable(Exception):
+    """The model cannot take the segmented path; the message says why."""
+
+
+# --- the steps of an interpreted model -------------------------------------------------------------
+
+class _Free:
+    """A parameter-free, per-sample layer applied as is."""
+    params: Dict[str, str] = {}
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        if getattr(fn, "inplace", False):  # an in-place ReLU would overwrite a recorded layer output
+            fn = copy.copy(fn)
+            fn.inplace = False
+        self.fn = fn
+
+    def forward(self, h, p):
+        return self.fn(h), None
+
+
+class _Conv:
+    def __init__(self, m, prefix: str):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise NotSegmentable(f"{prefix or 'conv'}: only groups=1, zero padding given as ints")
+        self.m = m
+        self.params = {"weight": prefix + "weight"}
+        if m.bias is not None:
+            self.params["bias"] = prefix + "bias"
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.weight.dim() - 2]
+
+    def forward(self, h, p):
+        m = self.m
+        return self.conv(h, p["weight"], p.get("bias"), m.stride, m.padding, m.dilation), h
+
+    def class_grads(self, h, go, G, n, p):
+        m, spatial = self.m, h.dim() - 2
+        args = (None, list(m.stride), list(m.padding), list(m.dilation), False, [0] * spatial)
+        if n >= _LOOP_MIN_SLOTS:  # each class's weight gradient is a big dense kernel already
+            gw = torch.stack([torch.ops.aten.convolution_backward(go[g * n:(g + 1) * n], h[g * n:(g + 1) * n],
+                                                                  p["weight"], *args, 1, [False, True, False])[1]
+                              for g in range(G)])
+        else:  # few slots per class: one class-grouped weight gradient instead of G tiny ones; class g's
+            # slots become input channels [g*C, (g+1)*C) and output channels [g*O, (g+1)*O)
+            hg = h.unflatten(0, (G, n)).transpose(0, 1).flatten(1, 2)
+            gg = go.unflatten(0, (G, n)).transpose(0, 1).flatten(1, 2)
+            weight = p["weight"].repeat((G,) + (1,) * (spatial + 1))
+            gw = torch.ops.aten.convolution_backward(gg, hg, weight, *args, G, [False, True, False])[1]
+            gw = gw.unflatten(0, (G, -1))
+        out = {"weight": gw}
+        if "bias" in self.params:
+            out["bias"] = go.flatten(2).sum(2).unflatten(0, (G, n)).sum(1)
+        return out
+
+
+class _Linear:
+    def __init__(self, m, prefix: str, flatten: bool):
+        self.m, self.flatten = m, flatten
+        self.params = {"weight": prefix + "weight"}
+        if m.bias is not None:
+            self.params["bias"] = prefix + "bias"
+
+    def forward(self, h, p):
+        if self.flatten and h.dim() > 2:
+            h = h.flatten(1)
+        return F.linear(h, p["weight"], p.get("bias")), h
+
+    def class_grads(self, h, go, G, n, p):
+        hg = h.reshape(G, -1, h.shape[-1])       # (G, n * leading, in)
+        gg = go.reshape(G, -1, go.shape[-1])     # (G, n * leading, out)
+        out = {"weight": torch.bmm(gg.transpose(1, 2), hg)}
+        if "bias" in self.params:
+            out["bias"] = gg.sum(1)
+        return out
+
+
+class _AffineNorm:
+    """A per-sample normalisation with its affine map z = x̂·γ + β, run fused; x̂ is recomputed from
+    the saved input for the per-class γ gradient Σ go·x̂ (cheaper than an unfused affine)."""
+
+    def __init__(self, m, prefix: str, normalize: Callable, trailing: int):
+        # normalize(h, weight, bias): the fused layer; normalize(h, None, None) gives x̂
+        self.m, self.normalize, self.trailing = m, normalize, trailing
+        self.params = {}
+        if getattr(m, "weight", None) is not None:
+            self.params["weight"] = prefix + "weight"
+        if getattr(m, "bias", None) is not None:
+            self.params["bias"] = prefix + "bias"
+
+    def forward(self, h, p):
+        return self.normalize(h, p.get("weight"), p.get("bias")), h
+
+    def _flat(self, t):
+        """(N, P, K): P the parameter's elements, K the positions summed over."""
+        if self.trailing:  # LayerNorm: γ/β cover the trailing normalized_shape
+            return t.reshape(t.shape[0], -1, math.prod(t.shape[t.dim() - self.trailing:])).transpose(1, 2)
+        return t.flatten(2)  # channel norms: γ/β per channel (dim 1)
+
+    def class_grads(self, h, go, G, n, p):
+        out = {}
+        if "weight" in self.params:
+            xhat = self.normalize(h, None, None)
+            # Σ over positions of go·x̂ per sample and element, as a batched dot (no N x C x HW product)
+            out["weight"] = torch.einsum("npk,npk->np", self._flat(go), self._flat(xhat)).unflatten(0, (G, n)).sum(1)
+        if "bias" in self.params:
+            out["bias"] = self._flat(go).sum(2).unflatten(0, (G, n)).sum(1)
+        return {role: g.reshape((G,) + tuple(p[role].shape)) for role, g in out.items()}
+
+
+def _step_for(m: nn.Module, prefix: str, flatten_before_linear: bool):
+    name = prefix.rstrip(".") or type(m).__name__
+    if isinstance(m, _CONVS):
+        return _Conv(m, prefix)
+    if isinstance(m, nn.Linear):
+        return _Linear(m, prefix, flatten_before_linear)
+    if isinstance(m, nn.GroupNorm):
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.group_norm(h, m.num_groups, w, b, m.eps), 0)
+    if isinstance(m, nn.LayerNorm):
+        shape = tuple(m.normalized_shape)
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m, s=shape: F.layer_norm(h, s, w, b, m.eps), len(shape))
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if m.training or m.running_mean is None:
+            raise NotSegmentable(f"{name}: BatchNorm must be in eval mode with running statistics")
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.batch_norm(h, m.running_mean, m.running_var, w, b,
+                                                                        False, 0.0, m.eps), 0)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        if m.track_running_stats:
+            raise NotSegmentable(f"{name}: InstanceNorm with running statistics")
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.instance_norm(h, weight=w, bias=b, eps=m.eps), 0)
+    if isinstance(m, nn.Flatten):
+        if m.start_dim < 1:  # 0 merges samples; negative dims depend on the input rank
+            raise NotSegmentable(f"{name}: Flatten must start at a dim >= 1")
+        return _Free(m)
+    if isinstance(m, nn.Dropout) or isinstance(m, nn.modules.dropout._DropoutNd):
+        if m.training and m.p > 0:
+            raise NotSegmentable(f"{name}: active dropout (random per call)")
+        return _Free(lambda h: h)
+    if isinstance(m, _POINTWISE + _POOLS):
+        if any(True for _ in m.parameters(recurse=False)):
+            raise NotSegmentable(f"{name}: {type(m).__name__} with parameters")
+        return _Free(m)
+    raise NotSegmentable(f"{name}: unsupported layer {type(m).__name__}")
+
+
+def _leaves(m: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
+    if isinstance(m, nn.Sequential):
+        out = []
+        for child_name, child in m._modules.items():  # what Sequential.forward runs, repeats included
+            if child is not None:
+                out += _leaves(child, f"{prefix}{child_name}.")
+        return out
+    return [(prefix, m)]
+
+
+def build_plan(model: nn.Module, names: Sequence[str]) -> List:
+    """The model as a list of steps, or ``NotSegmentable`` with the reason."""
+    if isinstance(model, nn.Sequential):
+        leaves, implicit_flatten = _leaves(model, ""), False
+    else:
+        if any(True for _ in model.parameters(recurse=False)):
+            raise NotSegmentable(f"{type(model).__name__} holds parameters of its own")
+        leaves, implicit_flatten = [], True
+        for child_name, child in model.named_children():
+            leaves += _leaves(child, f"{child_name}.")
+    if not leaves:
+        raise NotSegmentable(f"{type(model).__name__} has no layers")
+    with_params = [id(m) for _, m in leaves if any(True for _ in m.parameters())]
+    if len(set(with_params)) != len(with_params):  # its per-class gradient would need both uses summed
+        raise NotSegmentable("a layer with parameters appears twice")
+    plan = [_step_for(m, prefix, implicit_flatten) for prefix, m in leaves]
+    covered = [n for step in plan for n in step.params.values()]
+    missing = set(names) - set(covered)
+    if missing:
+        raise NotSegmentable(f"parameters outside supported layers: {sorted(missing)[:3]}")
+    return plan
+
+
+def _params_of(step, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {role: state[full] for role, full in step.params.items()}
+
+
+def _forward(plan, state, x):
+    """Interpreted forward; returns logits and, per parameterised step, (step, z, saved)."""
+    records = []
+    h = x
+    for step in plan:
+        h, saved = step.forward(h, _params_of(step, state))
+        if step.params:
+            records.append((step, h, saved))
+    return h, records
+
+
+def first_activation_numel(plan, state, x: torch.Tensor) -> int:
+    """Elements per sample at the output of the first layer with parameters (one-sample probe)."""
+    h = x[:1].detach()
+    with torch.no_grad():
+        for step in plan:
+            h, _ = step.forward(h, _params_of(step, state))
+            if step.params:
+                break
+    return h.numel()
+
+
+# --- verification, cached per model ----------------------------------------------------------------
+
+_verified: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((type(m), m.training) for m in model.modules())
+
+
+def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tensor], probe: torch.Tensor):
+    """A verified plan for ``model`` (``NotSegmentable`` when it has none). The first time a model
+    is seen (or after its modules or modes change) the interpreted forward is compared with
+    ``model(probe[:2])``."""
+    plan = build_plan(model, names)
+    signature = _signature(model)
+    if _verified.get(model) == signature:
+        return plan
+    x = probe[:2].detach()
+    with torch.no_grad():
+        try:
+            got, _ = _forward(plan, state, x)
+        except RuntimeError as exc:
+            raise NotSegmentable(f"the interpreted forward fails: {exc}") from None
+        want = model(x)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        raise NotSegmentable("model(x) is not the layers applied in order")
+    scale = want.abs().max().clamp_min(1e-30)
+    tol = 1e-9 if want.dtype == torch.float64 else 1e-3
+    if not bool(((got - want).abs().max() / scale) <= tol):
+        raise NotSegmentable("model(x) differs from the layers applied in order (custom forward)")
+    _verified[model] = signature
+    return plan
+
+
+# --- per-class gradients ---------------------------------------------------------------------------
+
+def class_grads(plan, state: Dict[str, torch.Tensor], names: Sequence[str], x: torch.Tensor, labels: torch.Tensor,
+                weight: torch.Tensor, G: int, n: int, create_graph: bool) -> List[torch.Tensor]:
+    """Per-class gradients (G, *param.shape) for ``names``; ``x``/``labels``/``weight`` are class-major
+    (G*n samples), ``weight`` 1/n_c for real slots and 0 for padding."""
+    if not x.requires_grad:  # a root for the data backward; the engine stops at the layer outputs
+        x = x.detach().requires_grad_(True)
+    logits, records = _forward(plan, state, x)
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
+    loss = (weight * F.cross_entropy(logits, labels, reduction="none")).sum()
+    gos = torch.autograd.grad(loss, [z for _, z, _ in records], create_graph=create_graph)
+    grads: Dict[str, torch.Tensor] = {}
+    for (step, _, saved), go in zip(records, gos):
+        for role, g in step.class_grads(saved, go, G, n, _params_of(step, state)).items():
+            grads[step.params[role]] = g
+    return [grads[name] for name in names]
+
+
+def segment_bounds(G: int, n: int, chunk_images: Optional[int]) -> List[Tuple[int, int]]:
+    """Split G classes (n slots each) into consecutive runs of at most ``chunk_images`` slots
+    (at least one class per run)."""
+    if not chunk_images:
+        return [(0, G)]
+    per = max(1, chunk_images // max(n, 1))
+    return [(i, min(G, i + per)) for i in range(0, G, per)]

@@ -1,0 +1,191 @@
+"""GradientMatcher strategy "segmented": per-class gradients by class-segmented reductions.
+
+Every test compares with DC's class loop (``class_loop_reference``) in float64, so a wrong
+per-class reduction, a missed parameter or a wrong padding weight shows as a mismatch.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from ddfast.ops import gradient_matcher as gm
+from ddfast.ops._segmented_grads import NotSegmentable, build_plan
+from ddfast.ops.gradient_matcher import ConvNet, GradientMatcher, class_loop_reference
+
+from test_gradient_matcher import _data as shared_data
+
+METRICS = ["ours", "mse", "cos"]
+
+
+def _data(num_classes, real_per_class, syn_per_class, shape, device):
+    return shared_data(num_classes, real_per_class, syn_per_class, shape, torch.float64, device, shuffle=True)
+
+
+def _check(model, data, metric="ours", **kw):
+    x_real, y_real, x_syn, y_syn = data
+    ref = class_loop_reference(model, x_real, y_real, x_syn, y_syn, metric)
+    (ref_grad,) = torch.autograd.grad(ref, x_syn)
+    matcher = GradientMatcher(model, metric, strategy="segmented", **kw)
+    got = matcher(x_real, y_real, x_syn, y_syn)
+    (got_grad,) = torch.autograd.grad(got, x_syn)
+    assert matcher.last_strategy == "segmented"
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-8, atol=1e-10)
+    return matcher
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("config", [
+    dict(norm="layernorm", act="leakyrelu", pooling="maxpooling"),
+    dict(norm="instancenorm", act="sigmoid", pooling="none"),
+    dict(norm="groupnorm", act="relu", pooling="maxpooling"),
+], ids=["layernorm-leaky-max", "instance-sigmoid-nopool", "group-relu-max"])
+def test_dc_convnet_variants(device, metric, config):
+    """DC's ConvNet options (networks.py: net_norm / net_act / net_pooling)."""
+    torch.manual_seed(0)
+    model = ConvNet(3, 3, width=8, depth=2, im_size=8, **config).to(device=device, dtype=torch.float64)
+    _check(model, _data(3, 5, 2, (3, 8, 8), device), metric)
+
+
+def test_mnist_like_one_channel_depth3(device):
+    torch.manual_seed(1)
+    model = ConvNet(1, 4, width=8, depth=3, im_size=28).to(device=device, dtype=torch.float64)
+    _check(model, _data(4, 3, 2, (1, 28, 28), device))
+
+
+def _sequential_models():
+    return {
+        "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(2 * 5 * 5, 12), nn.Tanh(), nn.Linear(12, 3)),
+        "eval-batchnorm-dropout": lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.GELU(), nn.Dropout(0.5),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval(),
+        "instancenorm-affine-nested": lambda: nn.Sequential(
+            nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.InstanceNorm2d(4, affine=True), nn.SiLU()),
+            nn.Conv2d(4, 3, 1, dilation=1), nn.Flatten(), nn.LayerNorm(27), nn.Linear(27, 3)),
+        "linear-on-channels": lambda: nn.Sequential(  # Linear applied to the last dim of a 3-D tensor
+            nn.Flatten(2), nn.Linear(25, 4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)),
+        "conv1d": lambda: nn.Sequential(nn.Flatten(2), nn.Conv1d(2, 4, 5, padding=2), nn.ELU(), nn.MaxPool1d(5),
+                                        nn.Flatten(), nn.Linear(20, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sequential_models()))
+@pytest.mark.parametrize("metric", METRICS)
+def test_sequential_models(device, name, metric):
+    torch.manual_seed(0)
+    model = _sequential_models()[name]().to(device=device, dtype=torch.float64)
+    _check(model, _data(3, 4, 2, (2, 5, 5), device), metric)
+
+
+def test_many_real_per_class_and_chunks(device):
+    """>= 64 samples per class (per-class weight-gradient kernels), unequal counts (padding), a
+    missing class and chunked real side all give the loop's numbers."""
+    torch.manual_seed(0)
+    model = ConvNet(3, 4, width=4, depth=2, im_size=6).to(device=device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    y_real = torch.cat([torch.full((n,), c) for c, n in enumerate([70, 64, 5, 0])])
+    y_real = y_real[torch.randperm(len(y_real), generator=g)].to(device)
+    y_syn = torch.tensor([0, 1, 1, 2, 3, 0, 2]).to(device)
+    x_real = torch.randn(len(y_real), 3, 6, 6, generator=g, dtype=torch.float64).to(device)
+    x_syn = torch.randn(len(y_syn), 3, 6, 6, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    for chunk in (None, 1, 150):
+        _check(model, (x_real, y_real, x_syn, y_syn), real_chunk_size=chunk)
+
+
+def test_frozen_layer_and_no_bias(device):
+    torch.manual_seed(0)
+    model = ConvNet(3, 3, width=4, depth=2, im_size=8).to(device=device, dtype=torch.float64)
+    model.features[0].weight.requires_grad_(False)
+    model.features[1].bias.requires_grad_(False)
+    _check(model, _data(3, 3, 2, (3, 8, 8), device))
+
+
+def test_float32_close_to_loop(device):
+    torch.manual_seed(0)
+    model = ConvNet(3, 4, width=16, depth=2, im_size=8).to(device)
+    x_real, y_real, x_syn, y_syn = (t.float() if t.is_floating_point() else t for t in _data(4, 6, 2, (3, 8, 8), device))
+    x_syn = x_syn.detach().requires_grad_(True)
+    ref = class_loop_reference(model, x_real, y_real, x_syn, y_syn)
+    got = GradientMatcher(model, strategy="segmented")(x_real, y_real, x_syn, y_syn)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    g_ref, = torch.autograd.grad(ref, x_syn)
+    g_got, = torch.autograd.grad(got, x_syn)
+    assert float((g_got - g_ref).norm() / g_ref.norm()) < 5e-2  # "ours" is ill-conditioned in fp32 (SPEC 3.1)
+
+
+# --- which models qualify ------------------------------------------------------------------------
+
+class _OwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.scale
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2)), "dropout"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(4, 2)), "groups=1"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False).eval(),
+                           nn.Flatten(), nn.Linear(8, 2)), "BatchNorm"),
+    (lambda: nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)), "Flatten"),
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Softmax(1), nn.Linear(4, 2)), "unsupported layer"),
+    (_OwnParameter, "parameters of its own"),
+], ids=["dropout", "grouped-conv", "bn-batch-stats", "flatten-batch", "softmax", "own-parameter"])
+def test_models_that_do_not_qualify(make, reason):
+    model = make()
+    with pytest.raises(NotSegmentable, match=reason):
+        build_plan(model, [n for n, p in model.named_parameters() if p.requires_grad])
+
+
+def test_shared_layer_does_not_qualify():
+    fc = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Flatten(), fc, nn.ReLU(), fc, nn.Linear(4, 2))
+    with pytest.raises(NotSegmentable, match="twice"):
+        build_plan(model, [n for n, _ in model.named_parameters()])
+
+
+def test_auto_falls_back_for_a_custom_forward(device):
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.fc((x + self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Residual().to(device=device, dtype=torch.float64)
+    data = _data(3, 4, 2, (2, 5, 5), device)
+    matcher = GradientMatcher(model)
+    matcher(*data)
+    assert matcher.last_strategy == ("vmap" if device == "cuda" else "loop")
+    assert "custom forward" in matcher.segmented_reason
+    with pytest.raises(ValueError, match="segmented"):
+        GradientMatcher(model, strategy="segmented")(*data)
+
+
+def test_mode_change_is_rechecked(device):
+    """A model verified once is re-verified when a layer's mode changes (here: dropout turned on)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(50, 8), nn.Dropout(0.3), nn.Linear(8, 3)).to(device).double().eval()
+    data = _data(3, 4, 2, (2, 5, 5), device)
+    matcher = GradientMatcher(model)
+    matcher(*data)
+    assert matcher.last_strategy == "segmented"
+    model.train()
+    matcher(*data)
+    assert matcher.last_strategy != "segmented" and "dropout" in matcher.segmented_reason
+
+
+def test_cpu_auto_switches_to_the_loop_for_big_steps(monkeypatch):
+    torch.manual_seed(0)
+    model = ConvNet(3, 3, width=4, depth=1, im_size=6).double()
+    data = _data(3, 4, 2, (3, 6, 6), "cpu")
+    matcher = GradientMatcher(model)
+    matcher(*data)
+    assert matcher.last_strategy == "segmented"
+    monkeypatch.setattr(gm, "_CPU_SEGMENTED_MAX_ACTIVATIONS", 4 * 6 * 6 * 12 - 1)  # one element over
+    matcher(*data)
+    assert matcher.last_strategy == "loop"
