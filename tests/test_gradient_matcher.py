@@ -63,10 +63,11 @@ def test_convnet_float64_matches_loop(device, metric, strategy, config):
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-8, atol=1e-10)
 
 
-def test_width_128_depth_3_float64(device):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_width_128_depth_3_float64(device, strategy):
     model = _net(torch.float64, device, channel=3, num_classes=2, width=128, depth=3, im_size=8)
     data = _data(2, 3, 1, (3, 8, 8), torch.float64, device)
-    ref, ref_grad, got, got_grad = _both(model, *data, "ours", strategy="vmap")
+    ref, ref_grad, got, got_grad = _both(model, *data, "ours", strategy=strategy)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-8, atol=1e-10)
 
@@ -84,10 +85,11 @@ def test_distance_backends(device, backend_kind):
 # --- float32: loss tight-ish, image gradient loose (ill-conditioned with "ours", SPEC 3.1) --------
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_convnet_float32(device, metric):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_convnet_float32(device, metric, strategy):
     model = _net(torch.float32, device, channel=3, num_classes=4, width=16, depth=2, im_size=8)
     data = _data(4, 6, 2, (3, 8, 8), torch.float32, device, shuffle=True)
-    ref, ref_grad, got, got_grad = _both(model, *data, metric, strategy="vmap")
+    ref, ref_grad, got, got_grad = _both(model, *data, metric, strategy=strategy)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert _rel_l2(got_grad, ref_grad) < 5e-2
 
