@@ -134,6 +134,24 @@ def test_models_that_do_not_qualify(make, reason):
         build_plan(model, [n for n, p in model.named_parameters() if p.requires_grad])
 
 
+class _StandardizedConv(nn.Conv2d):  # a subclass with its own forward: must not pass as a Conv2d
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_subclass_and_hooks_do_not_qualify():
+    model = nn.Sequential(_StandardizedConv(2, 2, 1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(NotSegmentable, match="unsupported layer _StandardizedConv"):
+        build_plan(model, [n for n, _ in model.named_parameters()])
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(8, 2))
+    handle = model[0].register_forward_hook(lambda mod, inp, out: None)
+    with pytest.raises(NotSegmentable, match="hooks"):
+        build_plan(model, [n for n, _ in model.named_parameters()])
+    handle.remove()
+    build_plan(model, [n for n, _ in model.named_parameters()])
+
+
 def test_shared_layer_does_not_qualify():
     fc = nn.Linear(4, 4)
     model = nn.Sequential(nn.Flatten(), fc, nn.ReLU(), fc, nn.Linear(4, 2))

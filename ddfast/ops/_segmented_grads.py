@@ -160,6 +160,8 @@ class _AffineNorm:
 
 def _step_for(m: nn.Module, prefix: str, flatten_before_linear: bool):
     name = prefix.rstrip(".") or type(m).__name__
+    if type(m) not in _SUPPORTED:  # exact types: a subclass may change forward (e.g. weight standardisation)
+        raise NotSegmentable(f"{name}: unsupported layer {type(m).__name__}")
     if isinstance(m, _CONVS):
         return _Conv(m, prefix)
     if isinstance(m, nn.Linear):
@@ -182,7 +184,7 @@ def _step_for(m: nn.Module, prefix: str, flatten_before_linear: bool):
         if m.start_dim < 1:  # 0 merges samples; negative dims depend on the input rank
             raise NotSegmentable(f"{name}: Flatten must start at a dim >= 1")
         return _Free(m)
-    if isinstance(m, nn.Dropout) or isinstance(m, nn.modules.dropout._DropoutNd):
+    if isinstance(m, nn.modules.dropout._DropoutNd):
         if m.training and m.p > 0:
             raise NotSegmentable(f"{name}: active dropout (random per call)")
         return _Free(lambda h: h)
@@ -191,6 +193,11 @@ def _step_for(m: nn.Module, prefix: str, flatten_before_linear: bool):
             raise NotSegmentable(f"{name}: {type(m).__name__} with parameters")
         return _Free(m)
     raise NotSegmentable(f"{name}: unsupported layer {type(m).__name__}")
+
+
+_SUPPORTED = frozenset(_POINTWISE + _POOLS + _CONVS + (
+    nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
 
 
 def _leaves(m: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
@@ -205,6 +212,10 @@ def _leaves(m: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
 
 def build_plan(model: nn.Module, names: Sequence[str]) -> List:
     """The model as a list of steps, or ``NotSegmentable`` with the reason."""
+    for module_name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+            raise NotSegmentable(f"{module_name or type(m).__name__}: has hooks, which the interpreted forward "
+                                 "would skip")
     if isinstance(model, nn.Sequential):
         leaves, implicit_flatten = _leaves(model, ""), False
     else:
