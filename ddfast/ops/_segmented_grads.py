@@ -14,11 +14,13 @@ the data backward keep dense, shared-weight convolutions; only the weight-gradie
 grouped by class. Samples are laid out class-major (G classes x n slots, short classes padded with
 zero images of loss weight 0, whose go is exactly 0).
 
-A model qualifies when it is an ``nn.Sequential`` of supported layers, or a module whose children,
-flattened in registration order (a ``flatten(1)`` before a ``Linear`` that meets a >2-D input), are
-such layers — DC's ConvNet (``features`` then ``classifier``) is the case in point. Because a custom
-``forward`` may do something else, the interpreted forward is checked once per model against
-``model(x)`` on two samples; a mismatch means the model does not qualify.
+A model qualifies when its ``torch.fx`` trace is a chain: supported layers (conv, linear, group /
+instance / layer norm, eval BatchNorm, activations, pooling, dropout off), pointwise functions and
+batch-keeping flattens, each applied to the previous result — ``nn.Sequential`` models and DC's
+ConvNet (``features`` then ``view(n, -1)`` then ``classifier``) are the cases in point. A residual add,
+a clamp, a constant scale, a buffer read or a layer subclass with its own forward rejects it (the
+general path runs instead). The plan is cached per model until a module, mode, plain attribute or
+parameter tensor changes, and a new plan is also compared once with ``model(x)`` on two samples.
 """
 from __future__ import annotations
 
@@ -105,15 +107,13 @@ class _Conv:
 
 
 class _Linear:
-    def __init__(self, m, prefix: str, flatten: bool):
-        self.m, self.flatten = m, flatten
+    def __init__(self, m, prefix: str):
+        self.m = m
         self.params = {"weight": prefix + "weight"}
         if m.bias is not None:
             self.params["bias"] = prefix + "bias"
 
     def forward(self, h, p):
-        if self.flatten and h.dim() > 2:
-            h = h.flatten(1)
         return F.linear(h, p["weight"], p.get("bias")), h
 
     def class_grads(self, h, go, G, n, p):
@@ -145,7 +145,7 @@ class _AffineNorm:
         """(N, P, K): P the parameter's elements, K the positions summed over."""
         if self.trailing:  # LayerNorm: γ/β cover the trailing normalized_shape
             return t.reshape(t.shape[0], -1, math.prod(t.shape[t.dim() - self.trailing:])).transpose(1, 2)
-        return t.flatten(2)  # channel norms: γ/β per channel (dim 1)
+        return t.flatten(2) if t.dim() > 2 else t.unsqueeze(2)  # channel norms: γ/β per channel (dim 1)
 
     def class_grads(self, h, go, G, n, p):
         out = {}
@@ -158,14 +158,14 @@ class _AffineNorm:
         return {role: g.reshape((G,) + tuple(p[role].shape)) for role, g in out.items()}
 
 
-def _step_for(m: nn.Module, prefix: str, flatten_before_linear: bool):
+def _step_for(m: nn.Module, prefix: str):
     name = prefix.rstrip(".") or type(m).__name__
     if type(m) not in _SUPPORTED:  # exact types: a subclass may change forward (e.g. weight standardisation)
         raise NotSegmentable(f"{name}: unsupported layer {type(m).__name__}")
     if isinstance(m, _CONVS):
         return _Conv(m, prefix)
     if isinstance(m, nn.Linear):
-        return _Linear(m, prefix, flatten_before_linear)
+        return _Linear(m, prefix)
     if isinstance(m, nn.GroupNorm):
         return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.group_norm(h, m.num_groups, w, b, m.eps), 0)
     if isinstance(m, nn.LayerNorm):
@@ -200,38 +200,120 @@ _SUPPORTED = frozenset(_POINTWISE + _POOLS + _CONVS + (
     nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
 
 
-def _leaves(m: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
-    if isinstance(m, nn.Sequential):
-        out = []
-        for child_name, child in m._modules.items():  # what Sequential.forward runs, repeats included
-            if child is not None:
-                out += _leaves(child, f"{prefix}{child_name}.")
-        return out
-    return [(prefix, m)]
+# functions and tensor methods a traced forward may apply between layers (pointwise, per sample)
+_POINTWISE_CALLS = {
+    F.relu: F.relu, torch.relu: F.relu, "relu": F.relu, F.gelu: F.gelu, F.silu: F.silu, F.elu: F.elu,
+    torch.tanh: torch.tanh, "tanh": torch.tanh, F.tanh: torch.tanh,
+    torch.sigmoid: torch.sigmoid, "sigmoid": torch.sigmoid, F.sigmoid: torch.sigmoid,
+    F.leaky_relu: F.leaky_relu,
+}
+
+
+def _is_batch_size(node, chain) -> bool:
+    """``h.size(0)`` or ``h.shape[0]`` of a tensor of the chain: the batch size."""
+    import operator
+
+    if node.op == "call_method" and node.target == "size" and node.args[0] in chain:
+        return tuple(node.args[1:]) == (0,) or node.kwargs == {"dim": 0}
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        return (getattr(src, "op", None) == "call_function" and src.target is getattr and src.args[0] in chain
+                and src.args[1] == "shape") or (getattr(src, "op", None) == "call_method" and src.target == "size"
+                                                and src.args[0] in chain and len(src.args) == 1)
+    return False
+
+
+def _flatten_step(node, current, chain):
+    """A flatten that keeps the batch dimension: ``h.flatten(1)``, ``torch.flatten(h, 1)``,
+    ``h.view(h.size(0), -1)``, ``h.reshape(h.shape[0], -1)``; None if ``node`` is something else."""
+    args, kwargs = node.args, node.kwargs
+    if (node.op == "call_method" and node.target == "flatten") or (node.op == "call_function"
+                                                                  and node.target is torch.flatten):
+        start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+        end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+        if args[0] is current and isinstance(start, int) and isinstance(end, int) and start >= 1 \
+                and (end == -1 or end >= start):
+            return _Free(lambda h, s=start, e=end: h.flatten(s, e))
+        return None
+    if node.op == "call_method" and node.target in ("view", "reshape") and not kwargs and len(args) == 3:
+        if args[0] is current and _is_batch_size(args[1], chain) and args[2] == -1:
+            return _Free(lambda h: h.flatten(1))
+    return None
+
+
+def _pointwise_step(node, current):
+    fn = _POINTWISE_CALLS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if fn is None or not node.args or node.args[0] is not current:
+        return None
+    extra, kwargs = tuple(node.args[1:]), {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if any(isinstance(a, torch.fx.Node) for a in extra + tuple(kwargs.values())):
+        return None
+    if fn is F.leaky_relu and len(extra) > 1:  # (negative_slope, inplace)
+        extra = extra[:1]
+    elif fn is not F.leaky_relu and extra:
+        return None
+    return _Free(lambda h, fn=fn, a=extra, k=kwargs: fn(h, *a, **k))
 
 
 def build_plan(model: nn.Module, names: Sequence[str]) -> List:
-    """The model as a list of steps, or ``NotSegmentable`` with the reason."""
+    """The model as a chain of steps read from its ``torch.fx`` trace, or ``NotSegmentable``.
+
+    The trace makes the check structural: every operation of ``forward`` between the input and the
+    logits must be a supported layer, a supported pointwise function or a batch-keeping flatten,
+    each applied to the previous result. Anything else (a residual add, a clamp, a constant scale,
+    a buffer read, a subclass with its own forward) rejects the model."""
+    import torch.fx
+
     for module_name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
             raise NotSegmentable(f"{module_name or type(m).__name__}: has hooks, which the interpreted forward "
                                  "would skip")
-    if isinstance(model, nn.Sequential):
-        leaves, implicit_flatten = _leaves(model, ""), False
-    else:
-        if any(True for _ in model.parameters(recurse=False)):
-            raise NotSegmentable(f"{type(model).__name__} holds parameters of its own")
-        leaves, implicit_flatten = [], True
-        for child_name, child in model.named_children():
-            leaves += _leaves(child, f"{child_name}.")
-    if not leaves:
-        raise NotSegmentable(f"{type(model).__name__} has no layers")
-    with_params = [id(m) for _, m in leaves if any(True for _ in m.parameters())]
-    if len(set(with_params)) != len(with_params):  # its per-class gradient would need both uses summed
-        raise NotSegmentable("a layer with parameters appears twice")
-    plan = [_step_for(m, prefix, implicit_flatten) for prefix, m in leaves]
-    covered = [n for step in plan for n in step.params.values()]
-    missing = set(names) - set(covered)
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as exc:  # data-dependent control flow, unsupported Python: the general path
+        raise NotSegmentable(f"torch.fx cannot trace the forward ({type(exc).__name__}: {exc})") from None
+    plan, chain, current, seen, placeholders = [], set(), None, set(), 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            placeholders += 1
+            if placeholders > 1:
+                raise NotSegmentable("forward takes more than one input")
+            current = node
+            chain.add(node)
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise NotSegmentable("forward does not return the last layer's output")
+            break
+        if _is_batch_size(node, chain) or (node.op == "call_function" and node.target is getattr
+                                           and node.args[0] in chain and node.args[1] == "shape") \
+                or (node.op == "call_method" and node.target == "size" and node.args[0] in chain):
+            continue  # only usable as the batch size of a flatten (checked there)
+        if node.op == "call_module" and node.args == (current,) and not node.kwargs:
+            m = model.get_submodule(node.target)
+            if id(m) in seen:  # its per-class gradient would need both uses summed
+                raise NotSegmentable(f"{node.target}: a layer applied twice")
+            seen.add(id(m))
+            step = _step_for(m, node.target + ".")
+        else:
+            step = _flatten_step(node, current, chain) or _pointwise_step(node, current)
+            if step is None:
+                raise NotSegmentable(f"forward is not a chain of supported layers: {node.op} "
+                                     f"{getattr(node.target, '__name__', node.target)!r} (custom forward)")
+        plan.append(step)
+        current = node
+        chain.add(node)
+    if not any(step.params for step in plan):
+        raise NotSegmentable(f"{type(model).__name__} has no layers with parameters")
+    owners: Dict[int, str] = {}
+    for step in plan:  # one tensor in two layers (tied weights) would need both uses summed
+        for full in step.params.values():
+            key = id(model.get_parameter(full))
+            if key in owners:
+                raise NotSegmentable(f"parameter {full} is shared with {owners[key]}")
+            owners[key] = full
+    covered = {full for step in plan for full in step.params.values()}
+    missing = set(names) - covered
     if missing:
         raise NotSegmentable(f"parameters outside supported layers: {sorted(missing)[:3]}")
     return plan
@@ -268,32 +350,40 @@ def first_activation_numel(plan, state, x: torch.Tensor) -> int:
 _verified: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _signature(model: nn.Module) -> tuple:
-    return tuple((type(m), m.training) for m in model.modules())
+    """What the trace and the check depend on besides tensor values: module types and modes, plain
+    attributes (a forward may branch on them), and which parameter tensors sit where."""
+    return tuple((name, type(m), m.training, tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))),
+                  tuple(id(p) for p in m._parameters.values()))
+                 for name, m in model.named_modules())
 
 
 def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tensor], probe: torch.Tensor):
-    """A verified plan for ``model`` (``NotSegmentable`` when it has none). The first time a model
-    is seen (or after its modules or modes change) the interpreted forward is compared with
-    ``model(probe[:2])``."""
-    plan = build_plan(model, names)
+    """A verified plan for ``model`` (``NotSegmentable`` when it has none), cached per model until its
+    ``_signature`` changes. A new plan is also checked numerically: the interpreted forward against
+    ``model(probe[:2])`` — a guard against layer attributes the steps would not honour."""
     signature = _signature(model)
-    if _verified.get(model) == signature:
-        return plan
+    cached = _verified.get(model)
+    if cached is not None and cached[0] == signature and cached[1] == tuple(names):
+        return cached[2]
+    plan = build_plan(model, names)
     x = probe[:2].detach()
     with torch.no_grad():
         try:
             got, _ = _forward(plan, state, x)
-        except RuntimeError as exc:
-            raise NotSegmentable(f"the interpreted forward fails: {exc}") from None
+        except Exception as exc:  # e.g. a layer that reads a 2-D input as unbatched: the general path
+            raise NotSegmentable(f"the interpreted forward fails ({type(exc).__name__}: {exc})") from None
         want = model(x)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         raise NotSegmentable("model(x) is not the layers applied in order")
     scale = want.abs().max().clamp_min(1e-30)
-    tol = 1e-9 if want.dtype == torch.float64 else 1e-3
+    tol = 1e-9 if want.dtype == torch.float64 else 1e-4
     if not bool(((got - want).abs().max() / scale) <= tol):
         raise NotSegmentable("model(x) differs from the layers applied in order (custom forward)")
-    _verified[model] = signature
+    _verified[model] = (signature, tuple(names), plan)
     return plan
 
 

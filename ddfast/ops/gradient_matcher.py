@@ -109,7 +109,7 @@ def match_loss_reference(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch
         for gs, gr in zip(gw_syn, gw_real):
             if gr.dim() == 1:  # biases, norm affine parameters: DC returns 0
                 continue
-            if gr.dim() > 2:
+            if gr.dim() in (3, 4):  # DC reshapes these two ranks only; others reduce over the last axis
                 gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
             dis = dis + torch.sum(1 - torch.sum(gr * gs, dim=-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + eps))
         return dis
