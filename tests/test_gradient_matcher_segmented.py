@@ -6,6 +6,7 @@ per-class reduction, a missed parameter or a wrong padding weight shows as a mis
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ddfast.ops import _segmented_grads as sg
 from ddfast.ops import gradient_matcher as gm
@@ -307,3 +308,66 @@ def test_conv3d(device, metric):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(60, 3)).to(device).double()
     _check(model, _data(3, 3, 2, (2, 3, 3, 6), device), metric)
+
+
+class _ViewNet(nn.Module):
+    def __init__(self, flatten):
+        super().__init__()
+        self.conv, self.fc, self.flatten, self.act = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(64, 3), flatten, F.relu
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        if self.flatten == "view(-1, 64)":  # a constant batch-merging view: not a batch-keeping flatten
+            return self.fc(h.view(-1, 64))
+        return self.fc(torch.flatten(input=h, start_dim=1))
+
+
+@pytest.mark.parametrize("flatten, path", [("view(-1, 64)", "general"), ("flatten(input=, start_dim=)", "segmented")])
+def test_flatten_spellings(device, flatten, path):
+    torch.manual_seed(0)
+    _auto_equals_loop(_ViewNet(flatten).to(device).double(), _data(3, 3, 2, (2, 4, 4), device), "ours", path)
+
+
+def test_in_place_first_layer_leaves_x_syn_alone(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.LeakyReLU(0.2, inplace=True), nn.Linear(50, 3)).to(device).double()
+    data = _data(3, 3, 2, (2, 5, 5), device)
+    before = data[2].detach().clone()
+    _auto_equals_loop(model, data, "ours", "segmented")
+    assert torch.equal(data[2].detach(), before)
+
+
+@pytest.mark.filterwarnings("ignore:input's size at dim=0")  # torch's own note on the unbatched reading
+def test_changes_after_a_call_are_seen(device):
+    """The model is traced on every call: a swapped function attribute, a replaced layer, a hook added
+    later and a new input rank all take effect (or send the model to the general path)."""
+    torch.manual_seed(0)
+    model = _ViewNet("flatten").to(device).double()
+    data = _data(3, 3, 2, (2, 4, 4), device)
+    _auto_equals_loop(model, data, "ours", "segmented")
+    model.act = torch.tanh  # not a plain attribute: only a fresh trace notices
+    _auto_equals_loop(model, data, "ours", "segmented")
+    handle = model.fc.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.5,))
+    assert "hooks" in _auto_equals_loop(model, data, "ours", "general").segmented_reason
+    handle.remove()
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Linear(16, 3))
+    seq = seq.to(device).double()
+    _auto_equals_loop(seq, data, "ours", "segmented")
+    seq[1] = nn.AdaptiveAvgPool2d((4, 1))
+    _auto_equals_loop(seq, data, "ours", "segmented")
+    norm = nn.Sequential(nn.InstanceNorm1d(2), nn.Flatten(), nn.Linear(32, 3)).to(device).double()
+    _auto_equals_loop(norm, _data(3, 3, 2, (2, 16), device), "mse", "segmented")
+    flat = _data(3, 3, 2, (32,), device)  # InstanceNorm1d would read (N, 32) as one unbatched sample
+    assert "unbatched" in _auto_equals_loop(norm, flat, "mse", "general").segmented_reason
+
+
+def test_global_module_hooks_send_models_to_the_general_path(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(50, 8), nn.Tanh(), nn.Linear(8, 3)).to(device).double()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: out.clamp(max=0.5) if isinstance(mod, nn.Linear) else None)
+    try:
+        matcher = _auto_equals_loop(model, _data(3, 3, 2, (2, 5, 5), device), "ours", "general")
+    finally:
+        handle.remove()
+    assert "global module hooks" in matcher.segmented_reason

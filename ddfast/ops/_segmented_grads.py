@@ -19,8 +19,8 @@ instance / layer norm, eval BatchNorm, activations, pooling, dropout off), point
 batch-keeping flattens, each applied to the previous result — ``nn.Sequential`` models and DC's
 ConvNet (``features`` then ``view(n, -1)`` then ``classifier``) are the cases in point. A residual add,
 a clamp, a constant scale, a buffer read or a layer subclass with its own forward rejects it (the
-general path runs instead). The plan is cached per model until a module, mode, plain attribute or
-parameter tensor changes, and a new plan is also compared once with ``model(x)`` on two samples.
+general path runs instead). The model is traced on every call; a new plan is also compared once
+with ``model(x)`` on two samples.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -58,6 +59,15 @@ class NotSegmentable(Exception):
 
 # --- the steps of an interpreted model -------------------------------------------------------------
 
+def _batched(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Convs and instance norms read an input one rank short as a single unbatched sample; the
+    segmented path needs dim 0 to be the batch."""
+    want = m._get_no_batch_dim() + 1 if hasattr(m, "_get_no_batch_dim") else m.weight.dim()
+    if h.dim() != want:
+        raise NotSegmentable(f"{type(m).__name__} on a {h.dim()}-D input (read as unbatched)")
+    return h
+
+
 class _Free:
     """A parameter-free, per-sample layer applied as is."""
     params: Dict[str, str] = {}
@@ -84,7 +94,7 @@ class _Conv:
 
     def forward(self, h, p):
         m = self.m
-        return self.conv(h, p["weight"], p.get("bias"), m.stride, m.padding, m.dilation), h
+        return self.conv(_batched(m, h), p["weight"], p.get("bias"), m.stride, m.padding, m.dilation), h
 
     def class_grads(self, h, go, G, n, p):
         m, spatial = self.m, h.dim() - 2
@@ -179,7 +189,8 @@ def _step_for(m: nn.Module, prefix: str):
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
         if m.track_running_stats:
             raise NotSegmentable(f"{name}: InstanceNorm with running statistics")
-        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.instance_norm(h, weight=w, bias=b, eps=m.eps), 0)
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.instance_norm(_batched(m, h), weight=w, bias=b,
+                                                                           eps=m.eps), 0)
     if isinstance(m, nn.Flatten):
         if m.start_dim < 1:  # 0 merges samples; negative dims depend on the input rank
             raise NotSegmentable(f"{name}: Flatten must start at a dim >= 1")
@@ -213,6 +224,8 @@ def _is_batch_size(node, chain) -> bool:
     """``h.size(0)`` or ``h.shape[0]`` of a tensor of the chain: the batch size."""
     import operator
 
+    if not isinstance(node, torch.fx.Node):  # e.g. view(-1, 64): a constant, not the batch size
+        return False
     if node.op == "call_method" and node.target == "size" and node.args[0] in chain:
         return tuple(node.args[1:]) == (0,) or node.kwargs == {"dim": 0}
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
@@ -229,9 +242,10 @@ def _flatten_step(node, current, chain):
     args, kwargs = node.args, node.kwargs
     if (node.op == "call_method" and node.target == "flatten") or (node.op == "call_function"
                                                                   and node.target is torch.flatten):
+        src = args[0] if args else kwargs.get("input", kwargs.get("self"))
         start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
         end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
-        if args[0] is current and isinstance(start, int) and isinstance(end, int) and start >= 1 \
+        if src is current and isinstance(start, int) and isinstance(end, int) and start >= 1 \
                 and (end == -1 or end >= start):
             return _Free(lambda h, s=start, e=end: h.flatten(s, e))
         return None
@@ -255,6 +269,14 @@ def _pointwise_step(node, current):
     return _Free(lambda h, fn=fn, a=extra, k=kwargs: fn(h, *a, **k))
 
 
+class _Plan(list):
+    """The steps, plus ``key``: what they were built from (module identities, functions, constants)."""
+
+    def __init__(self):
+        super().__init__()
+        self.key: List[tuple] = []
+
+
 def build_plan(model: nn.Module, names: Sequence[str]) -> List:
     """The model as a chain of steps read from its ``torch.fx`` trace, or ``NotSegmentable``.
 
@@ -262,8 +284,11 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
     logits must be a supported layer, a supported pointwise function or a batch-keeping flatten,
     each applied to the previous result. Anything else (a residual add, a clamp, a constant scale,
     a buffer read, a subclass with its own forward) rejects the model."""
-    import torch.fx
+    from torch.nn.modules import module as _module
 
+    if any(getattr(_module, hooks, None) for hooks in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                        "_global_backward_hooks", "_global_backward_pre_hooks")):
+        raise NotSegmentable("global module hooks are registered, which the interpreted forward would skip")
     for module_name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
             raise NotSegmentable(f"{module_name or type(m).__name__}: has hooks, which the interpreted forward "
@@ -272,7 +297,7 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
         graph = torch.fx.Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported Python: the general path
         raise NotSegmentable(f"torch.fx cannot trace the forward ({type(exc).__name__}: {exc})") from None
-    plan, chain, current, seen, placeholders = [], set(), None, set(), 0
+    plan, chain, current, seen, placeholders = _Plan(), set(), None, set(), 0
     for node in graph.nodes:
         if node.op == "placeholder":
             placeholders += 1
@@ -295,11 +320,15 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
                 raise NotSegmentable(f"{node.target}: a layer applied twice")
             seen.add(id(m))
             step = _step_for(m, node.target + ".")
+            plan.key.append((node.target, id(m)))
         else:
             step = _flatten_step(node, current, chain) or _pointwise_step(node, current)
             if step is None:
                 raise NotSegmentable(f"forward is not a chain of supported layers: {node.op} "
                                      f"{getattr(node.target, '__name__', node.target)!r} (custom forward)")
+        if node.op != "call_module":
+            plan.key.append((node.op, str(node.target), repr([a for a in node.args if not isinstance(a, torch.fx.Node)]),
+                             repr({k: v for k, v in node.kwargs.items() if not isinstance(v, torch.fx.Node)})))
         plan.append(step)
         current = node
         chain.add(node)
@@ -347,7 +376,7 @@ def first_activation_numel(plan, state, x: torch.Tensor) -> int:
 
 # --- verification, cached per model ----------------------------------------------------------------
 
-_verified: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_verified: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # model -> checked key
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -362,19 +391,23 @@ def _signature(model: nn.Module) -> tuple:
 
 
 def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tensor], probe: torch.Tensor):
-    """A verified plan for ``model`` (``NotSegmentable`` when it has none), cached per model until its
-    ``_signature`` changes. A new plan is also checked numerically: the interpreted forward against
-    ``model(probe[:2])`` — a guard against layer attributes the steps would not honour."""
-    signature = _signature(model)
-    cached = _verified.get(model)
-    if cached is not None and cached[0] == signature and cached[1] == tuple(names):
-        return cached[2]
+    """The plan for ``model`` as it is now (``NotSegmentable`` when it has none).
+
+    The model is traced on every call (about 2 ms of Python), so whatever its forward depends on —
+    attributes of any type, replaced modules, hooks, globals — is read afresh. A new plan (new
+    modules, modes, plain attributes or per-sample input shape) is also checked numerically once:
+    the interpreted forward against ``model(x)`` on a copy of two probe samples, a guard against layer
+    attributes the steps would not honour. A forward that detects tracing and behaves differently
+    under it is out of reach of both checks."""
     plan = build_plan(model, names)
-    x = probe[:2].detach()
+    key = (_signature(model), tuple(plan.key), tuple(probe.shape[1:]), probe.dtype, probe.device)
+    if _verified.get(model) == key:
+        return plan
+    x = probe[:2].detach().clone()  # a copy: an in-place first layer must not write into the caller's tensor
     with torch.no_grad():
         try:
             got, _ = _forward(plan, state, x)
-        except Exception as exc:  # e.g. a layer that reads a 2-D input as unbatched: the general path
+        except Exception as exc:  # e.g. a layer that reads the input as unbatched: the general path
             raise NotSegmentable(f"the interpreted forward fails ({type(exc).__name__}: {exc})") from None
         want = model(x)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
@@ -383,7 +416,7 @@ def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tens
     tol = 1e-9 if want.dtype == torch.float64 else 1e-4
     if not bool(((got - want).abs().max() / scale) <= tol):
         raise NotSegmentable("model(x) differs from the layers applied in order (custom forward)")
-    _verified[model] = (signature, tuple(names), plan)
+    _verified[model] = key
     return plan
 
 

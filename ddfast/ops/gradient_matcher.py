@@ -5,13 +5,14 @@ real batch of class c (detached) and on the synthetic images of class c (``creat
 sums ``match_loss(gw_syn, gw_real)`` over classes. ``GradientMatcher`` returns the same sum, with the
 same gradient w.r.t. the synthetic images, but computes all classes at once:
 
-* ``strategy="segmented"`` (the fast path for DD's ConvNet family and other layer sequences:
-  ``nn.Sequential`` models, or modules like DC's ConvNet whose children run in order — conv, linear,
-  group/instance/layer norm, eval BatchNorm, activations, pooling; see ``_segmented_grads``): one
-  dense forward over all classes, one data-only backward, and per-class parameter gradients as
-  class-segmented reductions of per-sample terms (the first-order trick: layer input x output
-  gradient, summed per class). The real side needs no graph and runs in chunks of whole classes
-  (``real_chunk_size`` images); the synthetic side keeps the graph for the image gradient.
+* ``strategy="segmented"``, the fast path for DD's ConvNet family and other layer sequences: models
+  whose ``torch.fx`` trace is a chain of conv, linear, group/instance/layer norm, eval BatchNorm,
+  activations, pooling and flattens (``nn.Sequential`` models, DC's ConvNet; see
+  ``_segmented_grads``). One dense forward over all classes, one data-only backward, and per-class
+  parameter gradients as class-segmented reductions of per-sample terms (the first-order trick:
+  layer input x output gradient, summed per class). The real side needs no graph and runs in chunks
+  of whole classes (``real_chunk_size`` images); the synthetic side keeps the graph for the image
+  gradient.
 * ``strategy="vmap"`` (any ``nn.Module``): ``torch.func.vmap`` over classes of ``torch.func.grad`` of a
   weighted cross-entropy through ``functional_call``. Classes with fewer samples are padded with zero
   images of weight 0; the others get weight ``1/n_c``, so each class's loss is exactly its CE mean.
@@ -19,14 +20,13 @@ same gradient w.r.t. the synthetic images, but computes all classes at once:
   convolution and linear layers as one bmm — forward, backward and double backward.
 * ``strategy="loop"``: the reference loop (one autograd pass per class); the fallback for modules
   that vmap cannot batch.
-* ``strategy="auto"``: "segmented" when the model qualifies (checked once per model against
-  ``model(x)``), else "vmap" on CUDA and "loop" on CPU. On CPU "segmented" is taken only for steps
-  whose first-layer activations over the real batch stay under ~6M elements: past that, dense
-  big-batch passes fall out of cache and the per-class loop measured faster (2-core Xeon, ConvNet-3,
-  10 classes, loop vs segmented ms: 65 vs 28 at 0.66M elements, 146 vs 143 at 5.2M, 575 vs 785 at
-  21M); vmap's class-grouped convolutions measured slower than the loop on CPU (w64/ipc10/32 real
-  912 vs 549 ms). None of the strategies is timed on a GPU yet: ``ddfast bench --full`` times all
-  three on the dc_step cases.
+* ``strategy="auto"``: "segmented" when the model qualifies, else "vmap" on CUDA and "loop" on CPU.
+  On CPU "segmented" is taken only while the first-layer activations of the real batch stay under
+  ~6M elements: past that, dense big-batch passes fall out of cache and the per-class loop measured
+  faster (2-core Xeon, ConvNet-3, 10 classes, loop vs segmented ms: 65 vs 28 at 0.66M elements,
+  146 vs 143 at 5.2M, 575 vs 785 at 21M). vmap's class-grouped convolutions measured slower than
+  the loop on CPU (w64/ipc10/32 real 912 vs 549 ms). None of the strategies is timed on a GPU yet:
+  ``ddfast bench --full -k dc_step`` times all three.
 
 All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
 
