@@ -81,3 +81,11 @@ def test_bench_cuda_reports_peak_memory(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["results"]
     assert all(r["peak_mem_mb"] is not None for r in rows)
+
+
+def test_gradient_matcher_sweep_runs():
+    out = subprocess.run([sys.executable, "-m", "ddfast.bench.sweep_gradient_matcher", "--max-configs", "1",
+                          "--repeats", "1", "--strategies", "loop,segmented"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "activations 0.66M" in out.stdout and "'segmented'" in out.stdout

@@ -23,9 +23,9 @@ same gradient w.r.t. the synthetic images, but computes all classes at once:
 * ``strategy="auto"``: "segmented" when the model qualifies, else "vmap" on CUDA and "loop" on CPU.
   On CPU "segmented" is taken only while the first-layer activations of the real batch stay under
   ~6M elements: past that, dense big-batch passes fall out of cache and the per-class loop measured
-  faster (2-core Xeon, ConvNet-3, 10 classes, loop vs segmented ms: 65 vs 28 at 0.66M elements,
-  146 vs 143 at 5.2M, 575 vs 785 at 21M). vmap's class-grouped convolutions measured slower than
-  the loop on CPU (w64/ipc10/32 real 912 vs 549 ms). None of the strategies is timed on a GPU yet:
+  faster (2-core Xeon, ConvNet-3, loop vs segmented ms: 58 vs 33 at 0.66M elements, 147 vs 125 at
+  2.6M, 174 vs 185 and 267 vs 205 at 5.2M, 299 vs 372 at 10.5M, 567 vs 960 at 21M). vmap's
+  class-grouped convolutions measured slower than the loop on CPU (21M: 1190 ms). None of the strategies is timed on a GPU yet:
   ``ddfast bench --full -k dc_step`` times all three.
 
 All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
@@ -337,10 +337,11 @@ class GradientMatcher:
         return stack(real), stack(syn)
 
 
-# CPU (2-core Xeon, ConvNet-3, 10 classes; loop vs segmented ms): first-layer activations of the
-# whole real batch at 0.66M elements 65 vs 28, 1.5M 56 vs 50, 2.6M 108 vs 66, 5.2M 146 vs 143 and
-# 316 vs 244, 10.5M 450 vs 502, 21M 575 vs 785. Past a few million elements the dense big-batch
-# passes fall out of cache and the per-class loop wins; on CPU "auto" switches there.
+# CPU, 2-core Xeon, ConvNet-3 with 3-10 classes (`python -m ddfast.bench.sweep_gradient_matcher`).
+# Loop vs segmented ms, by first-layer activations of the whole real batch: 0.66M 58 vs 33,
+# 1.5M 71 vs 73, 2.6M 147 vs 125, 5.2M 174 vs 185 (w32) and 267 vs 205 (w128), 10.5M 299 vs 372,
+# 21M 567 vs 960. Past a few million elements the dense big-batch passes fall out of cache and the
+# per-class loop wins; on CPU "auto" switches there.
 _CPU_SEGMENTED_MAX_ACTIVATIONS = 6_000_000
 
 
