@@ -2,8 +2,9 @@
 
 ConvNet-3 (instancenorm), 256 real images per class as in DC's batch_real, synthetic set of ipc
 images per class. Providers: "ddfast" (strategy auto) and each GradientMatcher strategy on its own
-(segmented, vmap, loop), so a run shows which one a device should pick. The check tolerance is loose: with metric "ours" the image gradient is
-ill-conditioned in fp32 (SPEC 3.1: ~1e-2 relative between two exact-in-math implementations).
+(segmented, vmap, loop), so a run shows which one a device should pick. The check tolerance is
+loose: with metric "ours" the image gradient is ill-conditioned in fp32 (SPEC 3.1: ~1e-2 relative
+between two exact-in-math implementations).
 """
 import torch
 

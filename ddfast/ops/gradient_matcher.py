@@ -25,8 +25,8 @@ same gradient w.r.t. the synthetic images, but computes all classes at once:
   ~6M elements: past that, dense big-batch passes fall out of cache and the per-class loop measured
   faster (2-core Xeon, ConvNet-3, loop vs segmented ms: 58 vs 33 at 0.66M elements, 147 vs 125 at
   2.6M, 174 vs 185 and 267 vs 205 at 5.2M, 299 vs 372 at 10.5M, 567 vs 960 at 21M). vmap's
-  class-grouped convolutions measured slower than the loop on CPU (21M: 1190 ms). None of the strategies is timed on a GPU yet:
-  ``ddfast bench --full -k dc_step`` times all three.
+  class-grouped convolutions measured slower than the loop on CPU (21M: 1190 ms). None of the
+  strategies is timed on a GPU yet: ``ddfast bench --full -k dc_step`` times all three.
 
 All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
 
