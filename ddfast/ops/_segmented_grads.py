@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -199,11 +200,7 @@ def _step_for(m: nn.Module, prefix: str):
         if m.training and m.p > 0:
             raise NotSegmentable(f"{name}: active dropout (random per call)")
         return _Free(lambda h: h)
-    if isinstance(m, _POINTWISE + _POOLS):
-        if any(True for _ in m.parameters(recurse=False)):
-            raise NotSegmentable(f"{name}: {type(m).__name__} with parameters")
-        return _Free(m)
-    raise NotSegmentable(f"{name}: unsupported layer {type(m).__name__}")
+    return _Free(m)  # the pointwise layers and pools of _SUPPORTED
 
 
 _SUPPORTED = frozenset(_POINTWISE + _POOLS + _CONVS + (
@@ -220,19 +217,22 @@ _POINTWISE_CALLS = {
 }
 
 
-def _is_batch_size(node, chain) -> bool:
-    """``h.size(0)`` or ``h.shape[0]`` of a tensor of the chain: the batch size."""
-    import operator
+def _is_shape_of_chain(node, chain) -> bool:
+    """``h.shape`` or ``h.size(...)`` of a tensor of the chain."""
+    return isinstance(node, torch.fx.Node) and bool(node.args) and node.args[0] in chain and (
+        (node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
+        or (node.op == "call_method" and node.target == "size"))
 
+
+def _is_batch_size(node, chain) -> bool:
+    """``h.size(0)``, ``h.shape[0]`` or ``h.size()[0]`` of a tensor of the chain: the batch size."""
     if not isinstance(node, torch.fx.Node):  # e.g. view(-1, 64): a constant, not the batch size
         return False
-    if node.op == "call_method" and node.target == "size" and node.args[0] in chain:
+    if node.op == "call_method" and node.target == "size" and _is_shape_of_chain(node, chain):
         return tuple(node.args[1:]) == (0,) or node.kwargs == {"dim": 0}
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-        src = node.args[0]
-        return (getattr(src, "op", None) == "call_function" and src.target is getattr and src.args[0] in chain
-                and src.args[1] == "shape") or (getattr(src, "op", None) == "call_method" and src.target == "size"
-                                                and src.args[0] in chain and len(src.args) == 1)
+        src = node.args[0]  # h.shape or h.size() without a dim
+        return _is_shape_of_chain(src, chain) and not (src.op == "call_method" and (len(src.args) > 1 or src.kwargs))
     return False
 
 
@@ -310,9 +310,7 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
             if node.args[0] is not current:
                 raise NotSegmentable("forward does not return the last layer's output")
             break
-        if _is_batch_size(node, chain) or (node.op == "call_function" and node.target is getattr
-                                           and node.args[0] in chain and node.args[1] == "shape") \
-                or (node.op == "call_method" and node.target == "size" and node.args[0] in chain):
+        if _is_shape_of_chain(node, chain) or _is_batch_size(node, chain):
             continue  # only usable as the batch size of a flatten (checked there)
         if node.op == "call_module" and node.args == (current,) and not node.kwargs:
             m = model.get_submodule(node.target)
@@ -326,7 +324,6 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
             if step is None:
                 raise NotSegmentable(f"forward is not a chain of supported layers: {node.op} "
                                      f"{getattr(node.target, '__name__', node.target)!r} (custom forward)")
-        if node.op != "call_module":
             constants = ([a for a in node.args if not isinstance(a, torch.fx.Node)],
                          {k: v for k, v in node.kwargs.items() if not isinstance(v, torch.fx.Node)})
             plan.key.append((node.op, str(node.target), repr(constants)))
@@ -394,11 +391,11 @@ def _signature(model: nn.Module) -> tuple:
 def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tensor], probe: torch.Tensor):
     """The plan for ``model`` as it is now (``NotSegmentable`` when it has none).
 
-    The model is traced on every call (about 1.3 ms of Python for ConvNet-3), so whatever its forward depends on —
-    attributes of any type, replaced modules, hooks, globals — is read afresh. A new plan (new
-    modules, modes, plain attributes or per-sample input shape) is also checked numerically once:
-    the interpreted forward against ``model(x)`` on a copy of two probe samples, a guard against layer
-    attributes the steps would not honour. A forward that detects tracing and behaves differently
+    The model is traced on every call (about 1.3 ms of Python for ConvNet-3), so whatever its
+    forward depends on — attributes of any type, replaced modules, hooks, globals — is read afresh.
+    A new plan (new modules, modes, plain attributes or per-sample input shape) is also checked
+    numerically once: the interpreted forward against ``model(x)`` on a copy of two probe samples,
+    a guard against layer attributes the steps would not honour. A forward that detects tracing and behaves differently
     under it is out of reach of both checks."""
     plan = build_plan(model, names)
     key = (_signature(model), tuple(plan.key), tuple(probe.shape[1:]), probe.dtype, probe.device)

@@ -159,9 +159,13 @@ def _class_slots(y: torch.Tensor, classes: torch.Tensor, dtype: torch.dtype) -> 
     return index, weight
 
 
+def _with_zero_sample(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one zero sample appended: index N of ``_class_slots`` padding."""
+    return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+
+
 def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
-    return padded[index]
+    return _with_zero_sample(x)[index]
 
 
 def _freeze_batchnorm(model: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, classes: List[int],
@@ -239,18 +243,19 @@ class GradientMatcher:
         if not classes:  # every class skipped: an empty sum, still connected to x_syn
             return x_syn.reshape(-1)[:0].sum()
         _freeze_batchnorm(self.model, x_real, y_real, classes, self.bn_images_per_class)
-        strategy, plan = self.strategy, None
+        strategy, plan, state = self.strategy, None, None
         if strategy in ("auto", "segmented"):
-            plan = self._segmented_plan(names, x_syn)
+            state = {n: p.detach() for n, p in self.model.named_parameters()}
+            plan = self._segmented_plan(names, state, x_syn)
             if plan is None and strategy == "segmented":
                 raise ValueError(f"strategy='segmented' does not apply to this model: {self.segmented_reason}")
-            if plan is not None and (x_syn.device.type != "cpu" or _cpu_segmented_pays(plan, self._state(), x_real)):
+            if plan is not None and (x_syn.device.type != "cpu" or _cpu_segmented_pays(plan, state, x_real)):
                 strategy = "segmented"
             elif strategy == "auto":  # measured, see the module doc
                 strategy = "vmap" if x_syn.device.type == "cuda" else "loop"
         self.last_strategy = strategy
         if strategy == "segmented":
-            g_real, g_syn = self._grads_segmented(plan, names, classes, x_real, y_real, x_syn, y_syn)
+            g_real, g_syn = self._grads_segmented(plan, state, names, classes, x_real, y_real, x_syn, y_syn)
         elif strategy == "vmap":
             g_real, g_syn = self._grads_vmap(names, classes, x_real, y_real, x_syn, y_syn)
         else:
@@ -263,30 +268,26 @@ class GradientMatcher:
         frozen.update(dict(self.model.named_buffers()))
         return {n: params[n].detach() for n in names}, frozen
 
-    def _state(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters()}
-
-    def _segmented_plan(self, names, probe):
+    def _segmented_plan(self, names, state, probe):
         from ._segmented_grads import NotSegmentable, plan_for
 
         try:
-            plan = plan_for(self.model, names, self._state(), probe)
+            plan = plan_for(self.model, names, state, probe)
         except NotSegmentable as exc:
             self.segmented_reason = str(exc)
             return None
         self.segmented_reason = None
         return plan
 
-    def _grads_segmented(self, plan, names, classes, x_real, y_real, x_syn, y_syn):
+    def _grads_segmented(self, plan, state, names, classes, x_real, y_real, x_syn, y_syn):
         from ._segmented_grads import class_grads, segment_bounds
 
-        state = self._state()
         cls = torch.tensor(classes, dtype=torch.long, device=x_syn.device)
 
         def grads(x, y, create_graph, chunk):
             index, weight = _class_slots(y, cls, x.dtype)
             G, n = index.shape
-            padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+            padded = _with_zero_sample(x)  # once; each chunk gathers its slots from it
             labels = cls.unsqueeze(1).expand_as(index)
             parts = []
             for a, b in segment_bounds(G, n, chunk):
