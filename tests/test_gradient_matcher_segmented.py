@@ -350,6 +350,9 @@ def test_changes_after_a_call_are_seen(device):
     handle = model.fc.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.5,))
     assert "hooks" in _auto_equals_loop(model, data, "ours", "general").segmented_reason
     handle.remove()
+    model.forward = lambda x: model.fc(torch.tanh(model.conv(x)).flatten(1))  # eager runs this, not the class's
+    assert "forward replaced" in _auto_equals_loop(model, data, "ours", "general").segmented_reason
+    del model.forward
     seq = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Linear(16, 3))
     seq = seq.to(device).double()
     _auto_equals_loop(seq, data, "ours", "segmented")

@@ -290,6 +290,8 @@ def build_plan(model: nn.Module, names: Sequence[str]) -> List:
                                                         "_global_backward_hooks", "_global_backward_pre_hooks")):
         raise NotSegmentable("global module hooks are registered, which the interpreted forward would skip")
     for module_name, m in model.named_modules():
+        if "forward" in vars(m):  # set on the instance: eager calls it, the trace and the steps would not
+            raise NotSegmentable(f"{module_name or type(m).__name__}: forward replaced on the instance")
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
             raise NotSegmentable(f"{module_name or type(m).__name__}: has hooks, which the interpreted forward "
                                  "would skip")
