@@ -76,14 +76,15 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
 
 
 def check_labels(name: str, labels, n: int, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Integer 1-D labels of length n in [0, num_classes)."""
+    """Integer 1-D labels of length n in [0, num_classes). The value range is not read while
+    torch.compile traces (a data-dependent guard would break the graph), like the finite checks."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer class labels, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must be 1-D of length {n} (one label per sample), got shape {tuple(labels.shape)}")
-    if n:
+    if n and not torch.compiler.is_compiling():
         lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device sync for both bounds
         if num_classes is not None and (lo < 0 or hi >= num_classes):
             raise ValueError(f"{name} must lie in [0, {num_classes}); found values in [{lo}, {hi}]")

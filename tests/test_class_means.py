@@ -110,6 +110,17 @@ def test_opcheck_compiled_and_triton(device):
         torch.library.opcheck(getattr(torch.ops.ddfast, name), (x, labels, 4))
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_torch_compile_with_labels_traces_without_graph_break(device, backend):
+    """The label range check reads values, so it stands aside while torch.compile traces."""
+    backend = require_backend(OP, backend, device)
+    x, labels = _inputs((20, 7), 4, device)
+    f = lambda a: ddfast.class_means(a, labels, 4, backend=backend)[0].pow(2).sum()  # noqa: E731
+    want = f(x)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (lambda x, y: (x, y.float(), 4), TypeError, "labels"),
     (lambda x, y: (x, y + 4, 4), ValueError, "labels"),

@@ -160,17 +160,6 @@ def _check_positive(name: str, value) -> float:
     return value
 
 
-def _check_label_tensor(name: str, labels, n: int) -> None:
-    if not torch.compiler.is_compiling():
-        check_labels(name, labels, n)
-        return
-    # traced code: dtype/shape only (reading label values would be a data-dependent guard)
-    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be a tensor of integer class labels")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D of length {n} (one label per sample), got shape {tuple(labels.shape)}")
-
-
 def _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant, noise_ratio, reduction):
     check_float_tensor("f_syn", f_syn, min_dim=2)
     check_float_tensor("f_real", f_real, min_dim=2)
@@ -179,8 +168,8 @@ def _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant,
     if d_syn != d_real:
         raise ValueError(f"f_syn and f_real must have the same feature size D; got f_syn {tuple(f_syn.shape)} "
                          f"(D={d_syn}) and f_real {tuple(f_real.shape)} (D={d_real})")
-    _check_label_tensor("y_syn", y_syn, f_syn.shape[0])
-    _check_label_tensor("y_real", y_real, f_real.shape[0])
+    check_labels("y_syn", y_syn, f_syn.shape[0])
+    check_labels("y_real", y_real, f_real.shape[0])
     check_same_device(f_syn=f_syn, y_syn=y_syn, f_real=f_real, y_real=y_real)
     temperature = _check_positive("temperature", temperature)
     noise_ratio = _check_positive("noise_ratio", noise_ratio)
