@@ -145,14 +145,11 @@ def resolve(op: str, backend: Optional[str], device) -> str:
     spec = _OPS[op]
     if b == "torch":
         return b
-    if b == COMPILED:
-        ok, why = compiled_status(op, device)
-    else:
-        ok, why = (spec.triton and triton_status(device)[0]), (
-            triton_status(device)[1] if spec.triton else f"'{op}' has no Triton kernel")
+    triton_ok, triton_why = triton_status(device) if spec.triton else (False, f"'{op}' has no Triton kernel")
+    ok, why = compiled_status(op, device) if b == COMPILED else (triton_ok, triton_why)
     if ok:
         return b
-    fallback = "triton" if b == COMPILED and spec.triton and triton_status(device)[0] else "torch"
+    fallback = "triton" if b == COMPILED and triton_ok else "torch"
     key = (op, b, device.type)
     if key not in _warned:
         _warned.add(key)

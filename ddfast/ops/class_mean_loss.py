@@ -32,7 +32,7 @@ def class_mean_loss_reference(f_real: Features, y_real: torch.Tensor, f_syn: Fea
     syns = list(f_syn) if isinstance(f_syn, (list, tuple)) else [f_syn]
     weights = [1.0] * len(reals) if layer_weights is None else list(layer_weights)
     if num_classes is None:
-        num_classes = int(max(y_real.max(), y_syn.max())) + 1
+        num_classes = infer_num_classes(y_real, y_syn)
     per_class = [torch.zeros((), dtype=syns[0].dtype, device=syns[0].device) for _ in range(num_classes)]
     for fr, fs, w in zip(reals, syns, weights):
         fr = fr.detach().reshape(fr.shape[0], -1)

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_choice, check_result_finite
+from .._checks import check_choice, check_float_tensor, check_result_finite, check_same_shape
 
 OP = "gradient_match"
 METRICS = ("ours", "mse", "cos")
@@ -84,20 +84,14 @@ def _validate(g_syn, g_real, grouped: bool) -> Tuple[List[torch.Tensor], List[to
     dtype = device = groups = None
     for i, (s, r) in enumerate(zip(g_syn, g_real)):
         for name, t in ((f"g_syn[{i}]", s), (f"g_real[{i}]", r)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+            check_float_tensor(name, t)
             if dtype is None:
                 dtype, device = t.dtype, t.device
             if t.dtype != dtype:
                 raise TypeError(f"all gradients must share one dtype; {name} is {t.dtype}, g_syn[0] is {dtype}")
             if t.device != device:
                 raise ValueError(f"all gradients must be on one device; {name} is on {t.device}, g_syn[0] on {device}")
-            if t.numel() == 0:
-                raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-        if s.shape != r.shape:
-            raise ValueError(f"g_syn[{i}] and g_real[{i}] must have the same shape; got {tuple(s.shape)} and {tuple(r.shape)}")
+        check_same_shape(f"g_syn[{i}]", s, f"g_real[{i}]", r)
         if grouped:
             if s.dim() < 1:
                 raise ValueError(f"g_syn[{i}] needs a leading group axis when grouped=True, got a 0-dim tensor")

@@ -92,7 +92,7 @@ def mmd_reference(x, y, *, kernel="gaussian", bandwidths=None, x_labels=None, y_
         y_labels = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
         num_classes = 1
     elif num_classes is None:
-        num_classes = int(max(x_labels.max(), y_labels.max())) + 1
+        num_classes = infer_num_classes(x_labels, y_labels)
     per_class = []
     for c in range(num_classes):
         xc, yc = x[x_labels == c], y[y_labels == c]
@@ -206,7 +206,7 @@ def _check_bandwidths(bandwidths, kernel: str, acc: torch.dtype, device) -> Opti
     return values
 
 
-def _check_labels(x_labels, y_labels, n: int, m: int, num_classes, device) -> int:
+def _check_labels(x, x_labels, y_labels, n: int, m: int, num_classes) -> int:
     if (x_labels is None) != (y_labels is None):
         missing = "y_labels" if y_labels is None else "x_labels"
         raise ValueError(f"{missing} is None: pass both x_labels and y_labels, or neither")
@@ -216,7 +216,7 @@ def _check_labels(x_labels, y_labels, n: int, m: int, num_classes, device) -> in
         return 1
     check_labels("x_labels", x_labels, n, num_classes)
     check_labels("y_labels", y_labels, m, num_classes)
-    check_same_device(x=torch.empty(0, device=device), x_labels=x_labels, y_labels=y_labels)
+    check_same_device(x=x, x_labels=x_labels, y_labels=y_labels)
     return num_classes if num_classes is not None else infer_num_classes(x_labels, y_labels)
 
 
@@ -228,6 +228,8 @@ def _class_counts(x_labels, y_labels, n, m, num_classes, device):
 
 def _check_unbiased_counts(n_c: torch.Tensor, m_c: torch.Tensor, labeled: bool) -> None:
     both = (n_c > 0) & (m_c > 0)
+    if not bool((both & ((n_c < 2) | (m_c < 2))).any()):  # one sync in the usual, valid case
+        return
     for side, counts in (("x", n_c), ("y", m_c)):
         small = (both & (counts < 2)).nonzero().flatten().tolist()
         if small:
@@ -304,7 +306,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidth
         raise ValueError(f"x has no features (shape {tuple(x.shape)})")
     acc = _acc_dtype(x.dtype)
     bw = _check_bandwidths(bandwidths, kernel, acc, x.device)
-    num_classes = _check_labels(x_labels, y_labels, n, m, num_classes, x.device)
+    num_classes = _check_labels(x, x_labels, y_labels, n, m, num_classes)
     n_c, m_c = _class_counts(x_labels, y_labels, n, m, num_classes, x.device)
     if estimator == "unbiased":
         _check_unbiased_counts(n_c, m_c, x_labels is not None)
