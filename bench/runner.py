@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from .case import Case
 from .cases import all_cases
@@ -244,15 +245,9 @@ def run(*, full: bool = False, device: Optional[str] = None, select: Optional[st
     peaks = measure_peaks(dev)
     print("measured peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()), flush=True)
     rows: List[Dict] = []
-    try:
-        from tqdm import tqdm
-
-        it = tqdm(cases, desc="ddfast bench", unit="case", disable=not progress, file=sys.stderr)
-    except ImportError:
-        it = cases
+    it = tqdm(cases, desc="ddfast bench", unit="case", disable=not progress, file=sys.stderr)
     for case in it:
-        if hasattr(it, "set_postfix_str"):
-            it.set_postfix_str(case.name)
+        it.set_postfix_str(case.name)
         try:
             rows.extend(run_case(case, dev, peaks, min_repeats, min_seconds))
         except Exception as exc:  # noqa: BLE001 - setup/reference failure of one case

@@ -9,31 +9,25 @@ Prints, per configuration, the first-layer activations of the whole real batch (
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
 
 from ddfast.ops.gradient_matcher import ConvNet, GradientMatcher
+
+from .runner import _median_time, _run_step
 
 # (classes, ipc, real per class, width, image size)
 CONFIGS = [(10, 1, 8, 32, 16), (3, 2, 10, 64, 28), (10, 1, 8, 32, 32), (10, 2, 16, 32, 32), (10, 2, 16, 128, 16),
            (10, 1, 8, 128, 32), (10, 10, 32, 64, 32)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_step(matcher, data, device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up (and builds the segmented plan)
-        _sync(device)
-        start = time.perf_counter()
-        matcher(*data).backward()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2] * 1e3
+    """Median ms of forward + image backward, after one warm-up call (which builds the plan)."""
+    inputs = {"x_syn": data[2]}
+    step = lambda: _run_step(lambda: matcher(*data), inputs, ("x_syn",), collect=False)  # noqa: E731
+    step()
+    return statistics.median(_median_time(step, device, repeats, 0.0, max_repeats=repeats)) * 1e3
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ def test_case(benchmark, case, provider):
         provs = providers_for(case, DEVICE)
         if not provs:
             pytest.skip(f"no ddfast provider for {case.name} on {DEVICE.type}")
-        name, prov = next(iter(provs.items()))  # the first available: compiled before triton
+        name, prov = next(iter(provs.items()))  # the first available, in case.backends order
         fn = lambda: prov(inputs)  # noqa: E731
         ok, err = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn)
         assert ok, f"{case.name}[{name}] differs from the reference (max rel err {err:.2e})"

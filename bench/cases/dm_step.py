@@ -1,35 +1,27 @@
 """dm_step cases: DM's synthetic-image step (main_DM.py, ConvNet branch) — the per-class loop of
 DiffAugment + embed + mean loss vs ``ddfast.DistributionMatcher`` (grouped DSA, two batched forwards,
-fused class-mean loss). DSA is on when ``ddfast.dsa_augment`` exists; the seeds are fixed per class."""
-import importlib.util
-
+fused class-mean loss), with DSA; the seeds are fixed per class."""
 import torch
 from torch import nn
 
 import ddfast
+from ddfast.compat.dc import DiffAugment, ParamDiffAug
 from ddfast.ops.distribution_matcher import dm_reference_loop
+from ddfast.ops.gradient_matcher import ConvNet
 
 from ..case import Case
-
-STRATEGY = "color_crop_cutout_flip_scale_rotate"
-HAS_DSA = importlib.util.find_spec("ddfast.ops.dsa") is not None and \
-    importlib.util.find_spec("ddfast.compat._dc_dsa") is not None
+from .dsa import STRATEGY, class_seeds
 
 
-def convnet_embed(channel=3, width=128, depth=3):
-    """DC's ConvNet-D feature extractor with instance norm: (conv3x3 → GroupNorm(w, w) → ReLU → AvgPool2) × D."""
-    layers, c = [], channel
-    for _ in range(depth):
-        layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True), nn.ReLU(),
-                   nn.AvgPool2d(2)]
-        c = width
-    return nn.Sequential(*layers, nn.Flatten())
+def convnet_embed(channel=3, width=128, depth=3, size=32):
+    """DC's ConvNet-D feature extractor (instance norm) as DM uses it: ``features`` then flatten."""
+    return nn.Sequential(*ConvNet(channel, 1, width=width, depth=depth, im_size=size).features, nn.Flatten())
 
 
 def _inputs(num_classes, n_real, ipc, size, width, depth):
     def make(device):
         torch.manual_seed(0)
-        embed = convnet_embed(3, width, depth).to(device)
+        embed = convnet_embed(3, width, depth, size).to(device)
         for p in embed.parameters():
             p.requires_grad_(False)
         g = torch.Generator().manual_seed(0)
@@ -42,26 +34,17 @@ def _inputs(num_classes, n_real, ipc, size, width, depth):
     return make
 
 
-def _seeds(num_classes):
-    return [1000 + 7 * c for c in range(num_classes)]
-
-
 def _reference(embed, x_real, y_real, x_syn, y_syn, num_classes):
-    augment = None
-    if HAS_DSA:
-        from ddfast.compat.dc import DiffAugment, ParamDiffAug
+    param = ParamDiffAug()
 
-        param = ParamDiffAug()
-
-        def augment(images, seed):
-            return DiffAugment(images, STRATEGY, seed=seed, param=param)
-    return dm_reference_loop(embed, x_real, y_real, x_syn, y_syn, num_classes, augment, _seeds(num_classes))
+    def augment(images, seed):
+        return DiffAugment(images, STRATEGY, seed=seed, param=param)
+    return dm_reference_loop(embed, x_real, y_real, x_syn, y_syn, num_classes, augment, class_seeds(num_classes))
 
 
 def _fused(backend, embed, x_real, y_real, x_syn, y_syn, num_classes):
-    matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY if HAS_DSA else None,
-                                         backend=backend)
-    return matcher(x_real, y_real, x_syn, y_syn, seeds=_seeds(num_classes))
+    matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, backend=backend)
+    return matcher(x_real, y_real, x_syn, y_syn, seeds=class_seeds(num_classes))
 
 
 def cases():
@@ -81,6 +64,6 @@ def cases():
             tol=1e-3,
             size=c * (n_real + ipc),
             notes=f"{c} classes x ({n_real} real + {ipc} syn), ConvNet-{depth} width {width}, "
-                  f"{size}x{size}, DSA {'on' if HAS_DSA else 'off (dsa_augment missing)'}",
+                  f"{size}x{size}, DSA on",
         ))
     return out

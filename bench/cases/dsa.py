@@ -12,6 +12,11 @@ from ..case import Case
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
+def class_seeds(classes: int):
+    """One fixed DSA seed per class (also used by the dm_step cases)."""
+    return [1000 + 7 * c for c in range(classes)]
+
+
 def _inputs(classes, n_real, n_syn, size):
     def make(device):
         g = torch.Generator().manual_seed(0)
@@ -19,7 +24,7 @@ def _inputs(classes, n_real, n_syn, size):
         syn = torch.randn(classes * n_syn, 3, size, size, generator=g).to(device).requires_grad_(True)
         groups = torch.cat([torch.arange(classes).repeat_interleave(n_real),
                             torch.arange(classes).repeat_interleave(n_syn)]).to(device)
-        seeds = [1000 + 7 * c for c in range(classes)]
+        seeds = class_seeds(classes)
         return {"real": real, "syn": syn, "groups": groups, "seeds": seeds, "n_real": n_real, "n_syn": n_syn}
     return make
 

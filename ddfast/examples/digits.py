@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import trange
 
 NUM_CLASSES = 10
 
@@ -100,12 +101,7 @@ def distill(x_real, y_real, *, method: str = "dm", ipc: int = 10, iterations: in
     opt = torch.optim.SGD([x_syn], lr=lr_img, momentum=0.5)
     torch.manual_seed(seed)
     losses = []
-    try:
-        from tqdm import trange
-        steps = trange(iterations, desc=f"distilling ({method.upper()}, ipc {ipc})", disable=not progress)
-    except ImportError:
-        steps = range(iterations)
-    for _ in steps:
+    for _ in trange(iterations, desc=f"distilling ({method.upper()}, ipc {ipc})", disable=not progress):
         net = DigitsConvNet().to(x_real.device)  # a fresh random network each iteration, as DM/DC do
         for p in net.parameters():
             p.requires_grad_(method == "dc")
