@@ -24,6 +24,11 @@ def check_float_tensor(name: str, t, *, min_dim: int = 0, allow_empty: bool = Fa
     return t
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels and references: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _finite_checks_on() -> bool:
     # data-dependent checks would break torch.compile graphs; compiled code skips them
     return os.environ.get("DDFAST_CHECK_FINITE", "1") != "0" and not torch.compiler.is_compiling()

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 BLOCK = 1024
 MAX_SPLIT = 64
 
@@ -59,10 +61,6 @@ def _bn_backward_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, out_ptr, C, S, total,
     tl.store(out_ptr + idx, (a + b * (x - mu)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
     """Chan's merge of (C, K) partial (count, mean, M2) into per-channel (mean, biased var)."""
     total = count.sum(1)
@@ -95,7 +93,7 @@ def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     """x (N, C, S) contiguous → (loss, mean (C,), var (C,)) in the accumulation dtype."""
     n, c, s = x.shape
     m = n * s
-    acc_tl, acc_torch = _acc(x.dtype)
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
     splits = max(1, min(MAX_SPLIT, triton.cdiv(m, 4 * BLOCK)))
     chunk = triton.cdiv(triton.cdiv(m, splits), BLOCK) * BLOCK
     splits = triton.cdiv(m, chunk)
@@ -109,7 +107,7 @@ def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
 
 def bn_stat_backward(grad, x, running_mean, running_var, mean, var):
     n, c, s = x.shape
-    acc_tl, _ = _acc(x.dtype)
+    acc_tl, _ = acc_dtypes(x.dtype)
     a, b = backward_coefficients(grad, mean, var, running_mean, running_var, n * s)
     out = torch.empty_like(x)
     total = x.numel()

@@ -3,7 +3,8 @@ the difference to the real means and its per-class squared norm; backward ``2·g
 synthetic row. Kernels are shared with class_means (kernels/class_means.py)."""
 import torch
 
-from .class_means import acc_dtypes, gather_scale, segment_means
+from ._common import acc_dtypes
+from .class_means import gather_scale, segment_means
 
 
 def class_mean_loss_forward(f_syn: torch.Tensor, y_syn: torch.Tensor, mean_real: torch.Tensor,

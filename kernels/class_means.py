@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 BLOCK_N = 16
 BLOCK_D = 128
 
@@ -58,10 +60,6 @@ def _gather_scale_kernel(g_ptr, coef_ptr, labels_ptr, out_ptr, N, D,
     g = tl.load(g_ptr + lab[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     val = coef[:, None] * g
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def acc_dtypes(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 def sort_by_label(labels: torch.Tensor, num_classes: int):

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 BLOCK = 256
 _REDUCE_BLOCK = 1024
 
@@ -211,16 +213,12 @@ def _dsa_bwd_kernel(g_ptr, gx_ptr, ip_ptr, fp_ptr, base_ptr, sum_ptr, C, H, W,
             tl.store(gx_ptr + base + c * HW + offs, g * keep, mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def dsa_forward(x: torch.Tensor, iparams: torch.Tensor, fparams: torch.Tensor, base_grid: torch.Tensor,
                 align_corners: bool) -> torch.Tensor:
     """One stage on contiguous (N, C, H, W) images; iparams (N, 5) int32, fparams (N, 6) and
     base_grid (W + H: affine_grid's normalised x then y coordinates) in the accumulation dtype."""
     n, c, h, w = x.shape
-    acc_tl, acc_torch = _acc(x.dtype)
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
     means = torch.empty(n, device=x.device, dtype=acc_torch)
     _color_mean_kernel[(n,)](x, iparams, fparams, means, c, h * w, BLOCK=_REDUCE_BLOCK, ACC=acc_tl)
     y = torch.empty_like(x)
@@ -232,7 +230,7 @@ def dsa_forward(x: torch.Tensor, iparams: torch.Tensor, fparams: torch.Tensor, b
 def dsa_backward(grad_y: torch.Tensor, iparams: torch.Tensor, fparams: torch.Tensor, base_grid: torch.Tensor,
                  align_corners: bool) -> torch.Tensor:
     n, c, h, w = grad_y.shape
-    acc_tl, acc_torch = _acc(grad_y.dtype)
+    acc_tl, acc_torch = acc_dtypes(grad_y.dtype)
     sums = torch.empty(n, device=grad_y.device, dtype=acc_torch)
     _grad_sum_kernel[(n,)](grad_y, iparams, sums, c, h * w, BLOCK=_REDUCE_BLOCK, ACC=acc_tl)
     gx = torch.zeros(grad_y.shape, device=grad_y.device, dtype=acc_torch)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 SEG = 8192          # columns per segment: long rows (ResNet 512 × 4608) are split, the fold re-joins them
 MAX_BLOCK = 1024    # elements per inner iteration
 _FOLD_BLOCK = 256
@@ -229,17 +231,13 @@ def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def gradient_match_forward(g_syn: List[torch.Tensor], g_real: List[torch.Tensor], metric: str, eps: float,
                            grouped: bool, reduction: str):
     """(loss: () or (G,) in the input dtype, coefs [2, G, R] in the accumulation dtype); contiguous inputs."""
     s0 = g_syn[0]
     shapes = tuple(tuple(s.shape) for s in g_syn)
     seg, rows, gnumel, num_rows, max_row_segs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
-    acc_tl, acc_torch = _acc(s0.dtype)
+    acc_tl, acc_torch = acc_dtypes(s0.dtype)
     num_segs = seg.shape[1]
     code = METRIC_CODE[metric]
     partials = torch.empty((1 if code == 1 else 3) * groups * num_segs, device=s0.device, dtype=acc_torch)
@@ -258,11 +256,11 @@ def gradient_match_backward(grad: torch.Tensor, g_syn: List[torch.Tensor], g_rea
     s0 = g_syn[0]
     shapes = tuple(tuple(s.shape) for s in g_syn)
     seg, _rows, gnumel, num_rows, _mrs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
-    acc_tl, _ = _acc(s0.dtype)
+    acc_tl, _ = acc_dtypes(s0.dtype)
     grads = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in g_syn]
     grad = grad.contiguous()
-    addr = _addresses(g_syn, g_real, device=s0.device)
-    out_addr = _addresses(grads, device=s0.device)
+    addr = _addresses(g_syn, g_real, grads, device=s0.device)  # one host-to-device copy for all three lists
+    out_addr = addr[2 * len(g_syn):]
     _backward_kernel[(seg.shape[1], groups)](grad, 1 if grad.dim() else 0, addr, len(g_syn), out_addr, seg,
                                              seg.shape[1], gnumel, coefs.contiguous(), num_rows, groups,
                                              DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block)

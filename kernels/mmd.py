@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes, dot_precision
+
 BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 32
@@ -163,11 +165,8 @@ def _mmd_bwd_kernel(grad_ptr, z_ptr, sq_ptr, cls_ptr, side_ptr, off_ptr, coef_pt
 
 
 def _config(z: torch.Tensor):
-    acc_tl = tl.float64 if z.dtype == torch.float64 else tl.float32
-    acc_torch = torch.float64 if z.dtype == torch.float64 else torch.float32
-    # exact fp32 products unless the user opted into TF32 the torch way
-    tf32 = z.is_cuda and z.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return acc_tl, acc_torch, "tf32" if tf32 else "ieee"
+    acc_tl, acc_torch = acc_dtypes(z.dtype)
+    return acc_tl, acc_torch, dot_precision(z)
 
 
 def _common(z, coefs, linear):

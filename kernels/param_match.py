@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 BLOCK = 4096
 _FINISH_BLOCK = 1024
 
@@ -53,14 +55,10 @@ def _param_match_backward_kernel(g_ptr, s_ptr, t_ptr, den_ptr, out_ptr, n,
     tl.store(out_ptr + offs, (scale * (s - t)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def param_match_forward(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor):
     """(loss in the input dtype, denominator in the accumulation dtype) for contiguous 1-D inputs."""
     n = student.numel()
-    acc_tl, acc_torch = _acc(student.dtype)
+    acc_tl, acc_torch = acc_dtypes(student.dtype)
     programs = triton.cdiv(n, BLOCK)
     partials = torch.empty(2 * programs, device=student.device, dtype=acc_torch)
     loss = torch.empty((), device=student.device, dtype=student.dtype)
@@ -73,7 +71,7 @@ def param_match_forward(student: torch.Tensor, start: torch.Tensor, target: torc
 
 def param_match_backward(grad: torch.Tensor, student: torch.Tensor, target: torch.Tensor, den: torch.Tensor):
     n = student.numel()
-    acc_tl, _ = _acc(student.dtype)
+    acc_tl, _ = acc_dtypes(student.dtype)
     out = torch.empty_like(student)
     _param_match_backward_kernel[(triton.cdiv(n, BLOCK),)](grad.contiguous(), student, target, den, out, n,
                                                           BLOCK=BLOCK, ACC_DTYPE=acc_tl)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes, dot_precision
+
 
 @triton.jit
 def _logit_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, dim, inv_temp,
@@ -139,13 +141,8 @@ def _backward_kernel(a_ptr, ya_ptr, b_ptr, yb_ptr, g_ptr, lse_all_ptr, lse_pos_p
 
 def _config(z: torch.Tensor, dim: int):
     """(ACC_DTYPE, torch acc dtype, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, backward num_warps)."""
-    if z.dtype == torch.float64:
-        acc_tl, acc_torch = tl.float64, torch.float64
-    else:
-        acc_tl, acc_torch = tl.float32, torch.float32
-    # fp32 parity path uses exact fp32 products; TF32 only as the user's torch-wide opt-in on CUDA
-    tf32 = z.dtype == torch.float32 and z.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if tf32 else "ieee"
+    acc_tl, acc_torch = acc_dtypes(z.dtype)
+    precision = dot_precision(z)
     d_pow2 = max(16, triton.next_power_of_2(dim))
     if z.is_cuda:
         block_m, block_n = 64, 64

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._checks import check_float_tensor, check_result_finite, check_same_device
+from .._checks import acc_dtype, check_float_tensor, check_result_finite, check_same_device
 
 OP = "bn_stat"
 
@@ -45,7 +45,7 @@ def _make_backward(bwd_op):
 
 
 def _fake_fwd(x, running_mean, running_var):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     c = x.shape[1]
     return x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 

@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend
-from .._checks import (check_choice, check_float_tensor, check_labels, check_num_classes, check_result_finite,
-                       check_same_device, infer_num_classes)
+from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_num_classes,
+                       check_result_finite, check_same_device, infer_num_classes)
 from .class_means import OP as MEANS_OP
 from .class_means import class_means_impl
 
@@ -60,12 +60,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_fwd(f_syn, y_syn, mean_real, count_real, num_classes):
-    acc = _acc(f_syn.dtype)
+    acc = acc_dtype(f_syn.dtype)
     return (f_syn.new_empty((num_classes,), dtype=acc), f_syn.new_empty((num_classes, f_syn.shape[1]), dtype=acc),
             y_syn.new_empty((num_classes,)))
 

@@ -13,7 +13,8 @@ from typing import Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_float_tensor, check_labels, check_num_classes, check_result_finite, check_same_device
+from .._checks import (acc_dtype, check_float_tensor, check_labels, check_num_classes, check_result_finite,
+                       check_same_device)
 
 OP = "class_means"
 
@@ -59,9 +60,9 @@ def _triton_fwd(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tupl
 
 @torch.library.custom_op("ddfast::class_means_triton_bwd", mutates_args=())
 def _triton_bwd(grad_means: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    from ..kernels.class_means import acc_dtypes, gather_scale
+    from ..kernels.class_means import gather_scale
 
-    acc = acc_dtypes(grad_means.dtype)[1]
+    acc = acc_dtype(grad_means.dtype)
     coef = 1.0 / counts.clamp(min=1).to(acc)
     return gather_scale(grad_means.to(acc), coef, labels, grad_means.dtype)
 

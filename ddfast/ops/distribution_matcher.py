@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .._checks import check_choice, check_float_tensor, check_labels, check_num_classes, check_same_device, infer_num_classes
+from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_num_classes, check_same_device,
+                       infer_num_classes)
 from .class_mean_loss import class_mean_loss
 from .class_means import class_means
 from .dsa import dsa_augment
@@ -122,7 +123,7 @@ class DistributionMatcher:
             f = self.embed(x_real[start:start + self.real_chunk_size])
             shape = f.shape[1:]
             f = f.reshape(f.shape[0], -1)
-            acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+            acc = acc_dtype(f.dtype)
             means, n = class_means(f.to(acc), y_real[start:start + self.real_chunk_size], num_classes,
                                    backend=self.backend)
             part = means * n.to(acc).unsqueeze(1)

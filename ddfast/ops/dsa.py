@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_labels, check_result_finite
+from .._checks import acc_dtype, check_choice, check_float_tensor, check_labels, check_result_finite
 
 OP = "dsa"
 
@@ -387,10 +387,6 @@ def apply_stage_reference(x: torch.Tensor, ip: torch.Tensor, fp: torch.Tensor, a
 
 # --- fused backends: custom ops with autograd --------------------------------------------------
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def base_grid(height: int, width: int, align_corners: bool, dtype, device) -> torch.Tensor:
     """affine_grid's normalised pixel coordinates (x along W, then y along H), computed with the
     same torch ops as ``affine_grid`` so the kernels sample where the reference samples."""
@@ -461,7 +457,7 @@ def apply_stages(x: torch.Tensor, stages, align_corners: bool, which: str) -> to
         for ip, fp in stages:
             x = apply_stage_reference(x, ip, fp, align_corners)
         return x
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     base = base_grid(x.shape[2], x.shape[3], align_corners, acc, x.device)
     op = torch.ops.ddfast.dsa_triton_fwd if which == "triton" else torch.ops.ddfast.dsa_fwd
     for ip, fp in stages:

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_result_finite, check_same_shape
+from .._checks import acc_dtype, check_choice, check_float_tensor, check_result_finite, check_same_shape
 
 OP = "gradient_match"
 METRICS = ("ours", "mse", "cos")
@@ -49,7 +49,7 @@ def gradient_match_reference(g_syn: Sequence[torch.Tensor], g_real: Sequence[tor
                              eps: float = 1e-6, grouped: bool = False, reduction: str = "sum") -> torch.Tensor:
     """The DC formulas tensor by tensor (half types computed in fp32, result in the input dtype)."""
     dtype = g_syn[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     syn = [s.to(acc) if grouped else s.to(acc).unsqueeze(0) for s in g_syn]
     real = [r.detach().to(acc) if grouped else r.detach().to(acc).unsqueeze(0) for r in g_real]
     groups = syn[0].shape[0]
@@ -136,7 +136,7 @@ def _coef_rows(shapes, metric: str, grouped: bool) -> int:
 def _fake_fwd(g_syn, g_real, metric, eps, grouped, reduction):
     s0 = g_syn[0]
     groups = s0.shape[0] if grouped else 1
-    acc = torch.float64 if s0.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s0.dtype)
     loss = s0.new_empty((groups,) if reduction == "none" else ())
     coefs = s0.new_empty((2, groups, _coef_rows([s.shape for s in g_syn], metric, grouped)), dtype=acc)
     return loss, coefs

@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import (check_choice, check_float_tensor, check_labels, check_num_classes, check_result_finite,
-                       check_same_device, check_same_dtype, infer_num_classes)
+from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_num_classes,
+                       check_result_finite, check_same_device, check_same_dtype, infer_num_classes)
 
 OP = "mmd"
 KERNELS = ("gaussian", "linear")
@@ -51,17 +51,13 @@ REDUCTIONS = ("sum", "none")
 MEDIAN_SUBSAMPLE = 1024
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def median_bandwidths(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The default bandwidths (see the module docstring): median pairwise distance × 2^(−2..2).
 
     x (N, D), y (M, D); returns 5 bandwidths in the accumulation dtype, without gradient.
     """
     with torch.no_grad():
-        z = torch.cat([x, y]).to(_acc_dtype(x.dtype))
+        z = torch.cat([x, y]).to(acc_dtype(x.dtype))
         rows = z.shape[0]
         if rows > MEDIAN_SUBSAMPLE:
             z = z[torch.arange(MEDIAN_SUBSAMPLE, device=z.device) * rows // MEDIAN_SUBSAMPLE]
@@ -81,7 +77,7 @@ def mmd_reference(x, y, *, kernel="gaussian", bandwidths=None, x_labels=None, y_
                   estimator="biased", reduction="sum"):
     """Plain PyTorch: per class, the full kernel matrices (cdist → exp) and the estimator formula."""
     out_dtype = x.dtype
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     x = x.reshape(x.shape[0], -1).to(acc)
     y = y.reshape(y.shape[0], -1).to(acc)
     if kernel == "gaussian":
@@ -122,7 +118,7 @@ def mmd_reference(x, y, *, kernel="gaussian", bandwidths=None, x_labels=None, y_
 # Backward: given grad (R, 2) of that output, grad_z (R, D) in z's dtype.
 
 def _fake_fwd(z, cls, side, offsets, coefs, linear, unbiased):
-    return z.new_empty((z.shape[0], 2), dtype=_acc_dtype(z.dtype))
+    return z.new_empty((z.shape[0], 2), dtype=acc_dtype(z.dtype))
 
 
 def _fake_bwd(grad, z, cls, side, offsets, coefs, linear, unbiased):
@@ -243,7 +239,7 @@ def _check_unbiased_counts(n_c: torch.Tensor, m_c: torch.Tensor, labeled: bool) 
 def _fused(x2, y2, x_labels, y_labels, n_c, m_c, num_classes, kernel, coefs, estimator, reduction, which):
     n, m = x2.shape[0], y2.shape[0]
     device = x2.device
-    acc = _acc_dtype(x2.dtype)
+    acc = acc_dtype(x2.dtype)
     z = torch.cat([x2, y2])
     if kernel == "gaussian" and z.dtype in (torch.float32, torch.float64):
         # distances are shift-invariant: centring keeps |a|² + |b|² − 2<a, b> from cancelling
@@ -304,7 +300,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidth
                          f"(D={d_x}) and y {tuple(y.shape)} (D={d_y})")
     if d_x == 0:
         raise ValueError(f"x has no features (shape {tuple(x.shape)})")
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     bw = _check_bandwidths(bandwidths, kernel, acc, x.device)
     num_classes = _check_labels(x, x_labels, y_labels, n, m, num_classes)
     n_c, m_c = _class_counts(x_labels, y_labels, n, m, num_classes, x.device)

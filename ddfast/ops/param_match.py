@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._checks import check_float_tensor, check_result_finite, check_same_device, check_same_dtype, check_same_shape
+from .._checks import (acc_dtype, check_float_tensor, check_result_finite, check_same_device, check_same_dtype,
+                       check_same_shape)
 
 OP = "param_match"
 
@@ -37,7 +38,7 @@ def _make_backward(bwd_op):
 
 
 def _fake_fwd(student, start, target):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student.dtype)
     return student.new_empty(()), student.new_empty((), dtype=acc)
 
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import (check_choice, check_float_tensor, check_labels, check_result_finite, check_same_device,
-                       check_same_dtype)
+from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_result_finite,
+                       check_same_device, check_same_dtype)
 
 OP = "supcon_nce"
 VARIANTS = ("infonce", "nce")
@@ -85,12 +85,8 @@ def supcon_nce_reference(f_syn, y_syn, f_real, y_real, temperature=0.1, normaliz
 # are zeros. bwd(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c)
 # -> (grad_z_syn, grad_z_real) in the input dtype.
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_fwd(z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c):
-    acc = _acc_dtype(z_syn.dtype)
+    acc = acc_dtype(z_syn.dtype)
     n = z_syn.shape[0]
     return tuple(z_syn.new_empty((n,), dtype=acc) for _ in range(3))
 
