@@ -120,6 +120,21 @@ class SeedStream:
         return torch.randint(low, high, size=size, device=device, generator=self.generator)
 
 
+def _pixels(extent: int, ratio: float) -> int:
+    """DSA's pixel count of a ratio (crop shift, cutout size): ``int(extent * ratio + 0.5)``."""
+    return int(extent * ratio + 0.5)
+
+
+def _cutout_rows(offset: torch.Tensor, size: int, extent: int):
+    """(first, last) row/col a cutout of ``size`` at ``offset`` covers. The reference clamps every box
+    index into the image: the covered rows are the clamped ends of [offset − size//2,
+    offset − size//2 + size − 1]; a zero size is an empty index grid, (0, −1): nothing is cut."""
+    if size == 0:
+        return 0, -1
+    lo = offset - size // 2
+    return lo.clamp(0, extent - 1), (lo + size - 1).clamp(0, extent - 1)
+
+
 def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int, param,
                 dtype: torch.dtype, device) -> List[tuple]:
     """One op family's draws, in the reference's order (sizes, dtypes, devices as it uses them).
@@ -142,7 +157,7 @@ def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int
         ip[:, 0] = OP_COLOR
         fp[:, 0], fp[:, 1], fp[:, 2] = per_image(b).double(), per_image(s).double(), per_image(c).double()
     elif family == "crop":
-        shift_h, shift_w = int(height * param.ratio_crop_pad + 0.5), int(width * param.ratio_crop_pad + 0.5)
+        shift_h, shift_w = _pixels(height, param.ratio_crop_pad), _pixels(width, param.ratio_crop_pad)
         stream.reseed()
         th = stream.randint(-shift_h, shift_h + 1, [n, 1, 1], device=device)
         stream.reseed()
@@ -150,20 +165,14 @@ def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int
         ip[:, 0] = OP_CROP
         ip[:, 1], ip[:, 2] = per_image(th), per_image(tw)
     elif family == "cutout":
-        size_h, size_w = int(height * param.ratio_cutout + 0.5), int(width * param.ratio_cutout + 0.5)
+        size_h, size_w = _pixels(height, param.ratio_cutout), _pixels(width, param.ratio_cutout)
         stream.reseed()
         oh = stream.randint(0, height + (1 - size_h % 2), [n, 1, 1], device=device)
         stream.reseed()
         ow = stream.randint(0, width + (1 - size_w % 2), [n, 1, 1], device=device)
         ip[:, 0] = OP_CUTOUT
-        # the reference clamps every box index into the image: the covered rows are the clamped
-        # ends of [offset − size//2, offset − size//2 + size − 1]; a zero size covers nothing
         for col, offset, size, extent in ((1, per_image(oh), size_h, height), (3, per_image(ow), size_w, width)):
-            if size == 0:  # an empty index grid: nothing is cut
-                ip[:, col], ip[:, col + 1] = 0, -1
-            else:
-                lo = offset - size // 2
-                ip[:, col], ip[:, col + 1] = lo.clamp(0, extent - 1), (lo + size - 1).clamp(0, extent - 1)
+            ip[:, col], ip[:, col + 1] = _cutout_rows(offset, size, extent)
     elif family == "flip":
         stream.reseed()
         randf = stream.rand(n, 1, 1, 1, device=device)
@@ -250,17 +259,13 @@ def _params_from_uniforms(family, u, height, width, param):
         fp[:, 1] = u[:, 1] * param.saturation
         fp[:, 2] = u[:, 2] + param.contrast
     elif family == "crop":
-        sh, sw = int(height * param.ratio_crop_pad + 0.5), int(width * param.ratio_crop_pad + 0.5)
+        sh, sw = _pixels(height, param.ratio_crop_pad), _pixels(width, param.ratio_crop_pad)
         ip[:, 0], ip[:, 1], ip[:, 2] = OP_CROP, randint(-sh, sh + 1, u[:, 0]), randint(-sw, sw + 1, u[:, 1])
     elif family == "cutout":
         ip[:, 0] = OP_CUTOUT
-        for col, size, extent, v in ((1, int(height * param.ratio_cutout + 0.5), height, u[:, 0]),
-                                     (3, int(width * param.ratio_cutout + 0.5), width, u[:, 1])):
-            if size == 0:
-                ip[:, col], ip[:, col + 1] = 0, -1
-            else:
-                lo = randint(0, extent + (1 - size % 2), v) - size // 2
-                ip[:, col], ip[:, col + 1] = lo.clamp(0, extent - 1), (lo + size - 1).clamp(0, extent - 1)
+        for col, extent, v in ((1, height, u[:, 0]), (3, width, u[:, 1])):
+            size = _pixels(extent, param.ratio_cutout)
+            ip[:, col], ip[:, col + 1] = _cutout_rows(randint(0, extent + (1 - size % 2), v), size, extent)
     elif family == "flip":
         ip[:, 0] = torch.where(u[:, 0] < param.prob_flip, OP_FLIP, OP_IDENTITY)
     elif family == "scale":
@@ -515,6 +520,8 @@ def dsa_augment(x: torch.Tensor, groups: Optional[torch.Tensor], strategy: str, 
     n = x.shape[0]
     if groups is None:
         groups = torch.zeros(n, dtype=torch.int64)
+    elif isinstance(groups, torch.Tensor):
+        groups = groups.cpu()  # the draws are made on the CPU: one transfer serves the check and the draws
     check_labels("groups", groups, n, len(seeds))
     if not families:
         return x
