@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .case import Case
-from .cases import all_cases
+from .cases import select_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -234,9 +234,7 @@ def format_table(rows: List[Dict]) -> str:
 def run(*, full: bool = False, device: Optional[str] = None, select: Optional[str] = None, out: Optional[str] = None,
         min_repeats: int = 5, min_seconds: float = 0.5, plot_dir: Optional[str] = None, progress: bool = True) -> int:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = [c for c in all_cases() if dev.type in c.devices and (full or c.default)]
-    if select:
-        cases = [c for c in cases if re.search(select, c.name)]
+    cases = select_cases(dev.type, full, select or None)
     if not cases:
         print(f"no benchmark cases selected (full={full}, select={select!r})", file=sys.stderr)
         return 2

@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from ddfast.bench.cases import all_cases
+from ddfast.bench.cases import select_cases
 from ddfast.bench.runner import _run_step, _sync, check, providers_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = os.environ.get("DDFAST_BENCH_FULL") == "1"
-CASES = [c for c in all_cases() if DEVICE.type in c.devices and (FULL or c.default)]
+CASES = select_cases(DEVICE.type, FULL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

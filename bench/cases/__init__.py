@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import warnings
-from typing import List
+from typing import List, Optional
 
 from ..case import Case
 
@@ -22,3 +23,9 @@ def all_cases() -> List[Case]:
     if dupes:
         raise RuntimeError(f"duplicate benchmark case names: {sorted(dupes)}")
     return found
+
+
+def select_cases(device_type: str, full: bool, pattern: Optional[str] = None) -> List[Case]:
+    """The cases a run times: those for this device, default ones unless ``full``, matching ``pattern``."""
+    return [c for c in all_cases() if device_type in c.devices and (full or c.default)
+            and (pattern is None or re.search(pattern, c.name))]
