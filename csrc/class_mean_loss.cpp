@@ -80,10 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_mean_loss_fwd_cuda(const at
   c10::cuda::CUDAGuard guard(f_syn.device());
   const auto acc = acc_type(f_syn.scalar_type());
   const int64_t d = f_syn.size(1);
-  at::Tensor counts = at::bincount(y_syn, {}, num_classes);
-  at::Tensor offsets = at::zeros({num_classes + 1}, y_syn.options());
-  offsets.slice(0, 1).copy_(at::cumsum(counts, 0));
-  at::Tensor perm = std::get<1>(at::sort(y_syn, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const SortedSegments seg = sorted_segments(y_syn, num_classes);  // no host sync (no bincount)
+  const at::Tensor &perm = seg.perm, &offsets = seg.offsets, &counts = seg.counts;
   at::Tensor ref = mean_real.to(acc).contiguous();
   at::Tensor cr = count_real.contiguous();
   const int64_t dblocks = class_mean_loss_num_dblocks(d);

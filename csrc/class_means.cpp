@@ -51,10 +51,8 @@ std::tuple<at::Tensor, at::Tensor> class_means_fwd_cuda(const at::Tensor& x, con
   DDFAST_CHECK_CONTIGUOUS(labels);
   TORCH_CHECK(x.dim() == 2 && labels.numel() == x.size(0), "class_means_fwd: x (N, D) and one label per row");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor counts = at::bincount(labels, {}, num_classes);
-  at::Tensor offsets = at::zeros({num_classes + 1}, labels.options());
-  offsets.slice(0, 1).copy_(at::cumsum(counts, 0));
-  at::Tensor perm = std::get<1>(at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const SortedSegments seg = sorted_segments(labels, num_classes);  // no host sync (no bincount)
+  const at::Tensor &perm = seg.perm, &offsets = seg.offsets, &counts = seg.counts;
   at::Tensor means = at::empty({num_classes, x.size(1)}, x.options());
   class_means_forward_cuda(x.data_ptr(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), num_classes, x.size(1),
                            dtype_code(x), means.data_ptr(), c10::cuda::getCurrentCUDAStream());

@@ -93,4 +93,19 @@ at::Tensor gather_scale(const acc_t* g, const acc_t* coef, const at::Tensor& lab
 }
 
 }  // namespace segment_cpu
+
+// Rows grouped by class for the CUDA kernels, with no host sync: a stable sort of the labels gives
+// the row permutation, a search of the class ids 0..C in the sorted labels the class offsets (C+1,)
+// and their differences the counts (C,). (at::bincount reads max(labels) on the host first.)
+struct SortedSegments {
+  at::Tensor perm, offsets, counts;
+};
+
+inline SortedSegments sorted_segments(const at::Tensor& labels, int64_t num_classes) {
+  auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor ids = at::arange(num_classes + 1, labels.options());
+  at::Tensor offsets = at::searchsorted(std::get<0>(sorted), ids);
+  at::Tensor counts = offsets.slice(0, 1) - offsets.slice(0, 0, num_classes);
+  return {std::get<1>(sorted), offsets, counts};
+}
 }  // namespace ddfast

@@ -13,7 +13,9 @@
 #endif
 
 #include <cmath>
+#include <deque>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -271,11 +273,43 @@ std::vector<at::Tensor> gradient_match_bwd_cpu(const at::Tensor& grad, at::Tenso
 }
 
 #ifdef DDFAST_WITH_CUDA
-// Flattens the layout and the data addresses into one int64 tensor on the device (one copy).
+// Flattens the layout and the data addresses into one int64 tensor on the device, with no host
+// sync: a table seen recently on this device and stream (same addresses and shapes: a DD loop
+// that reuses its buffers) is reused as is; otherwise it is written into pinned host memory and
+// copied asynchronously (the caching host allocator keeps the pinned block until the copy is done).
 struct DeviceTable {
   at::Tensor storage;
   GradientMatchTable table;
 };
+
+struct CachedTable {
+  std::vector<int64_t> host;
+  int64_t device_index = 0, stream_id = 0;
+  at::Tensor storage;
+};
+
+at::Tensor upload_table(const std::vector<int64_t>& host, const at::Device& device) {
+  constexpr size_t kCacheSize = 8;
+  static std::mutex mutex;
+  static std::deque<CachedTable> cache;  // most recent first
+  const int64_t stream_id = c10::cuda::getCurrentCUDAStream(device.index()).id();
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->device_index == device.index() && it->stream_id == stream_id && it->host == host) {
+      CachedTable hit = std::move(*it);
+      cache.erase(it);
+      cache.push_front(std::move(hit));
+      return cache.front().storage;
+    }
+  }
+  const auto n = static_cast<int64_t>(host.size());
+  at::Tensor pinned = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(host.begin(), host.end(), pinned.data_ptr<int64_t>());
+  at::Tensor storage = pinned.to(device, /*non_blocking=*/true);
+  cache.push_front(CachedTable{host, device.index(), stream_id, storage});
+  if (cache.size() > kCacheSize) cache.pop_back();
+  return storage;
+}
 
 DeviceTable device_table(const Layout& L, const std::vector<at::Tensor>& syn, const std::vector<at::Tensor>& real,
                          const std::vector<at::Tensor>& out) {
@@ -290,8 +324,7 @@ DeviceTable device_table(const Layout& L, const std::vector<at::Tensor>& syn, co
   host.insert(host.end(), L.row_first.begin(), L.row_first.end());
   host.insert(host.end(), L.row_count.begin(), L.row_count.end());
   DeviceTable d;
-  d.storage = at::from_blob(host.data(), {static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong))
-                  .to(syn[0].device());
+  d.storage = upload_table(host, syn[0].device());
   const int64_t* base = d.storage.data_ptr<int64_t>();
   d.table.addr = base;
   d.table.gnumel = base + 3 * K;

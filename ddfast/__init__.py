@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (one module per op, see ddfast/ops/)
 _PUBLIC = {
     "param_match": "ddfast.ops.param_match",
+    "TrajectoryMatcher": "ddfast.ops.trajectory_matcher",
     "gradient_match": "ddfast.ops.gradient_match",
     "GradientMatcher": "ddfast.ops.gradient_matcher",
     "class_means": "ddfast.ops.class_means",
@@ -29,7 +30,11 @@ _PUBLIC = {
     "LowRankImages": "ddfast.ops.low_rank_images",
     "low_rank_budget_ipc": "ddfast.ops.low_rank_images",
     "info": "ddfast.info",
+    "distill": "ddfast.distill",
+    "evaluate": "ddfast.evaluate",
     "available_backends": "ddfast.info",
+    "set_checks": "ddfast._checks",
+    "get_checks": "ddfast._checks",
 }
 
 __all__ = sorted(_PUBLIC) + ["set_backend", "get_backend", "__version__"]

@@ -1,6 +1,6 @@
 """Triton kernels for per-class (segmented) means and the class-mean matching loss.
 
-The launcher sorts row indices by label once (stable argsort + bincount offsets), so each
+The launcher sorts row indices by label once (stable sort + searched class offsets), so each
 program reduces the rows of one class over one BLOCK_D slice of features: every feature is read
 once, sums accumulate in fp32 (fp64 for fp64), no atomics, deterministic. With a reference mean
 (the real side of DM's loss) the epilogue also writes ``diff = mean − mean_ref`` for classes present
@@ -63,12 +63,13 @@ def _gather_scale_kernel(g_ptr, coef_ptr, labels_ptr, out_ptr, N, D,
 
 
 def sort_by_label(labels: torch.Tensor, num_classes: int):
-    """(row permutation grouping each class, class offsets (C+1,), counts (C,) int64)."""
-    counts = torch.bincount(labels, minlength=num_classes)
-    offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    perm = torch.argsort(labels, stable=True)
-    return perm, offsets, counts
+    """(row permutation grouping each class, class offsets (C+1,), counts (C,) int64), with no host
+    sync: offsets are where the class ids 0..C fall in the sorted labels (bincount would read the
+    label maximum on the host first)."""
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    offsets = torch.searchsorted(sorted_labels, torch.arange(num_classes + 1, device=labels.device,
+                                                              dtype=labels.dtype))
+    return perm, offsets, offsets[1:] - offsets[:-1]
 
 
 def segment_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, ref=None, ref_counts=None):

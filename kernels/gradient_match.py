@@ -16,6 +16,8 @@ Accumulation in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
+import array
+import collections
 import functools
 import math
 import struct
@@ -223,8 +225,32 @@ def _tables(shapes: Tuple[Tuple[int, ...], ...], metric: str, grouped: bool, dev
             max(num_rows, 1) if metric == "ours" else 1, max_row_segs, block, groups)
 
 
+_ADDRESS_CACHE_SIZE = 8
+_address_cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+
 def _addresses(*lists: List[torch.Tensor], device, extra=()) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for lst in lists for t in lst] + list(extra), dtype=torch.int64).to(device)
+    """The data addresses (and ``extra`` int64 words) as an int64 tensor on ``device``, with no host
+    sync: a table seen recently (same addresses: a loop that reuses its buffers) is reused; a new one
+    is written into pinned host memory and copied asynchronously (on CUDA), never a pageable copy."""
+    values = tuple(t.data_ptr() for lst in lists for t in lst) + tuple(extra)
+    device = torch.device(device)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, values)
+    table = _address_cache.get(key)
+    if table is not None:
+        _address_cache.move_to_end(key)
+        return table
+    host = torch.frombuffer(array.array("q", values), dtype=torch.int64)  # a view of the Python array
+    if device.type == "cuda":
+        pinned = torch.empty(len(values), dtype=torch.int64, pin_memory=True)
+        pinned.copy_(host)
+        table = pinned.to(device, non_blocking=True)  # the host allocator keeps `pinned` until the copy ran
+    else:
+        table = host.clone()
+    _address_cache[key] = table
+    if len(_address_cache) > _ADDRESS_CACHE_SIZE:
+        _address_cache.popitem(last=False)
+    return table
 
 
 def _float64_bits(x: float) -> int:

@@ -19,8 +19,8 @@ instance / layer norm, eval BatchNorm, activations, pooling, dropout off), point
 batch-keeping flattens, each applied to the previous result — ``nn.Sequential`` models and DC's
 ConvNet (``features`` then ``view(n, -1)`` then ``classifier``) are the cases in point. A residual add,
 a clamp, a constant scale, a buffer read or a layer subclass with its own forward rejects it (the
-general path runs instead). The model is traced on every call; a new plan is also compared once
-with ``model(x)`` on two samples.
+general path runs instead). The plan is cached per model and re-validated by its structure key on
+every call (``plan_for``); a new plan is also compared once with ``model(x)`` on two samples.
 """
 from __future__ import annotations
 
@@ -97,9 +97,14 @@ class _Conv:
         m = self.m
         return self.conv(_batched(m, h), p["weight"], p.get("bias"), m.stride, m.padding, m.dilation), h
 
-    def class_grads(self, h, go, G, n, p):
+    def class_grads(self, h, go, G, n, p, roles):
         m, spatial = self.m, h.dim() - 2
         args = (None, list(m.stride), list(m.padding), list(m.dilation), False, [0] * spatial)
+        out = {}
+        if "bias" in roles:
+            out["bias"] = go.flatten(2).sum(2).unflatten(0, (G, n)).sum(1)
+        if "weight" not in roles:
+            return out
         if conv_weight_grad_per_class(n, h.device):
             gw = torch.stack([torch.ops.aten.convolution_backward(go[g * n:(g + 1) * n], h[g * n:(g + 1) * n],
                                                                   p["weight"], *args, 1, [False, True, False])[1]
@@ -111,9 +116,7 @@ class _Conv:
             weight = p["weight"].repeat((G,) + (1,) * (spatial + 1))
             gw = torch.ops.aten.convolution_backward(gg, hg, weight, *args, G, [False, True, False])[1]
             gw = gw.unflatten(0, (G, -1))
-        out = {"weight": gw}
-        if "bias" in self.params:
-            out["bias"] = go.flatten(2).sum(2).unflatten(0, (G, n)).sum(1)
+        out["weight"] = gw
         return out
 
 
@@ -127,11 +130,13 @@ class _Linear:
     def forward(self, h, p):
         return F.linear(h, p["weight"], p.get("bias")), h
 
-    def class_grads(self, h, go, G, n, p):
-        hg = h.reshape(G, -1, h.shape[-1])       # (G, n * leading, in)
+    def class_grads(self, h, go, G, n, p, roles):
         gg = go.reshape(G, -1, go.shape[-1])     # (G, n * leading, out)
-        out = {"weight": torch.bmm(gg.transpose(1, 2), hg)}
-        if "bias" in self.params:
+        out = {}
+        if "weight" in roles:
+            hg = h.reshape(G, -1, h.shape[-1])   # (G, n * leading, in)
+            out["weight"] = torch.bmm(gg.transpose(1, 2), hg)
+        if "bias" in roles:
             out["bias"] = gg.sum(1)
         return out
 
@@ -158,13 +163,13 @@ class _AffineNorm:
             return t.reshape(t.shape[0], -1, math.prod(t.shape[t.dim() - self.trailing:])).transpose(1, 2)
         return t.flatten(2) if t.dim() > 2 else t.unsqueeze(2)  # channel norms: γ/β per channel (dim 1)
 
-    def class_grads(self, h, go, G, n, p):
+    def class_grads(self, h, go, G, n, p, roles):
         out = {}
-        if "weight" in self.params:
+        if "weight" in roles:
             xhat = self.normalize(h, None, None)
             # Σ over positions of go·x̂ per sample and element, as a batched dot (no N x C x HW product)
             out["weight"] = torch.einsum("npk,npk->np", self._flat(go), self._flat(xhat)).unflatten(0, (G, n)).sum(1)
-        if "bias" in self.params:
+        if "bias" in roles:
             out["bias"] = self._flat(go).sum(2).unflatten(0, (G, n)).sum(1)
         return {role: g.reshape((G,) + tuple(p[role].shape)) for role, g in out.items()}
 
@@ -352,19 +357,30 @@ def _params_of(step, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {role: state[full] for role, full in step.params.items()}
 
 
-def _forward(plan, state, x):
-    """Interpreted forward; returns logits and, per parameterised step, (step, z, saved)."""
+def _forward(plan, state, x, wanted=None):
+    """Interpreted forward; returns logits and, per step with a parameter in ``wanted`` (all steps
+    with parameters when None), (step, z, saved, roles)."""
     records = []
     h = x
     for step in plan:
         h, saved = step.forward(h, _params_of(step, state))
-        if step.params:
-            records.append((step, h, saved))
+        roles = [role for role, full in step.params.items() if wanted is None or full in wanted]
+        if roles:
+            records.append((step, h, saved, roles))
     return h, records
 
 
 def first_activation_numel(plan, state, x: torch.Tensor) -> int:
-    """Elements per sample at the output of the first layer with parameters (one-sample probe)."""
+    """Elements per sample at the output of the first layer with parameters (one-sample probe,
+    remembered on the plan per input shape)."""
+    memo = plan.__dict__.setdefault("first_numel", {})
+    key = tuple(x.shape[1:])
+    if key not in memo:
+        memo[key] = _first_activation_numel(plan, state, x)
+    return memo[key]
+
+
+def _first_activation_numel(plan, state, x: torch.Tensor) -> int:
     h = x[:1].detach()
     with torch.no_grad():
         for step in plan:
@@ -374,35 +390,78 @@ def first_activation_numel(plan, state, x: torch.Tensor) -> int:
     return h.numel()
 
 
-# --- verification, cached per model ----------------------------------------------------------------
+# --- the plan, cached per model -------------------------------------------------------------------
 
-_verified: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # model -> checked key
+# model -> (key, plan or None, reason): built (FX trace + one numerical check) when the key changes
+_plans: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _attribute_key(value):
+    if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+        return value
+    return ("object", id(value))  # functions, modules, lists...: their identity
+
+
+def _hook_counts(m: nn.Module) -> tuple:
+    return tuple(len(getattr(m, hooks, None) or ()) for hooks in ("_forward_hooks", "_forward_pre_hooks",
+                                                                  "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _global_hook_counts() -> tuple:
+    from torch.nn.modules import module as _module
+
+    return tuple(len(getattr(_module, hooks, None) or ()) for hooks in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def _signature(model: nn.Module) -> tuple:
-    """What the trace and the check depend on besides tensor values: module types and modes, plain
-    attributes (a forward may branch on them), and which parameter tensors sit where."""
-    return tuple((name, type(m), m.training, tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))),
-                  tuple(id(p) for p in m._parameters.values()))
+    """What the trace and the check depend on besides tensor values: which module objects sit where,
+    their types, class forwards and modes, public attributes (plain values by value, anything else
+    by identity: a swapped function or instance ``forward`` changes it), hooks, and which parameter
+    and buffer tensors they hold."""
+    return tuple((name, id(m), type(m), type(m).forward, m.training, _hook_counts(m),
+                  tuple(sorted((k, _attribute_key(v)) for k, v in vars(m).items() if not k.startswith("_"))),
+                  tuple(id(p) for p in m._parameters.values()), tuple(id(b) for b in m._buffers.values()))
                  for name, m in model.named_modules())
 
 
 def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tensor], probe: torch.Tensor):
     """The plan for ``model`` as it is now (``NotSegmentable`` when it has none).
 
-    The model is traced on every call (about 1.3 ms of Python for ConvNet-3), so whatever its
-    forward depends on — attributes of any type, replaced modules, hooks, globals — is read afresh.
-    A new plan (new modules, modes, plain attributes or per-sample input shape) is also checked
-    numerically once: the interpreted forward against ``model(x)`` on a copy of two probe samples,
-    a guard against layer attributes the steps would not honour. A forward that detects tracing and behaves differently
-    under it is out of reach of both checks."""
+    Built once per model and key — the module structure (``_signature``: module objects, types,
+    class forwards, modes, public attributes, hooks, parameter tensors), the trainable names, the
+    global module hooks and the per-sample input shape, dtype and device — and re-validated on
+    each call by recomputing that key (no FX trace: about 1.5 ms saved per call on ConvNet-3).
+    A new plan is also checked numerically once: the interpreted forward against ``model(x)`` on a
+    copy of two probe samples, a guard against layer attributes the steps would not honour. Not
+    seen after the first call: a change to a global function or to an object attribute's contents
+    that the forward reads (build a new model, or call ``invalidate_plans()``), and a forward that
+    detects tracing and behaves differently under it."""
+    key = (_signature(model), tuple(names), _global_hook_counts(), tuple(probe.shape[1:]), probe.dtype, probe.device)
+    cached = _plans.get(model)
+    if cached is not None and cached[0] == key:
+        if cached[1] is None:
+            raise NotSegmentable(cached[2])
+        return cached[1]
+    try:
+        plan = _build_and_verify(model, names, state, probe)
+    except NotSegmentable as exc:
+        _plans[model] = (key, None, str(exc))
+        raise
+    _plans[model] = (key, plan, None)
+    return plan
+
+
+def invalidate_plans() -> None:
+    """Forget every cached plan (the next call traces and checks each model again)."""
+    _plans.clear()
+
+
+def _build_and_verify(model: nn.Module, names, state, probe):
     plan = build_plan(model, names)
-    key = (_signature(model), tuple(plan.key), tuple(probe.shape[1:]), probe.dtype, probe.device)
-    if _verified.get(model) == key:
-        return plan
     x = probe[:2].detach().clone()  # a copy: an in-place first layer must not write into the caller's tensor
     with torch.no_grad():
         try:
@@ -416,7 +475,6 @@ def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tens
     tol = 1e-9 if want.dtype == torch.float64 else 1e-4
     if not bool(((got - want).abs().max() / scale) <= tol):
         raise NotSegmentable("model(x) differs from the layers applied in order (custom forward)")
-    _verified[model] = key
     return plan
 
 
@@ -425,17 +483,18 @@ def plan_for(model: nn.Module, names: Sequence[str], state: Dict[str, torch.Tens
 def class_grads(plan, state: Dict[str, torch.Tensor], names: Sequence[str], x: torch.Tensor, labels: torch.Tensor,
                 weight: torch.Tensor, G: int, n: int, create_graph: bool) -> List[torch.Tensor]:
     """Per-class gradients (G, *param.shape) for ``names``; ``x``/``labels``/``weight`` are class-major
-    (G*n samples), ``weight`` 1/n_c for real slots and 0 for padding."""
+    (G*n samples), ``weight`` 1/n_c for real slots and 0 for padding. Layers none of whose parameters
+    is in ``names`` are not recorded: no layer-output gradient and no graph for them."""
     if not x.requires_grad:  # a root for the data backward; the engine stops at the layer outputs
         x = x.detach().requires_grad_(True)
-    logits, records = _forward(plan, state, x)
+    logits, records = _forward(plan, state, x, set(names))
     if logits.dim() != 2:
         raise ValueError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
     loss = (weight * F.cross_entropy(logits, labels, reduction="none")).sum()
-    gos = torch.autograd.grad(loss, [z for _, z, _ in records], create_graph=create_graph)
+    gos = torch.autograd.grad(loss, [z for _, z, _, _ in records], create_graph=create_graph)
     grads: Dict[str, torch.Tensor] = {}
-    for (step, _, saved), go in zip(records, gos):
-        for role, g in step.class_grads(saved, go, G, n, _params_of(step, state)).items():
+    for (step, _, saved, roles), go in zip(records, gos):
+        for role, g in step.class_grads(saved, go, G, n, _params_of(step, state), roles).items():
             grads[step.params[role]] = g
     return [grads[name] for name in names]
 

@@ -102,6 +102,42 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 
+# --- eager fast path: the same ops in a plain autograd.Function (see _backend.eager_function) ---
+
+def _eager_forward(ctx, static, f_syn, y_syn, mean_real, count_real):
+    fwd, ctx.bwd, num_classes = static
+    loss_c, diff, count_syn = fwd(f_syn, y_syn, mean_real, count_real, num_classes)
+    ctx.dtype = f_syn.dtype
+    ctx.save_for_backward(y_syn, diff, count_syn)
+    return loss_c
+
+
+def _eager_backward(ctx, grad_loss):
+    y_syn, diff, count_syn = ctx.saved_tensors
+    return ctx.bwd(grad_loss.contiguous(), y_syn, diff, count_syn, ctx.dtype), None, None, None
+
+
+_Eager = _backend.eager_function("ClassMeanLossEager", _eager_forward, _eager_backward)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, D) contiguous view of per-sample features (no dispatch when it already is one)."""
+    if t.dim() != 2:
+        t = t.reshape(t.shape[0], -1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+_MEANS_BACKEND: dict = {}  # (backend, device) -> backend of the real-side class means
+
+
+def _means_backend(which: str, device: torch.device) -> str:
+    key = (which, device)
+    got = _MEANS_BACKEND.get(key)
+    if got is None:
+        got = _MEANS_BACKEND[key] = which if _backend.available(MEANS_OP, which, device) else "torch"
+    return got
+
+
 def _as_layers(name: str, f) -> list:
     if isinstance(f, torch.Tensor):
         return [f]
@@ -150,21 +186,25 @@ def class_mean_loss(f_real: Features, y_real: torch.Tensor, f_syn: Features, y_s
     if which == "torch":
         out = class_mean_loss_reference(reals, y_real, syns, y_syn, num_classes, reduction, weights)
     else:
-        means_backend = which if _backend.available(MEANS_OP, which, device) else "torch"
-        y_r = y_real.to(torch.int64).contiguous()
-        y_s = y_syn.to(torch.int64).contiguous()
-        op = torch.ops.ddfast.class_mean_loss_triton_fwd if which == "triton" else torch.ops.ddfast.class_mean_loss_fwd
+        means_backend = _means_backend(which, device)
+        y_r = y_real if y_real.dtype == torch.int64 and y_real.is_contiguous() else y_real.to(torch.int64).contiguous()
+        y_s = y_syn if y_syn.dtype == torch.int64 and y_syn.is_contiguous() else y_syn.to(torch.int64).contiguous()
+        fwd, bwd = _backend.op_pair(OP, which)
+        eager = _backend.eager_path()  # a plain autograd.Function; torch.compile takes the registered op
         out = None
         for fr, fs, w in zip(reals, syns, weights):
-            with torch.no_grad():
-                # the real means are the constant target; half inputs are averaged in fp32
-                fr2 = fr.detach().reshape(fr.shape[0], -1)
-                fr2 = (fr2 if fr2.dtype in (torch.float32, torch.float64) else fr2.float()).contiguous()
-                mean_r, count_r = class_means_impl(fr2, y_r, num_classes, means_backend)
-            loss_c = op(fs.reshape(fs.shape[0], -1).contiguous(), y_s, mean_r, count_r, num_classes)[0]
+            # the real means are the constant target (detached: no graph); half inputs are averaged in fp32
+            fr2 = _rows(fr.detach())
+            fr2 = fr2 if fr2.dtype in (torch.float32, torch.float64) else fr2.float()
+            mean_r, count_r = class_means_impl(fr2, y_r, num_classes, means_backend)
+            fs2 = _rows(fs)
+            if eager:
+                loss_c = _Eager.apply((fwd, bwd, num_classes), fs2, y_s, mean_r, count_r)
+            else:
+                loss_c = fwd(fs2, y_s, mean_r, count_r, num_classes)[0]
             loss_c = loss_c if w == 1.0 else loss_c * w
             out = loss_c if out is None else out + loss_c
-        out = out.to(syns[0].dtype)
+        out = out if out.dtype == syns[0].dtype else out.to(syns[0].dtype)
         out = out.sum() if reduction == "sum" else out
     single = len(reals) == 1
     check_result_finite(out, f_real=reals[0] if single else reals, f_syn=syns[0] if single else syns)

@@ -22,7 +22,9 @@ OP = "class_means"
 def class_means_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """index_add of the rows, divided by the class sizes (empty classes stay 0)."""
     flat = x.reshape(x.shape[0], -1)
-    counts = torch.bincount(labels, minlength=num_classes)
+    # counts by index_add with the known C (bincount would read max(labels) on the host: a sync)
+    counts = labels.new_zeros(num_classes, dtype=torch.int64).index_add_(0, labels, torch.ones_like(labels,
+                                                                                                 dtype=torch.int64))
     sums = flat.new_zeros((num_classes, flat.shape[1])).index_add(0, labels, flat)
     means = sums / counts.clamp(min=1).unsqueeze(1).to(flat.dtype)
     return means.reshape((num_classes,) + tuple(x.shape[1:])), counts
@@ -84,12 +86,35 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=False, on_load=_register_compiled))
 
 
+# --- eager fast path: the same ops in a plain autograd.Function (see _backend.eager_function) ---
+
+def _eager_forward(ctx, static, x2d, labels):
+    fwd, ctx.bwd, num_classes = static
+    means, counts = fwd(x2d, labels, num_classes)
+    ctx.save_for_backward(labels, counts)
+    ctx.mark_non_differentiable(counts)
+    return means, counts
+
+
+def _eager_backward(ctx, grad_means, _grad_counts):
+    labels, counts = ctx.saved_tensors
+    return ctx.bwd(grad_means.contiguous(), labels, counts), None
+
+
+_Eager = _backend.eager_function("ClassMeansEager", _eager_forward, _eager_backward)
+
+
 def class_means_impl(x2d: torch.Tensor, labels: torch.Tensor, num_classes: int, which: str):
     """Dispatch on validated (N, D) contiguous features and int64 labels; returns (means (C, D), counts)."""
     if which == "torch":
         return class_means_reference(x2d, labels, num_classes)
-    op = torch.ops.ddfast.class_means_triton_fwd if which == "triton" else torch.ops.ddfast.class_means_fwd
-    return op(x2d, labels, num_classes)
+    fwd, bwd = _backend.op_pair(OP, which)
+    if not _backend.eager_path():  # torch.compile: the registered op and its traceable autograd
+        return fwd(x2d, labels, num_classes)
+    if x2d.requires_grad and torch.is_grad_enabled():  # a plain autograd.Function
+        return _Eager.apply((fwd, bwd, num_classes), x2d, labels)
+    with torch._C._AutoDispatchBelowAutograd():  # no graph wanted (e.g. class_mean_loss's real side)
+        return fwd(x2d, labels, num_classes)
 
 
 def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -104,7 +129,10 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     check_labels("labels", labels, x.shape[0], num_classes)
     check_same_device(x=x, labels=labels)
     which = _backend.resolve(OP, backend, x.device)
-    x2d = x.reshape(x.shape[0], -1).contiguous()
-    means, counts = class_means_impl(x2d, labels.to(torch.int64).contiguous(), num_classes, which)
+    flat = x.dim() == 2 and x.is_contiguous()  # the common (N, D) case: no reshapes
+    x2d = x if flat else x.reshape(x.shape[0], -1).contiguous()
+    if labels.dtype != torch.int64 or not labels.is_contiguous():
+        labels = labels.to(torch.int64).contiguous()
+    means, counts = class_means_impl(x2d, labels, num_classes, which)
     check_result_finite(means, x=x)
-    return means.reshape((num_classes,) + tuple(x.shape[1:])), counts
+    return (means if flat else means.reshape((num_classes,) + tuple(x.shape[1:]))), counts

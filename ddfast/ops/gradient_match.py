@@ -23,7 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .._checks import acc_dtype, check_choice, check_float_tensor, check_result_finite, check_same_shape
+from .._checks import (FLOAT_DTYPES, acc_dtype, check_choice, check_float_tensor, check_result_finite,
+                       check_same_shape)
 
 OP = "gradient_match"
 METRICS = ("ours", "mse", "cos")
@@ -73,7 +74,29 @@ def gradient_match_reference(g_syn: Sequence[torch.Tensor], g_real: Sequence[tor
     return out.to(dtype)
 
 
+def _plainly_valid(g_syn, g_real, grouped: bool) -> bool:
+    """The common case in one pass without building messages; False sends the inputs through the
+    checks of ``_validate``, which name the problem."""
+    if not isinstance(g_syn, (list, tuple)) or not isinstance(g_real, (list, tuple)) or not g_syn \
+            or len(g_syn) != len(g_real) or not isinstance(g_syn[0], torch.Tensor):
+        return False
+    s0 = g_syn[0]
+    dtype, device = s0.dtype, s0.device
+    if dtype not in FLOAT_DTYPES or (grouped and s0.dim() < 1):
+        return False
+    groups = s0.shape[0] if grouped else None
+    for s, r in zip(g_syn, g_real):
+        if not (isinstance(s, torch.Tensor) and isinstance(r, torch.Tensor) and s.dtype == dtype and r.dtype == dtype
+                and s.shape == r.shape and s.numel() and s.device == device and r.device == device):
+            return False
+        if grouped and (s.dim() < 1 or s.shape[0] != groups):
+            return False
+    return True
+
+
 def _validate(g_syn, g_real, grouped: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    if _plainly_valid(g_syn, g_real, grouped):
+        return list(g_syn), list(g_real)
     for name, seq in (("g_syn", g_syn), ("g_real", g_real)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
             raise TypeError(f"{name} must be a list or tuple of tensors (one per parameter), got {type(seq).__name__}")
@@ -179,6 +202,26 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 
+# --- eager fast path: the same ops in a plain autograd.Function (see _backend.eager_function) ---
+
+def _eager_forward(ctx, static, *tensors):
+    fwd, ctx.bwd, ctx.metric, eps, ctx.grouped, reduction = static
+    k = len(tensors) // 2
+    loss, coefs = fwd(list(tensors[:k]), list(tensors[k:]), ctx.metric, eps, ctx.grouped, reduction)
+    ctx.save_for_backward(*tensors, coefs)
+    return loss
+
+
+def _eager_backward(ctx, grad_loss):
+    saved = ctx.saved_tensors
+    k = (len(saved) - 1) // 2
+    grads = ctx.bwd(grad_loss, list(saved[:k]), list(saved[k:2 * k]), saved[-1], ctx.metric, ctx.grouped)
+    return (*grads, *([None] * k))
+
+
+_Eager = _backend.eager_function("GradientMatchEager", _eager_forward, _eager_backward)
+
+
 def gradient_match(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor], metric: str = "ours", *,
                    eps: float = 1e-6, grouped: bool = False, reduction: str = "sum",
                    backend: str = "auto") -> torch.Tensor:
@@ -194,15 +237,18 @@ def gradient_match(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     g_syn, g_real = _validate(g_syn, g_real, bool(grouped))
-    g_real = [r.detach() for r in g_real]
     which = _backend.resolve(OP, backend, g_syn[0].device)
     if which == "torch":
-        loss = gradient_match_reference(g_syn, g_real, metric, eps=float(eps), grouped=bool(grouped),
-                                        reduction=reduction)
-    else:
+        loss = gradient_match_reference(g_syn, [r.detach() for r in g_real], metric, eps=float(eps),
+                                        grouped=bool(grouped), reduction=reduction)
+    else:  # the kernels give no gradient to g_real
         g_syn = [s.contiguous() for s in g_syn]
         g_real = [r.contiguous() for r in g_real]
-        op = torch.ops.ddfast.gradient_match_triton_fwd if which == "triton" else torch.ops.ddfast.gradient_match_fwd
-        loss = op(g_syn, g_real, metric, float(eps), bool(grouped), reduction)[0]
+        fwd, bwd = _backend.op_pair(OP, which)
+        static = (fwd, bwd, metric, float(eps), bool(grouped), reduction)
+        if _backend.eager_path():  # a plain autograd.Function: no pytree pass over the lists
+            loss = _Eager.apply(static, *g_syn, *g_real)
+        else:  # torch.compile: the registered op and its traceable autograd
+            loss = fwd(g_syn, [r.detach() for r in g_real], *static[2:])[0]
     check_result_finite(loss, g_syn=g_syn, g_real=g_real)
     return loss

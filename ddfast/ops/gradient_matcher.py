@@ -30,6 +30,12 @@ same gradient w.r.t. the synthetic images, but computes all classes at once:
 
 All per-class gradients then go to ``ddfast.gradient_match(..., grouped=True)`` in one call.
 
+Host syncs: none after the first call with the same label tensors and shapes. The class layout (the
+classes on both sides, each class's samples) is computed once per pair of label tensors, cached on
+their identities and version counters (``class_layout``); the segmented plan once per model
+structure (``_segmented_grads.plan_for``); under metric "ours" the segmented strategy skips rank-1
+parameters (exactly 0 there): no per-class gradients and no graph through them.
+
 Semantics kept from the reference: parameters are those of ``model.parameters()`` that require grad,
 in that order (rank-1 tensors contribute 0 with metric "ours"); the real side is constant; the model
 is used in its current mode. The model's parameters receive no ``.grad`` (DC zeroes them before its
@@ -40,7 +46,8 @@ are then switched to eval mode — that switch persists, exactly as in DC, until
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import weakref
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,20 +150,71 @@ def _common_classes(y_real: torch.Tensor, y_syn: torch.Tensor) -> List[int]:
     return sorted(real.intersection(torch.unique(y_syn).tolist()))
 
 
-def _class_slots(y: torch.Tensor, classes: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(index (G, n_max), weight (G, n_max)): row g lists the samples of class ``classes[g]`` in
-    input order, padded with index N (a zero image appended by the caller) of weight 0; real
-    samples weigh 1/n_c, so the weighted CE sum of a row is that class's CE mean."""
+class _Slots(NamedTuple):
+    """One side's samples by class: row g of ``index`` (G, n_max) lists the samples of class
+    ``classes[g]`` in input order, padded with index N (a zero image appended by the caller)."""
+    index: torch.Tensor
+    counts: torch.Tensor       # (G,) int64 on the device
+    count_list: List[int]      # the same on the host
+
+
+def _class_slots(y: torch.Tensor, classes: torch.Tensor) -> _Slots:
     n = y.shape[0]
     member = y.unsqueeze(0) == classes.unsqueeze(1)              # (G, N)
     counts = member.sum(1)
-    n_max = int(counts.max())
+    count_list = counts.tolist()
+    n_max = max(count_list)
     rank = member.cumsum(1) - 1                                  # position of each sample inside its class
     index = torch.full((classes.shape[0], n_max), n, dtype=torch.long, device=y.device)
     rows, cols = member.nonzero(as_tuple=True)
     index[rows, rank[rows, cols]] = cols
-    weight = (index < n).to(dtype) / counts.unsqueeze(1).to(dtype)
-    return index, weight
+    return _Slots(index, counts, count_list)
+
+
+def _slot_weight(slots: _Slots, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(G, n_max): 1/n_c for real samples, 0 for padding (index n), so the weighted CE sum of a row
+    is that class's CE mean."""
+    return (slots.index < n).to(dtype) / slots.counts.unsqueeze(1).to(dtype)
+
+
+class _ClassLayout(NamedTuple):
+    classes: List[int]         # the classes present on both sides, ascending
+    cls: torch.Tensor          # the same on the device
+    real: _Slots
+    syn: _Slots
+
+
+# (id(y_real), id(y_syn)) -> (weakref real, version real, weakref syn, version syn, layout)
+_layouts: Dict[Tuple[int, int], tuple] = {}
+_LAYOUT_CACHE_SIZE = 16
+
+
+def _build_layout(y_real: torch.Tensor, y_syn: torch.Tensor) -> _ClassLayout:
+    classes = _common_classes(y_real, y_syn)
+    if not classes:
+        return _ClassLayout([], y_syn.new_empty(0, dtype=torch.long), None, None)
+    cls = torch.tensor(classes, dtype=torch.long, device=y_syn.device)
+    return _ClassLayout(classes, cls, _class_slots(y_real, cls), _class_slots(y_syn, cls))
+
+
+def class_layout(y_real: torch.Tensor, y_syn: torch.Tensor) -> _ClassLayout:
+    """The class layout of a label pair, computed once per pair of label tensors (cached on their
+    identities and version counters: DD loops reuse their label tensors, and any in-place write
+    bumps the version). Building it reads the labels on the host (syncs); a cache hit does not."""
+    try:
+        versions = (y_real._version, y_syn._version)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        return _build_layout(y_real, y_syn)
+    key = (id(y_real), id(y_syn))
+    entry = _layouts.get(key)
+    if entry is not None and entry[0]() is y_real and entry[2]() is y_syn and (entry[1], entry[3]) == versions:
+        return entry[4]
+    layout = _build_layout(y_real, y_syn)
+    if len(_layouts) >= _LAYOUT_CACHE_SIZE:
+        _layouts.pop(next(iter(_layouts)))
+    drop = lambda _ref, k=key: _layouts.pop(k, None)  # noqa: E731
+    _layouts[key] = (weakref.ref(y_real, drop), versions[0], weakref.ref(y_syn, drop), versions[1], layout)
+    return layout
 
 
 def _with_zero_sample(x: torch.Tensor) -> torch.Tensor:
@@ -168,13 +226,17 @@ def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _with_zero_sample(x)[index]
 
 
-def _freeze_batchnorm(model: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, classes: List[int],
-                      per_class: int) -> None:
+def _class_rows(x: torch.Tensor, slots: _Slots, g: int) -> torch.Tensor:
+    """The samples of the layout's g-th class, in input order (no boolean mask: no sync)."""
+    return x.index_select(0, slots.index[g, :slots.count_list[g]])
+
+
+def _freeze_batchnorm(model: nn.Module, x_real: torch.Tensor, layout: _ClassLayout, per_class: int) -> None:
     """DC main.py's BatchNorm handling: running stats from one real batch, then eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if not bns:
         return
-    batch = torch.cat([x_real[y_real == c][:per_class] for c in classes])
+    batch = torch.cat([_class_rows(x_real, layout.real, g)[:per_class] for g in range(len(layout.classes))])
     with torch.no_grad():
         model(batch)
     for m in bns:
@@ -239,10 +301,10 @@ class GradientMatcher:
         if not names:
             raise ValueError("model has no parameters that require grad")
         x_real = x_real.detach()
-        classes = _common_classes(y_real, y_syn)
-        if not classes:  # every class skipped: an empty sum, still connected to x_syn
+        layout = class_layout(y_real, y_syn)
+        if not layout.classes:  # every class skipped: an empty sum, still connected to x_syn
             return x_syn.reshape(-1)[:0].sum()
-        _freeze_batchnorm(self.model, x_real, y_real, classes, self.bn_images_per_class)
+        _freeze_batchnorm(self.model, x_real, layout, self.bn_images_per_class)
         strategy, plan, state = self.strategy, None, None
         if strategy in ("auto", "segmented"):
             state = {n: p.detach() for n, p in self.model.named_parameters()}
@@ -255,11 +317,14 @@ class GradientMatcher:
                 strategy = "vmap" if x_syn.device.type == "cuda" else "loop"
         self.last_strategy = strategy
         if strategy == "segmented":
-            g_real, g_syn = self._grads_segmented(plan, state, names, classes, x_real, y_real, x_syn, y_syn)
+            # "ours" gives rank-1 tensors (biases, norm affines) exactly 0: no per-class gradients
+            # and no graph for them (unless nothing else is trainable)
+            matched = [n for n in names if self.metric != "ours" or state[n].dim() != 1] or names
+            g_real, g_syn = self._grads_segmented(plan, state, matched, layout, x_real, x_syn)
         elif strategy == "vmap":
-            g_real, g_syn = self._grads_vmap(names, classes, x_real, y_real, x_syn, y_syn)
+            g_real, g_syn = self._grads_vmap(names, layout, x_real, x_syn)
         else:
-            g_real, g_syn = self._grads_loop(names, classes, x_real, y_real, x_syn, y_syn)
+            g_real, g_syn = self._grads_loop(names, layout, x_real, x_syn)
         return _grouped_distance(g_syn, g_real, self.metric, self.eps, self.backend)
 
     def _split_state(self, names: List[str]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -279,26 +344,24 @@ class GradientMatcher:
         self.segmented_reason = None
         return plan
 
-    def _grads_segmented(self, plan, state, names, classes, x_real, y_real, x_syn, y_syn):
+    def _grads_segmented(self, plan, state, names, layout: _ClassLayout, x_real, x_syn):
         from ._segmented_grads import class_grads, segment_bounds
 
-        cls = torch.tensor(classes, dtype=torch.long, device=x_syn.device)
-
-        def grads(x, y, create_graph, chunk):
-            index, weight = _class_slots(y, cls, x.dtype)
+        def grads(x, slots: _Slots, create_graph, chunk):
+            index, weight = slots.index, _slot_weight(slots, x.shape[0], x.dtype)
             G, n = index.shape
             padded = _with_zero_sample(x)  # once; each chunk gathers its slots from it
-            labels = cls.unsqueeze(1).expand_as(index)
+            labels = layout.cls.unsqueeze(1).expand_as(index)
             parts = []
             for a, b in segment_bounds(G, n, chunk):
                 parts.append(class_grads(plan, state, names, padded[index[a:b].reshape(-1)],
                                          labels[a:b].reshape(-1), weight[a:b].reshape(-1), b - a, n, create_graph))
             return parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
 
-        g_real = [g.detach() for g in grads(x_real, y_real, False, self.real_chunk_size)]
-        return g_real, grads(x_syn, y_syn, True, None)
+        g_real = [g.detach() for g in grads(x_real, layout.real, False, self.real_chunk_size)]
+        return g_real, grads(x_syn, layout.syn, True, None)
 
-    def _grads_vmap(self, names, classes, x_real, y_real, x_syn, y_syn):
+    def _grads_vmap(self, names, layout: _ClassLayout, x_real, x_syn):
         from torch.func import functional_call, grad, vmap
 
         params, frozen = self._split_state(names)
@@ -309,31 +372,30 @@ class GradientMatcher:
             return (w * F.cross_entropy(out, y, reduction="none")).sum()
 
         per_class = vmap(grad(weighted_ce), in_dims=(None, 0, 0, 0), randomness="different")
-        cls = torch.tensor(classes, dtype=torch.long, device=x_syn.device)
 
-        def grads(x, y):
-            index, weight = _class_slots(y, cls, x.dtype)
-            labels = cls.unsqueeze(1).expand_as(index)
-            g = per_class(params, _gather_padded(x, index), labels, weight)
+        def grads(x, slots: _Slots):
+            labels = layout.cls.unsqueeze(1).expand_as(slots.index)
+            g = per_class(params, _gather_padded(x, slots.index), labels, _slot_weight(slots, x.shape[0], x.dtype))
             return [g[n] for n in names]
 
-        g_real = [g.detach() for g in grads(x_real, y_real)]
-        return g_real, grads(x_syn, y_syn)
+        g_real = [g.detach() for g in grads(x_real, layout.real)]
+        return g_real, grads(x_syn, layout.syn)
 
-    def _grads_loop(self, names, classes, x_real, y_real, x_syn, y_syn):
+    def _grads_loop(self, names, layout: _ClassLayout, x_real, x_syn):
         from torch.func import functional_call
 
         params, frozen = self._split_state(names)
         leaves = {n: p.requires_grad_() for n, p in params.items()}  # fresh leaves: no .grad on the model
         order = [leaves[n] for n in names]
 
-        def class_grad(x, c, create_graph):
-            labels = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+        def class_grad(x, g, create_graph):
+            labels = layout.cls[g].expand(x.shape[0])
             out = functional_call(self.model, (leaves, frozen), (x,))
             return torch.autograd.grad(F.cross_entropy(out, labels), order, create_graph=create_graph)
 
-        real = [class_grad(x_real[y_real == c], c, False) for c in classes]
-        syn = [class_grad(x_syn[y_syn == c], c, True) for c in classes]
+        G = len(layout.classes)
+        real = [class_grad(_class_rows(x_real, layout.real, g), g, False) for g in range(G)]
+        syn = [class_grad(_class_rows(x_syn, layout.syn, g), g, True) for g in range(G)]
         stack = lambda per_cls: [torch.stack(gs) for gs in zip(*per_cls)]  # noqa: E731
         return stack(real), stack(syn)
 

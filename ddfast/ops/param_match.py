@@ -77,6 +77,23 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 
+# --- eager fast path: the same ops in a plain autograd.Function (see _backend.eager_function) ---
+
+def _eager_forward(ctx, ops, student, start, target):
+    fwd, ctx.bwd = ops
+    loss, den = fwd(student, start, target)
+    ctx.save_for_backward(student, target, den)
+    return loss
+
+
+def _eager_backward(ctx, grad_loss):
+    student, target, den = ctx.saved_tensors
+    return ctx.bwd(grad_loss, student, target, den), None, None
+
+
+_Eager = _backend.eager_function("ParamMatchEager", _eager_forward, _eager_backward)
+
+
 def param_match(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """MTT trajectory loss ``‖student − target‖² / ‖start − target‖²`` (scalar, input dtype).
 
@@ -88,13 +105,14 @@ def param_match(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor
     check_same_shape("student", student, "target", target)
     check_same_device(student=student, start=start, target=target)
     check_same_dtype(student=student, start=start, target=target)
-    start, target = start.detach(), target.detach()
     which = _backend.resolve(OP, backend, student.device)
     if which == "torch":
-        loss = param_match_reference(student, start, target)
-    else:
-        flat = [t.reshape(-1).contiguous() for t in (student, start, target)]
-        op = torch.ops.ddfast.param_match_triton_fwd if which == "triton" else torch.ops.ddfast.param_match_fwd
-        loss = op(*flat)[0]
+        loss = param_match_reference(student, start.detach(), target.detach())
+    else:  # the kernels give no gradient to start/target
+        flat = [t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
+                for t in (student, start, target)]
+        fwd, bwd = _backend.op_pair(OP, which)
+        # eager: a plain autograd.Function; compiled: the registered op (its autograd is traceable)
+        loss = _Eager.apply((fwd, bwd), *flat) if _backend.eager_path() else fwd(*flat)[0]
     check_result_finite(loss, student=student, start=start, target=target)
     return loss
