@@ -65,3 +65,13 @@ def info(device: Optional[str] = None, *, file=None) -> dict:
                 lines.append(f"    {backend:7s} {state}")
     print("\n".join(lines), file=file)
     return data
+
+
+def print_kernels(*, file=None) -> int:
+    """``ddfast info --kernels``: the sm_90 compile report of every Triton and CUDA kernel
+    (ddfast.kernel_report); 1 when the compile gate fails (an error or a hot-kernel spill)."""
+    from . import kernel_report
+
+    print("", file=file)
+    rows = kernel_report.print_report(file=file)
+    return 1 if kernel_report.gate_failures(rows) else 0

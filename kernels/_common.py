@@ -8,7 +8,30 @@ def acc_dtypes(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+def _read(getter):
+    try:
+        return getter()
+    except (AttributeError, RuntimeError):  # attribute missing in older torch; mixed-API read error in newer
+        return None
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether the user opted into TF32 for fp32 CUDA matmuls, read through torch's current API
+    and never raising. Since torch 2.9 ``torch.backends.cuda.matmul.fp32_precision`` ("tf32",
+    "ieee", or "none" = not set: IEEE) reflects every way of setting it (the new attribute,
+    ``torch.backends.fp32_precision``, ``set_float32_matmul_precision``, ``allow_tf32``), while the
+    legacy reads (``allow_tf32``, ``get_float32_matmul_precision()``) raise RuntimeError once the
+    new API was used. Older torch: the legacy reads."""
+    precision = _read(lambda: torch.backends.cuda.matmul.fp32_precision)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    legacy = _read(torch.get_float32_matmul_precision)
+    if legacy is not None:
+        return legacy != "highest"
+    return bool(_read(lambda: torch.backends.cuda.matmul.allow_tf32))
+
+
 def dot_precision(z: torch.Tensor) -> str:
     """tl.dot precision: exact fp32 products unless the user opted into TF32 the torch way (CUDA)."""
-    tf32 = z.is_cuda and z.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = z.is_cuda and z.dtype == torch.float32 and fp32_matmul_allows_tf32()
     return "tf32" if tf32 else "ieee"

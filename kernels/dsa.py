@@ -19,7 +19,13 @@ from ._common import acc_dtypes
 BLOCK = 256
 _REDUCE_BLOCK = 1024
 
-OP_COLOR, OP_CROP, OP_CUTOUT, OP_FLIP, OP_AFFINE = 1, 2, 3, 4, 5
+# op codes (ddfast/ops/dsa.py writes them): tl.constexpr, because @triton.jit code may only read
+# globals that are constexpr (plain ints raise NameError on compile; the interpreter hides that)
+OP_COLOR = tl.constexpr(1)
+OP_CROP = tl.constexpr(2)
+OP_CUTOUT = tl.constexpr(3)
+OP_FLIP = tl.constexpr(4)
+OP_AFFINE = tl.constexpr(5)
 
 
 @triton.jit
