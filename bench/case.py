@@ -1,7 +1,7 @@
 """The benchmark case: how to build inputs, the reference, the fused call, and its cost model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -24,3 +24,10 @@ class Case:
     size: Optional[float] = None                         # x-axis of the per-op plot (e.g. elements)
     devices: Tuple[str, ...] = ("cpu", "cuda")
     notes: str = ""                                      # what the case measures; copied into the JSON report
+    # Other computations users run for the same result (e.g. DC's per-class loop), each timed as a
+    # provider named by its key and checked against ``reference``; ddfast rows report speed-ups
+    # against each of them as well as against ``reference``. baseline(**inputs) -> tensor.
+    baselines: Dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+    # Work model: work_flops(inputs, provider) -> fwd+bwd flops that provider's algorithm executes
+    # (None: unknown). The bench's "work" column is work_flops(provider) / work_flops("reference").
+    work_flops: Optional[Callable[[Dict, str], Optional[float]]] = None

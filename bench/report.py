@@ -4,21 +4,30 @@ from __future__ import annotations
 import json
 from typing import Dict
 
+from .runner import TABLE_COLUMNS, baselines_legend, format_number, table_cells
+
 
 def markdown(report: Dict) -> str:
+    rows = report["results"]
+    cells = [table_cells(r) for r in rows]
+    for c in cells:
+        c["check"] = "error" if c["check"] == "ERROR" else c["check"]
+    # columns nobody filled (e.g. peak MB on CPU, vs compiled without --compile-reference) are left out
+    cols = [(t, k, f) for t, k, f in TABLE_COLUMNS
+            if f is None or any(format_number(c.get(k), f, k) != "-" for c in cells)]
     lines = [f"Device: {report['device']} · torch {report['torch']} · commit {report['commit']} · "
              f"{report['date'][:10]} · `{report.get('command') or 'ddfast bench'}`", "",
-             "| case | provider | check | median ms | speed-up | GB/s | peak MB |",
-             "|---|---|---|---:|---:|---:|---:|"]
-
-    def num(value, fmt):
-        return format(value, fmt) if isinstance(value, (int, float)) else "–"
-
-    for r in report["results"]:
-        check = "error" if "error" in r else r.get("check", "–")
-        lines.append(f"| {r['case']} | {r['provider']} | {check} | {num(r.get('median_ms'), '.3f')} | "
-                     f"{num(r.get('speedup'), '.2f')}{'x' if r.get('speedup') else ''} | {num(r.get('gbs'), '.1f')} | "
-                     f"{num(r.get('peak_mem_mb'), '.1f')} |")
+             "| " + " | ".join(t.replace("host us", "host µs") for t, _, _ in cols) + " |",
+             "|" + "|".join("---" if f is None else "---:" for _, _, f in cols) + "|"]
+    for c in cells:
+        values = [str(c.get(k, "–")) if f is None else format_number(c.get(k), f, k) for _, k, f in cols]
+        values = ["–" if v == "-" else v for v in values]
+        lines.append("| " + " | ".join(values) + " |")
+    legend = baselines_legend(rows)
+    if legend:
+        lines += ["", legend]
+    if report.get("definitions"):
+        lines += ["", "ops, syncs, host µs: see `definitions` in the JSON (one fwd+bwd call after warm-up)."]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
     python -m pytest bench/test_bench_cases.py --benchmark-only            # the default cases
     DDFAST_BENCH_FULL=1 python -m pytest bench/test_bench_cases.py --benchmark-only --benchmark-json out.json
 
-Each provider is checked against the reference before it is timed, as in ``ddfast bench``.
+Providers: the reference, each of the case's baselines (e.g. DC's per-class loop) and the first
+available ddfast provider; each is checked against the reference before it is timed, as in ``ddfast bench``.
 Not part of the test suite (``testpaths = tests``).
 """
 import os
@@ -19,13 +20,19 @@ FULL = os.environ.get("DDFAST_BENCH_FULL") == "1"
 CASES = select_cases(DEVICE.type, FULL)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("provider", ["reference", "ddfast"])
+PAIRS = [(case, provider) for case in CASES for provider in ["reference", *case.baselines, "ddfast"]]
+
+
+@pytest.mark.parametrize("case,provider", PAIRS, ids=[f"{c.name}-{p}" for c, p in PAIRS])
 def test_case(benchmark, case, provider):
     inputs = case.make_inputs(DEVICE)
     ref_fn = lambda: case.reference(**inputs)  # noqa: E731
     if provider == "reference":
         fn = ref_fn
+    elif provider in case.baselines:
+        fn = lambda: case.baselines[provider](**inputs)  # noqa: E731
+        ok, err = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn)
+        assert ok, f"{case.name}[{provider}] differs from the reference (max rel err {err:.2e})"
     else:
         provs = providers_for(case, DEVICE)
         if not provs:

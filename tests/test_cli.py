@@ -89,3 +89,87 @@ def test_gradient_matcher_sweep_runs():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "activations 0.66M" in out.stdout and "'segmented'" in out.stdout
+
+
+# --- bench columns: dispatched ops, host syncs, host µs, work model, baselines, compiled reference ---
+
+def _square_case(**kw):
+    def make(device):
+        return {"x": torch.randn(64, device=device, requires_grad=True)}
+
+    def loop(x):  # the same sum, one element at a time: many more dispatched ops and host work
+        return sum(x[i] * x[i] for i in range(x.shape[0]))
+
+    work = {"reference": 128.0, "loop": 192.0, "ddfast": 64.0}
+    fields = dict(name="fake/square", make_inputs=make, reference=lambda x: (x * x).sum(),
+                  fused=lambda backend, x: (x ** 2).sum(), backends=("auto",), grad_inputs=("x",),
+                  baselines={"loop": loop}, work_flops=lambda inputs, provider: work.get(provider))
+    fields.update(kw)
+    return Case(**fields)
+
+
+def test_bench_rows_count_ops_syncs_host_time_and_compare_against_every_baseline():
+    rows = runner.run_case(_square_case(), torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0,
+                           compile_reference=True, compile_backend="eager")
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["reference", "loop", "reference-compiled", "ddfast"]
+    assert [by[p]["role"] for p in by] == ["reference", "baseline", "baseline", "ddfast"]
+    assert all("error" not in r and r["check"] in ("ok", "reference") for r in rows), rows
+    assert 0 < by["reference"]["ops"] < 20 < 64 * 2 < by["loop"]["ops"]
+    assert by["reference-compiled"]["ops"] is None and by["reference-compiled"]["compile_s"] > 0
+    assert all(r["syncs"] == 0 for r in rows)
+    assert by["loop"]["host_us"] > max(500.0, 3 * by["reference"]["host_us"])  # ~400 ops of Python + autograd
+    assert (by["loop"]["work"], by["ddfast"]["work"], by["reference"]["work"]) == (1.5, 0.5, 1.0)
+    vs = by["ddfast"]["speedup_vs"]
+    assert set(vs) == {"loop", "reference-compiled"}
+    assert vs["loop"] == pytest.approx(by["loop"]["median_ms"] / by["ddfast"]["median_ms"])
+    best = runner.best_speedups([_square_case()], rows)["fake/square"]
+    assert best["provider"] == "ddfast" and set(best["vs"]) == {"loop", "reference-compiled"}
+    table = runner.format_table(rows)
+    for title in ("ops", "syncs", "host us", "vs base", "vs compiled", "work"):
+        assert title in table.splitlines()[0]
+    report = {"device": "cpu", "torch": torch.__version__, "commit": "x", "date": "2026-01-01", "results": rows}
+    from ddfast.bench.report import markdown
+    md = markdown(report)
+    assert "| ops | syncs | host µs | work |" in md and "| fake/square | loop | ok |" in md
+
+
+def test_bench_counts_host_syncs_of_a_provider():
+    def reads_a_value(backend, x):
+        scale = float(x.detach().abs().max())  # a host read: a sync on a GPU
+        return (x * x).sum() * (scale / scale)
+
+    rows = runner.run_case(_square_case(fused=reads_a_value, baselines={}, work_flops=None), torch.device("cpu"),
+                           {"copy_gbs": 1.0}, 1, 0.0)
+    by = {r["provider"]: r for r in rows}
+    assert by["reference"]["syncs"] == 0 and by["ddfast"]["syncs"] >= 1
+    assert "work" not in by["ddfast"]
+
+
+def test_bench_compile_failure_is_an_error_row_not_a_crash(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rows = runner.run_case(_square_case(baselines={}), torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0,
+                           compile_reference=True)
+    by = {r["provider"]: r for r in rows}
+    assert "no C++ compiler" in by["reference-compiled"]["error"]
+    assert by["ddfast"]["check"] == "ok" and by["ddfast"]["speedup"] > 0
+    assert runner.failed_rows(rows) == []  # reported, not fatal
+    assert "error: RuntimeError: no C++ compiler" in runner.format_table(rows)
+
+
+def test_gradient_match_dc_loop_baseline_equals_the_grouped_reference():
+    case = next(c for c in all_cases() if c.name == "gradient_match/convnet3-cifar10-c10")
+    inputs = case.make_inputs(torch.device("cpu"))
+    inputs = dict(inputs, syn=inputs["syn"].detach().double().requires_grad_(True), real=inputs["real"].double())
+    losses, grads = [], []
+    for fn in (case.reference, case.baselines["dc-loop"]):
+        loss = fn(**inputs)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, inputs["syn"])[0])
+    # DC accumulates into torch.tensor(0.0): a float32 sum of float64 distances, as in DC
+    assert losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1].double(), losses[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)

@@ -4,6 +4,10 @@ CIFAR ResNet-18 (≈11.2M per class, its largest rows 512 × 4608).
 
 The synthetic gradients are one flat leaf (so the runner can compare its .grad) viewed as the
 per-tensor gradients; reference and fused calls see the same views.
+
+Two baselines: ``reference`` is the grouped torch computation (all classes at once, per tensor);
+``dc-loop`` is what DatasetCondensation users run: ``match_loss`` called once per class, each a
+Python loop over the parameter tensors (``distance_wb``), accumulated into a tensor.
 """
 import math
 
@@ -57,6 +61,33 @@ def _reference(syn, real, shapes):
     return gradient_match_reference(_split(syn, shapes), _split(real, shapes), grouped=True)
 
 
+def dc_distance_wb(gwr, gws):
+    """DC's per-tensor distance: per output row 1 − <r,s>/(‖r‖‖s‖ + 1e-6), summed; rank-3/4
+    tensors flattened behind their first axis; rank-1 tensors give a new float32 zero tensor."""
+    if gwr.dim() == 1:
+        return torch.tensor(0, dtype=torch.float, device=gwr.device)
+    r = gwr.reshape(gwr.shape[0], -1)
+    s = gws.reshape(r.shape)
+    return torch.sum(1 - torch.sum(r * s, dim=-1) / (torch.norm(r, dim=-1) * torch.norm(s, dim=-1) + 0.000001))
+
+
+def dc_match_loss(gw_syn, gw_real, device):
+    """DC's match_loss with dis_metric 'ours': a zero tensor moved to the device, += each tensor's distance."""
+    dis = torch.tensor(0.0).to(device)
+    for gwr, gws in zip(gw_real, gw_syn):
+        dis += dc_distance_wb(gwr, gws)
+    return dis
+
+
+def _dc_loop(syn, real, shapes):
+    """DC main.py's class loop around match_loss (the real gradients are detached, as DC clones them)."""
+    syn_views, real_views = _split(syn, shapes), _split(real, shapes)
+    loss = torch.tensor(0.0).to(syn.device)
+    for c in range(CLASSES):
+        loss += dc_match_loss([s[c] for s in syn_views], [r[c].detach() for r in real_views], syn.device)
+    return loss
+
+
 def _fused(backend, syn, real, shapes):
     return ddfast.gradient_match(_split(syn, shapes), _split(real, shapes), grouped=True, backend=backend)
 
@@ -72,12 +103,14 @@ def cases():
             make_inputs=_inputs(shapes),
             reference=_reference,
             fused=_fused,
+            baselines={"dc-loop": _dc_loop},
             grad_inputs=("syn",),
             default=default,
             # forward reads syn and real; backward reads both again and writes the syn gradient
             bytes_moved=lambda inp: 5 * inp["syn"].numel() * inp["syn"].element_size(),
             flops=lambda inp: 10 * inp["syn"].numel(),
             size=numel,
-            notes="metric 'ours', grouped over 10 classes, reduction sum",
+            notes="metric 'ours', grouped over 10 classes, reduction sum; reference = grouped torch computation, "
+                  "dc-loop = DC's match_loss called per class (a loop over classes and tensors)",
         ))
     return out

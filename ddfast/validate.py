@@ -1,0 +1,424 @@
+"""``ddfast validate --out DIR``: everything that proves a build on one machine, in one command.
+
+Steps (each a subprocess with its own timeout, its log written to DIR/<step>.log):
+
+* ``info``          ``ddfast info``
+* ``info-kernels``  ``ddfast info --kernels`` (sm_90 compile report; when ddfast.kernel_report exists)
+* ``tests``         the test suite (junit XML parsed). On CUDA every CUDA test must run: a skipped
+                    CUDA test, or none selected at all, fails the step.
+* ``bench``         ``ddfast bench`` (``--full`` on CUDA) with JSON and plots
+* ``bench-compiled`` ``ddfast bench --compile-reference`` (the default cases)
+* ``memcheck``      ``compute-sanitizer --tool memcheck`` over the CUDA tests of the ops with kernels
+* ``racecheck``     ``compute-sanitizer --tool racecheck`` over the compiled-backend CUDA tests of the
+                    ops whose CUDA kernels use shared memory (found in csrc/cuda and its headers)
+
+CUDA-only steps are SKIP without a GPU. ``--quick`` (for CI): a subset of the tests, no kernel
+report, the bench with small repeats. DIR receives SUMMARY.md and summary.json: PASS/FAIL/SKIP
+per step with duration and details, the worst speed-up, the failures. Exit status 1 when any step
+fails. The whole run is held to ``--budget-min`` (default 25) minutes: a step never gets more than
+what is left, and a step that cannot start in time fails.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+QUICK_TESTS = ["tests/test_param_match.py", "tests/test_class_means.py"]
+QUICK_TESTS_K = "not slow"
+
+
+@dataclass
+class Step:
+    name: str
+    cmd: List[str]
+    timeout_s: float
+    needs_cuda: bool = False
+    env: Dict[str, str] = field(default_factory=dict)
+    skip_reason: Optional[str] = None       # set when planning decides the step cannot run here
+    clean: List[str] = field(default_factory=list)  # outputs (in DIR) removed first, so none is stale
+    # post(result, out_dir) reads the step's outputs, fills result["details"], may turn PASS into FAIL
+    post: Optional[Callable[[Dict, str], None]] = None
+
+
+# --- running one step ---------------------------------------------------------------------------
+
+def run_step(step: Step, out_dir: str, cuda: bool, time_left_s: float) -> Dict:
+    result = {"name": step.name, "command": " ".join(step.cmd), "log": f"{step.name}.log", "details": {}}
+    if step.needs_cuda and not cuda:
+        return dict(result, status=SKIP, reason="no CUDA device", duration_s=0.0, log=None)
+    if step.skip_reason:
+        return dict(result, status=SKIP, reason=step.skip_reason, duration_s=0.0, log=None)
+    if time_left_s < 5:
+        return dict(result, status=FAIL, reason="not run: the time budget is spent", duration_s=0.0, log=None)
+    for name in step.clean:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    timeout = min(step.timeout_s, time_left_s)
+    log_path = os.path.join(out_dir, result["log"])
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
+    returncode, timed_out = _run_logged(step, log_path, timeout)
+    result.update(duration_s=round(time.perf_counter() - t0, 1), cpu_s=round(_children_cpu_s() - cpu0, 1),
+                  returncode=returncode, timeout_s=round(timeout))
+    if timed_out:
+        result.update(status=FAIL, reason=f"timed out after {timeout:.0f} s")
+    elif returncode != 0:
+        result.update(status=FAIL, reason=f"exit status {returncode}")
+    else:
+        result.update(status=PASS)
+    if step.post is not None:
+        try:
+            step.post(result, out_dir)
+        except Exception as exc:  # noqa: BLE001 - unreadable outputs fail the step, never the run
+            result.update(status=FAIL, reason=f"{result.get('reason', '')} outputs unreadable: "
+                                               f"{type(exc).__name__}: {exc}".strip())
+    return result
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_logged(step: Step, log_path: str, timeout: float):
+    """Run in its own process group (killed whole on timeout), stdout+stderr into the log."""
+    env = dict(os.environ, **step.env)
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(step.cmd)}\n")
+        if step.env:
+            log.write(f"# env: {step.env}\n")
+        log.flush()
+        proc = subprocess.Popen(step.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.write(f"\n# killed: timed out after {timeout:.0f} s\n")
+            return proc.returncode, True
+
+
+# --- outputs of the steps -------------------------------------------------------------------
+
+def _is_cuda_test(name: str, message: str) -> bool:
+    params = name[name.find("["):] if "[" in name else ""
+    return "cuda" in params.lower() or "cuda" in name.lower() or bool(re.search(r"cuda|gpu", message, re.I))
+
+
+def parse_junit(path: str) -> Dict:
+    """Counts of a pytest junit XML file, with the CUDA tests counted apart."""
+    counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "cuda_tests": 0, "cuda_skipped": 0}
+    failed, cuda_skipped = [], []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+        message = next((child.get("message", "") for child in case if child.tag == outcome), "")
+        counts["tests"] += 1
+        counts[{"failure": "failed", "error": "errors", "skipped": "skipped"}.get(outcome, "passed")] += 1
+        cuda_test = _is_cuda_test(case.get("name", ""), message)
+        counts["cuda_tests"] += cuda_test
+        if outcome in ("failure", "error"):
+            failed.append(name)
+        elif outcome == "skipped" and cuda_test:
+            counts["cuda_skipped"] += 1
+            cuda_skipped.append(f"{name}: {message[:120]}")
+    return dict(counts, failed_tests=failed[:50], cuda_skipped_tests=cuda_skipped[:50])
+
+
+def _post_tests(cuda: bool):
+    def post(result: Dict, out_dir: str) -> None:
+        xml = os.path.join(out_dir, "tests.xml")
+        if not os.path.exists(xml):
+            result.update(status=FAIL, reason=(result.get("reason") or "") + " (no junit XML written)")
+            return
+        details = parse_junit(xml)
+        result["details"] = details
+        if cuda and details["cuda_tests"] == 0:
+            result.update(status=FAIL, reason="no CUDA test was selected on a CUDA machine")
+        elif cuda and details["cuda_skipped"]:
+            result.update(status=FAIL, reason=f"{details['cuda_skipped']} CUDA test(s) skipped on a CUDA machine")
+        elif details["tests"] == 0:
+            result.update(status=FAIL, reason="no test was selected")
+        if result["status"] == FAIL and not result.get("reason"):
+            result["reason"] = f"{details['failed']} failed, {details['errors']} errors"
+    return post
+
+
+def _post_info_kernels(result: Dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, result["log"])) as f:
+        if "unrecognized arguments: --kernels" in f.read():
+            result.update(status=SKIP, reason="this build's `ddfast info` has no --kernels")
+
+
+def bench_details(report: Dict) -> Dict:
+    """Worst (smallest) best-provider speed-up over the cases, against the reference and each baseline."""
+    speedups = report.get("speedups", {})
+    details: Dict = {"cases": len({r["case"] for r in report.get("results", [])}),
+                     "rows": len(report.get("results", []))}
+    if speedups:
+        case, best = min(speedups.items(), key=lambda kv: kv[1]["speedup"])
+        details["worst_speedup"] = {"case": case, "provider": best["provider"], "speedup": round(best["speedup"], 3)}
+    vs: Dict[str, Dict] = {}
+    for case, best in speedups.items():
+        for baseline, value in (best.get("vs") or {}).items():
+            if baseline not in vs or value < vs[baseline]["speedup"]:
+                vs[baseline] = {"case": case, "provider": best["provider"], "speedup": round(value, 3)}
+    if vs:
+        details["worst_speedup_vs"] = vs
+    bad = [f"{r['case']}[{r['provider']}]: {r.get('error') or r.get('check')}" for r in report.get("results", [])
+           if "error" in r or r.get("check") == "MISMATCH"]
+    if bad:
+        details["failed_rows"] = bad[:50]
+    return details
+
+
+def _post_bench(json_name: str):
+    def post(result: Dict, out_dir: str) -> None:
+        path = os.path.join(out_dir, json_name)
+        if not os.path.exists(path):
+            if result["status"] == PASS:
+                result.update(status=FAIL, reason=f"{json_name} not written")
+            return
+        with open(path) as f:
+            report = json.load(f)
+        result["details"] = bench_details(report)
+        result["details"]["json"] = json_name
+        if report.get("partial"):
+            result["details"]["partial"] = report["partial"]
+    return post
+
+
+# --- planning -------------------------------------------------------------------------------
+
+def _op_test_files(shared_memory_only: bool = False) -> List[str]:
+    """tests/test_<op>.py of the ops with kernels (Triton or CUDA); with shared_memory_only, the ops
+    whose CUDA source (or a local header it includes) declares __shared__ memory."""
+    ops = set()
+    cuda_dir = os.path.join(REPO, "csrc", "cuda")
+    for name in sorted(os.listdir(cuda_dir)) if os.path.isdir(cuda_dir) else []:
+        if name.endswith(".cu") and (not shared_memory_only or _uses_shared_memory(os.path.join(cuda_dir, name))):
+            ops.add(name[:-3])
+    kernels_dir = os.path.join(REPO, "kernels")
+    if not shared_memory_only and os.path.isdir(kernels_dir):
+        ops |= {n[:-3] for n in os.listdir(kernels_dir) if n.endswith(".py") and not n.startswith("_")}
+    return [f"tests/test_{op}.py" for op in sorted(ops) if os.path.exists(os.path.join(REPO, "tests", f"test_{op}.py"))]
+
+
+def _uses_shared_memory(path: str, seen=None) -> bool:
+    seen = set() if seen is None else seen
+    if path in seen or not os.path.exists(path):
+        return False
+    seen.add(path)
+    with open(path) as f:
+        text = f.read()
+    if "__shared__" in text:
+        return True
+    headers = re.findall(r'#include\s+"([^"]+)"', text)
+    return any(_uses_shared_memory(os.path.join(os.path.dirname(path), h), seen) for h in headers)
+
+
+def find_compute_sanitizer() -> Optional[str]:
+    found = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if found is None and root and os.path.exists(os.path.join(root, "bin", "compute-sanitizer")):
+            found = os.path.join(root, "bin", "compute-sanitizer")
+    return found
+
+
+def _have_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def plan(args, cuda: bool, out_dir: str) -> List[Step]:
+    py = sys.executable
+    cli = [py, "-m", "ddfast.cli"]
+    device = ["--device", "cuda" if cuda else "cpu"]
+    steps = [Step("info", cli + ["info"] + device, 120)]
+
+    kernels = Step("info-kernels", cli + ["info", "--kernels"] + device, 300, post=_post_info_kernels)
+    if not _have_module("ddfast.kernel_report"):
+        kernels.skip_reason = "this build has no `ddfast info --kernels` (ddfast.kernel_report)"
+    elif args.quick:
+        kernels.skip_reason = "--quick"
+    steps.append(kernels)
+
+    pytest = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    tests = args.tests or (QUICK_TESTS if args.quick else ["tests"])
+    tests_k = args.tests_k if args.tests_k is not None else (QUICK_TESTS_K if args.quick else None)
+    jobs = ["-n", str(args.jobs)] if args.jobs > 0 and _have_module("xdist") else []
+    steps.append(Step("tests", pytest + tests + (["-k", tests_k] if tests_k else []) + jobs
+                      + [f"--junitxml={os.path.join(out_dir, 'tests.xml')}"], args.tests_timeout,
+                      post=_post_tests(cuda), clean=["tests.xml"]))
+
+    bench = cli + ["bench", "--no-progress"] + device + (["-k", args.bench_select] if args.bench_select else [])
+    bench += ["--repeats", "2", "--min-seconds", "0.05"] if args.quick else []
+    full = ["--full"] if cuda and not args.quick else []
+    if full and _have_module("ddfast.kernel_report"):
+        full.append("--kernels")  # the sm_90 kernel report into the bench JSON (cached by info-kernels)
+    steps.append(Step("bench", bench + full + ["--out", os.path.join(out_dir, "bench.json"),
+                                               "--plot", os.path.join(out_dir, "plots")],
+                      args.bench_timeout, post=_post_bench("bench.json"), clean=["bench.json"]))
+    compiled = Step("bench-compiled", bench + ["--compile-reference", "--compile-backend", args.compile_backend,
+                                               "--out", os.path.join(out_dir, "bench-compiled.json")],
+                    args.bench_timeout, post=_post_bench("bench-compiled.json"), clean=["bench-compiled.json"])
+    if not args.compile_reference:
+        compiled.skip_reason = "--no-compile-reference"
+    steps.append(compiled)
+
+    sanitizer = find_compute_sanitizer()
+    sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # so out-of-bounds accesses hit unallocated memory
+    for tool, files, k, timeout in (("memcheck", _op_test_files(), args.sanitize_k, 300),
+                                    ("racecheck", _op_test_files(shared_memory_only=True),
+                                     f"({args.sanitize_k}) and compiled", 240)):
+        step = Step(tool, [sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1"]
+                    + pytest + ["-x"] + files + ["-k", k], timeout, needs_cuda=True, env=sanitize_env)
+        if cuda and sanitizer is None:
+            step.cmd = [py, "-c", "import sys; sys.exit('compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda)')"]
+        steps.append(step)
+    return steps
+
+
+# --- summary --------------------------------------------------------------------------------
+
+def _environment(cuda: bool) -> Dict:
+    import torch
+
+    from .bench.runner import device_name, git_commit
+
+    return {"device": device_name(torch.device("cuda" if cuda else "cpu")), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "commit": git_commit(), "python": sys.version.split()[0]}
+
+
+def summarize(results: List[Dict], env: Dict, started: str, duration_s: float, command: str) -> Dict:
+    failures = [f"{r['name']}: {r.get('reason', '')}" for r in results if r["status"] == FAIL]
+    for r in results:
+        for row in r.get("details", {}).get("failed_rows", []):
+            failures.append(f"{r['name']}: {row}")
+        for test in r.get("details", {}).get("failed_tests", [])[:20]:
+            failures.append(f"{r['name']}: failed {test}")
+        for test in r.get("details", {}).get("cuda_skipped_tests", [])[:20]:
+            failures.append(f"{r['name']}: CUDA test skipped {test}")
+    worst = {r["name"]: r["details"]["worst_speedup"] for r in results if r.get("details", {}).get("worst_speedup")}
+    worst_vs = {f"{r['name']} vs {b}": v for r in results for b, v in r.get("details", {}).get("worst_speedup_vs", {}).items()}
+    return {"status": FAIL if any(r["status"] == FAIL for r in results) else PASS, "command": command,
+            "started": started, "duration_s": round(duration_s, 1), **env, "steps": results,
+            "worst_speedup": worst, "worst_speedup_vs": worst_vs, "failures": failures}
+
+
+def markdown(summary: Dict) -> str:
+    lines = [f"# ddfast validate: {summary['status']}", "",
+             f"{summary['device']} · torch {summary['torch']} (CUDA {summary['cuda'] or 'none'}) · "
+             f"commit {summary['commit']} · {summary['started']} · {summary['duration_s']:.0f} s", "",
+             f"`{summary['command']}`", "", "| step | status | seconds | CPU s | detail |", "|---|---|---:|---:|---|"]
+    for r in summary["steps"]:
+        cpu = f"{r['cpu_s']:.1f}" if r.get("cpu_s") is not None else "–"
+        lines.append(f"| {r['name']} | {r['status']} | {r.get('duration_s', 0):.1f} | {cpu} | {_detail_text(r)} |")
+    lines += ["", "## Worst speed-up (fastest ddfast provider per case, slowest case)"]
+    for step, w in summary["worst_speedup"].items():
+        lines.append(f"- {step}: {w['speedup']:.2f}x over the reference ({w['case']}, {w['provider']})")
+    for key, w in summary["worst_speedup_vs"].items():
+        lines.append(f"- {key}: {w['speedup']:.2f}x ({w['case']}, {w['provider']})")
+    if not summary["worst_speedup"] and not summary["worst_speedup_vs"]:
+        lines.append("- none measured")
+    lines += ["", "## Failures"] + ([f"- {f}" for f in summary["failures"]] or ["- none"])
+    lines += ["", "Logs: `<step>.log` in this folder; tests: `tests.xml`; bench: `bench.json`, `plots/`, "
+              "`bench-compiled.json`; this summary: `summary.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def _detail_text(r: Dict) -> str:
+    d = r.get("details", {})
+    parts = [r["reason"]] if r.get("reason") else []
+    if "tests" in d:
+        parts.append(f"{d['passed']} passed, {d['failed']} failed, {d['errors']} errors, {d['skipped']} skipped "
+                     f"({d['cuda_tests']} CUDA tests, {d['cuda_skipped']} CUDA skipped)")
+    if d.get("partial"):
+        parts.append(f"partial results: {d['partial']}")
+    if "worst_speedup" in d:
+        w = d["worst_speedup"]
+        parts.append(f"{d['cases']} cases; worst {w['speedup']:.2f}x ({w['case']})")
+    if d.get("failed_rows"):
+        parts.append(f"{len(d['failed_rows'])} failed row(s)")
+    if r.get("log"):
+        parts.append(f"log `{r['log']}`")
+    return "; ".join(parts).replace("|", "/")
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for logs, results and SUMMARY.md")
+    p.add_argument("--quick", action="store_true",
+                   help="CI mode: a subset of the tests, no kernel report, the default bench with small repeats")
+    p.add_argument("--tests", nargs="+", default=None, metavar="PATH", help="test paths (default: tests/, or a "
+                   "quick subset with --quick)")
+    p.add_argument("--tests-k", default=None, metavar="EXPR", help="pytest -k expression for the tests step")
+    p.add_argument("--sanitize-k", default="cuda and not slow", metavar="EXPR",
+                   help="pytest -k expression for the compute-sanitizer steps (racecheck adds 'and compiled')")
+    p.add_argument("--bench-select", default=None, metavar="REGEX", help="case selection for both bench steps")
+    p.add_argument("--no-compile-reference", dest="compile_reference", action="store_false",
+                   help="skip the bench with torch.compile of the reference")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled reference")
+    p.add_argument("--jobs", type=int, default=None, help="pytest-xdist workers for the tests step "
+                   "(default: 8 on CUDA when xdist is installed, else 0)")
+    p.add_argument("--tests-timeout", type=float, default=600, help="seconds for the tests step")
+    p.add_argument("--bench-timeout", type=float, default=360, help="seconds for each bench step")
+    p.add_argument("--budget-min", type=float, default=25, help="minutes for the whole run")
+
+
+def validate(args, extra_steps: Optional[List[Step]] = None, cuda: Optional[bool] = None,
+             steps: Optional[List[Step]] = None) -> Dict:
+    """Run every step into ``args.out``; returns the summary (also written as SUMMARY.md / summary.json).
+
+    ``steps`` replaces the planned steps, ``extra_steps`` runs after them (tests inject failures so);
+    ``cuda`` overrides the device detection (False: plan as on a CPU machine)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if args.jobs is None:
+        args.jobs = 8 if cuda else 0
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    results = []
+    for step in (plan(args, cuda, out_dir) if steps is None else list(steps)) + list(extra_steps or []):
+        left = args.budget_min * 60 - (time.perf_counter() - t0)
+        print(f"[validate] {step.name} ...", flush=True)
+        result = run_step(step, out_dir, cuda, left)
+        print(f"[validate] {step.name}: {result['status']} ({result.get('duration_s', 0):.1f} s)"
+              + (f" {result['reason']}" if result.get("reason") else ""), flush=True)
+        results.append(result)
+    command = "ddfast validate " + " ".join(a for a in sys.argv[2:]) if sys.argv[1:2] == ["validate"] else "ddfast validate"
+    summary = summarize(results, _environment(cuda), started, time.perf_counter() - t0, command)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "SUMMARY.md"), "w") as f:
+        f.write(markdown(summary))
+    return summary
+
+
+def main(args) -> int:
+    summary = validate(args)
+    print(markdown(summary))
+    return 0 if summary["status"] == PASS else 1

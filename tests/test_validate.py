@@ -1,0 +1,93 @@
+"""ddfast validate: a real quick run on CPU (tiny selections), and a failing step shows as FAIL."""
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+
+from ddfast import validate as V
+
+
+def _args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    V.add_arguments(parser)
+    return parser.parse_args(["--out", str(tmp_path), *extra])
+
+
+def test_quick_run_on_cpu_reports_every_step_and_an_injected_failure(tmp_path):
+    args = _args(tmp_path, "--quick", "--tests", "tests/test_param_match.py", "--tests-k", "bad_input",
+                 "--bench-select", "^param_match/convnet3", "--compile-backend", "eager")
+    failing = V.Step("injected-failure", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 60)
+    summary = V.validate(args, extra_steps=[failing], cuda=False)
+    status = {s["name"]: s for s in summary["steps"]}
+    assert [s["name"] for s in summary["steps"]] == ["info", "info-kernels", "tests", "bench", "bench-compiled",
+                                                     "memcheck", "racecheck", "injected-failure"]
+    for name in ("info", "tests", "bench", "bench-compiled"):
+        assert status[name]["status"] == V.PASS, (name, status[name], (tmp_path / f"{name}.log").read_text()[-3000:])
+    assert status["memcheck"]["status"] == status["racecheck"]["status"] == V.SKIP
+    assert status["tests"]["details"]["passed"] > 0 and status["tests"]["details"]["failed"] == 0
+    bench = status["bench"]["details"]
+    assert bench["cases"] == 1 and bench["worst_speedup"]["case"] == "param_match/convnet3-320k"
+    compiled = json.loads((tmp_path / "bench-compiled.json").read_text())
+    assert any(r["provider"] == "reference-compiled" and r.get("median_ms") for r in compiled["results"])
+    assert (tmp_path / "plots" / "param_match.png").exists()
+    assert "torch" in (tmp_path / "info.log").read_text()
+
+    assert status["injected-failure"]["status"] == V.FAIL and status["injected-failure"]["returncode"] == 3
+    assert "boom" in (tmp_path / "injected-failure.log").read_text()
+    assert summary["status"] == V.FAIL
+    assert any(f.startswith("injected-failure: exit status 3") for f in summary["failures"])
+    md = (tmp_path / "SUMMARY.md").read_text()
+    assert md.startswith("# ddfast validate: FAIL")
+    assert "| injected-failure | FAIL |" in md and "| bench | PASS |" in md and "| memcheck | SKIP |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == V.FAIL
+
+
+def test_timeout_and_spent_budget_fail_and_passing_steps_pass(tmp_path):
+    args = _args(tmp_path, "--budget-min", "1")
+    steps = [V.Step("ok", [sys.executable, "-c", "pass"], 30),
+             V.Step("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 1),
+             V.Step("gpu-only", [sys.executable, "-c", "pass"], 30, needs_cuda=True)]
+    summary = V.validate(args, steps=steps, cuda=False)
+    status = {s["name"]: s for s in summary["steps"]}
+    assert status["ok"]["status"] == V.PASS
+    assert status["slow"]["status"] == V.FAIL and "timed out" in status["slow"]["reason"]
+    assert status["slow"]["duration_s"] < 15
+    assert status["gpu-only"]["status"] == V.SKIP
+    assert summary["status"] == V.FAIL
+
+    args = _args(tmp_path, "--budget-min", "0")
+    summary = V.validate(args, steps=[V.Step("late", [sys.executable, "-c", "pass"], 30)], cuda=False)
+    assert summary["steps"][0]["status"] == V.FAIL and "budget" in summary["steps"][0]["reason"]
+
+
+def _junit(path, cases):
+    suite = ET.Element("testsuite")
+    for name, outcome, message in cases:
+        case = ET.SubElement(suite, "testcase", classname="tests.test_x", name=name)
+        if outcome != "passed":
+            ET.SubElement(case, outcome, message=message)
+    ET.ElementTree(suite).write(path)
+
+
+def test_a_skipped_cuda_test_fails_the_tests_step_on_cuda(tmp_path):
+    _junit(tmp_path / "tests.xml", [("test_a[cpu-torch]", "passed", ""), ("test_a[cuda-compiled]", "passed", ""),
+                                    ("test_b[cuda-triton]", "skipped", "backend unavailable"),
+                                    ("test_c[cpu-triton]", "skipped", "interpreter only")])
+    counts = V.parse_junit(str(tmp_path / "tests.xml"))
+    assert (counts["tests"], counts["passed"], counts["skipped"]) == (4, 2, 2)
+    assert (counts["cuda_tests"], counts["cuda_skipped"]) == (2, 1)
+    for cuda, want in ((True, V.FAIL), (False, V.PASS)):
+        result = {"status": V.PASS}
+        V._post_tests(cuda)(result, str(tmp_path))
+        assert result["status"] == want, result
+    _junit(tmp_path / "tests.xml", [("test_a[cpu-torch]", "passed", "")])
+    result = {"status": V.PASS}
+    V._post_tests(True)(result, str(tmp_path))
+    assert result["status"] == V.FAIL and "no CUDA test" in result["reason"]
+
+
+def test_sanitizer_steps_cover_the_ops_with_kernels():
+    files = V._op_test_files()
+    assert "tests/test_gradient_match.py" in files and "tests/test_param_match.py" in files
+    shared = V._op_test_files(shared_memory_only=True)
+    assert shared and set(shared) <= set(files)
