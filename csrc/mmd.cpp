@@ -2,9 +2,10 @@
 // Contract (see ddfast/ops/mmd.py): z (R, D) rows sorted by class; cls (R,) int64; side (R,) int32
 // (0 = x row, 1 = y row); offsets (C+1,) int64 class row ranges; coefs (S,) 1/(2 s^2) per bandwidth.
 // fwd -> (R, 2) [sum over x columns, sum over y columns]; bwd(grad (R, 2)) -> grad_z (R, D).
-// CPU kernel here: row blocks in parallel (each owns its output rows: no atomics), column blocks
-// of the rows' classes only, distances recomputed per pair (sum of squared differences: no
-// cancellation); half inputs run in fp32.
+// CPU kernel here: per class, the upper-triangle tiles of its kernel matrix (the x-x and y-y
+// blocks symmetric), each a BLAS matmul (at::addmm: |a|^2 + |b|^2 - 2<a, b>) with the exp per
+// bandwidth, the side sums and the backward's P Z products as vectorised ATen ops on the tile,
+// tiles in parallel; memory O(threads x (R + tile^2)) besides the output. Half inputs run in fp32.
 // The CUDA kernels live in cuda/mmd.cu.
 #include "ddfast_common.h"
 
@@ -16,45 +17,15 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
+#include <array>
 #include <vector>
 
 namespace ddfast {
 namespace {
 
-constexpr int64_t kRowBlock = 16;
-constexpr int64_t kColBlock = 64;
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 16;  // independent partial sums so the compiler vectorises the loop
-  T lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[k + l] * b[k + l];
-  T s = 0;
-  for (; k < n; ++k) s += a[k] * b[k];
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
-}
-
-// |a - b|^2 summed directly: on the CPU this costs what the dot product does and, unlike
-// |a|^2 + |b|^2 - 2<a, b>, does not cancel when a and b are close relative to their norms.
-template <typename T>
-inline T sq_dist(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 16;
-  T lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T diff = a[k + l] - b[k + l];
-      lanes[l] += diff * diff;
-    }
-  T s = 0;
-  for (; k < n; ++k) s += (a[k] - b[k]) * (a[k] - b[k]);
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
-}
+// Tiles of 128 rows: small enough that the symmetric saving shows at a few hundred rows, large
+// enough that each tile's BLAS call and ATen ops amortise their overhead; 256 above 4096 rows.
+int64_t tile_rows(int64_t rows) { return rows <= 4096 ? 128 : 256; }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& cls, const at::Tensor& side, const at::Tensor& offsets,
                   const at::Tensor& coefs, bool linear) {
@@ -70,130 +41,117 @@ void check_inputs(const at::Tensor& z, const at::Tensor& cls, const at::Tensor& 
   DDFAST_CHECK_SAME_DEVICE(z, offsets); DDFAST_CHECK_SAME_DEVICE(z, coefs);
 }
 
-// Everything one CPU pass needs, in the accumulation type T (float or double).
-template <typename T>
-struct Problem {
-  const T* z;
-  const int64_t* cls;
-  const int32_t* side;
-  const int64_t* offsets;
-  const T* coefs;
-  int64_t num_bw, rows, dim;
+
+// Every tile (i0, i1, j0, j1) on or above the diagonal of each class's rows [lo, hi).
+std::vector<std::array<int64_t, 4>> upper_tiles(const at::Tensor& offsets, int64_t rows) {
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t t = tile_rows(rows);
+  std::vector<std::array<int64_t, 4>> tiles;
+  for (int64_t c = 0; c + 1 < off.numel(); ++c)
+    for (int64_t i0 = o[c]; i0 < o[c + 1]; i0 += t)
+      for (int64_t j0 = i0; j0 < o[c + 1]; j0 += t)
+        tiles.push_back({i0, std::min(o[c + 1], i0 + t), j0, std::min(o[c + 1], j0 + t)});
+  return tiles;
+}
+
+// f(acc, i0, i1, j0, j1) over the upper tiles in parallel; a tile adds to rows of two blocks, so
+// each thread accumulates into its own zero-initialised copy of the output and the copies are
+// summed at the end (memory O(threads x output), no atomics).
+template <typename F>
+at::Tensor sum_over_upper_tiles(const at::Tensor& offsets, at::IntArrayRef out_shape, const at::TensorOptions& opts,
+                                F&& f) {
+  const auto tiles = upper_tiles(offsets, out_shape[0]);
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t b, int64_t e) {
+    at::Tensor& acc = partial[at::get_thread_num()];
+    if (!acc.defined()) acc = at::zeros(out_shape, opts);
+    for (int64_t k = b; k < e; ++k) f(acc, tiles[k][0], tiles[k][1], tiles[k][2], tiles[k][3]);
+  });
+  at::Tensor out;
+  for (const auto& p : partial)
+    if (p.defined()) out = out.defined() ? out.add_(p) : p;
+  return out.defined() ? out : at::zeros(out_shape, opts);
+}
+
+struct Tiles {
+  at::Tensor z, sq, side_onehot;  // (R, D), (R,), (R, 2) [is x, is y] in the accumulation dtype
+  std::vector<double> coefs;
   bool linear, unbiased;
 
-  // column range [lo, hi) of the classes of rows [r0, r1) (rows are sorted by class)
-  std::pair<int64_t, int64_t> columns(int64_t r0, int64_t r1) const {
-    return {offsets[cls[r0]], offsets[cls[r1 - 1] + 1]};
+  Tiles(const at::Tensor& z_acc, const at::Tensor& side, const at::Tensor& coefs_t, bool linear_, bool unbiased_)
+      : z(z_acc), linear(linear_), unbiased(unbiased_) {
+    sq = z.pow(2).sum(1);
+    const at::Tensor is_y = side.to(z.scalar_type()).unsqueeze(1);
+    side_onehot = at::cat({1 - is_y, is_y}, 1);
+    const at::Tensor c = coefs_t.to(at::kDouble).contiguous();
+    coefs.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
-  bool pair_used(int64_t i, int64_t j) const { return cls[i] == cls[j] && !(unbiased && i == j); }
+
+  // squared distances of rows [i0, i1) to rows [j0, j1), clamped at 0 (NaN survives clamp_min)
+  at::Tensor sq_dist(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    const at::Tensor base = sq.slice(0, i0, i1).unsqueeze(1) + sq.slice(0, j0, j1).unsqueeze(0);
+    return at::addmm(base, z.slice(0, i0, i1), z.slice(0, j0, j1).t(), 1, -2).clamp_min_(0);
+  }
+
+  // kernel values of the tile; `deriv`: instead the factor g = -2 sum_s c_s exp(-c_s d) of dk/dz_i
+  at::Tensor values(int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool deriv) const {
+    if (linear) return deriv ? at::Tensor() : at::mm(z.slice(0, i0, i1), z.slice(0, j0, j1).t());
+    const at::Tensor d = sq_dist(i0, i1, j0, j1);
+    at::Tensor out;
+    for (double c : coefs) {
+      at::Tensor e = at::mul(d, -c).exp_();
+      const double w = deriv ? -2 * c : 1.0;
+      if (!out.defined()) out = w == 1.0 ? e : e.mul_(w);
+      else out.add_(e, w);
+    }
+    return out;
+  }
+
+  void drop_diagonal(at::Tensor& tile, int64_t i0, int64_t j0) const {
+    if (unbiased && i0 == j0) tile.fill_diagonal_(0);
+  }
 };
-
-template <typename T>
-Problem<T> make_problem(const at::Tensor& z, const at::Tensor& cls, const at::Tensor& side, const at::Tensor& offsets,
-                        const at::Tensor& coefs, bool linear, bool unbiased) {
-  Problem<T> p{z.data_ptr<T>(), cls.data_ptr<int64_t>(), side.data_ptr<int32_t>(), offsets.data_ptr<int64_t>(),
-               coefs.data_ptr<T>(), coefs.numel(), z.size(0), z.size(1), linear, unbiased};
-  return p;
-}
-
-template <typename T>
-void forward_rows(const Problem<T>& p, T* out) {
-  const int64_t blocks = (p.rows + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = std::min(p.rows, r0 + kRowBlock);
-      T sums[kRowBlock][2] = {};
-      const auto [lo, hi] = p.columns(r0, r1);
-      for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {  // column block stays in cache across the rows
-        const int64_t c1 = std::min(hi, c0 + kColBlock);
-        for (int64_t i = r0; i < r1; ++i) {
-          const T* zi = p.z + i * p.dim;
-          for (int64_t j = c0; j < c1; ++j) {
-            if (!p.pair_used(i, j)) continue;
-            const T* zj = p.z + j * p.dim;
-            T k;
-            if (p.linear) {
-              k = dot(zi, zj, p.dim);
-            } else {
-              const T d = sq_dist(zi, zj, p.dim);
-              k = 0;
-              for (int64_t s = 0; s < p.num_bw; ++s) k += std::exp(-p.coefs[s] * d);
-            }
-            sums[i - r0][p.side[j] != 0] += k;
-          }
-        }
-      }
-      for (int64_t i = r0; i < r1; ++i) {
-        out[2 * i] = sums[i - r0][0];
-        out[2 * i + 1] = sums[i - r0][1];
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_rows(const Problem<T>& p, const T* grad, T* out) {
-  const int64_t blocks = (p.rows + kRowBlock - 1) / kRowBlock;
-  const int64_t dim = p.dim;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> acc(kRowBlock * dim);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = std::min(p.rows, r0 + kRowBlock);
-      std::fill(acc.begin(), acc.end(), T(0));
-      const auto [lo, hi] = p.columns(r0, r1);
-      for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {
-        const int64_t c1 = std::min(hi, c0 + kColBlock);
-        for (int64_t i = r0; i < r1; ++i) {
-          const T* zi = p.z + i * dim;
-          T* gi = acc.data() + (i - r0) * dim;
-          for (int64_t j = c0; j < c1; ++j) {
-            if (!p.pair_used(i, j)) continue;
-            // k(z_i, z_j) is in row i's sum (weight by j's side) and in row j's (weight by i's side)
-            const T w = grad[2 * i + (p.side[j] != 0)] + grad[2 * j + (p.side[i] != 0)];
-            const T* zj = p.z + j * dim;
-            if (p.linear) {  // d k / d z_i = z_j
-              for (int64_t k = 0; k < dim; ++k) gi[k] += w * zj[k];
-            } else {  // d k / d z_i = g (z_i - z_j), g = -2 sum_s c_s exp(-c_s d); the difference
-                      // taken per element does not cancel like g z_i - g z_j would
-              const T d = sq_dist(zi, zj, dim);
-              T g = 0;
-              for (int64_t s = 0; s < p.num_bw; ++s) g -= T(2) * p.coefs[s] * std::exp(-p.coefs[s] * d);
-              const T coef = w * g;
-              for (int64_t k = 0; k < dim; ++k) gi[k] += coef * (zi[k] - zj[k]);
-            }
-          }
-        }
-      }
-      std::copy(acc.begin(), acc.begin() + (r1 - r0) * dim, out + r0 * dim);
-    }
-  });
-}
 
 at::Tensor mmd_fwd_cpu(const at::Tensor& z_in, const at::Tensor& cls, const at::Tensor& side, const at::Tensor& offsets,
                        const at::Tensor& coefs, bool linear, bool unbiased) {
   check_inputs(z_in, cls, side, offsets, coefs, linear);
-  const at::Tensor z = z_in.to(acc_type(z_in.scalar_type()));
-  at::Tensor out = at::empty({z.size(0), 2}, z.options());
-  if (z.size(0) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mmd_fwd_cpu", [&] {
-    forward_rows(make_problem<scalar_t>(z, cls, side, offsets, coefs, linear, unbiased), out.data_ptr<scalar_t>());
+  const Tiles t(z_in.to(acc_type(z_in.scalar_type())), side, coefs, linear, unbiased);
+  return sum_over_upper_tiles(offsets, {t.z.size(0), 2}, t.z.options(),
+                              [&](at::Tensor& out, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    at::Tensor k = t.values(i0, i1, j0, j1, false);
+    t.drop_diagonal(k, i0, j0);
+    out.slice(0, i0, i1).addmm_(k, t.side_onehot.slice(0, j0, j1));
+    if (j0 != i0) out.slice(0, j0, j1).addmm_(k.t(), t.side_onehot.slice(0, i0, i1));  // mirrored pairs
   });
-  return out;
 }
 
 at::Tensor mmd_bwd_cpu(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& cls, const at::Tensor& side,
                        const at::Tensor& offsets, const at::Tensor& coefs, bool linear, bool unbiased) {
   check_inputs(z_in, cls, side, offsets, coefs, linear);
-  const at::Tensor z = z_in.to(acc_type(z_in.scalar_type()));
-  const at::Tensor g = grad.to(z.scalar_type()).contiguous();
-  TORCH_CHECK(g.numel() == 2 * z.size(0), "mmd: grad must be (R, 2)");
-  at::Tensor out = at::empty_like(z);
-  if (z.size(0) == 0) return out.to(z_in.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mmd_bwd_cpu", [&] {
-    backward_rows(make_problem<scalar_t>(z, cls, side, offsets, coefs, linear, unbiased), g.data_ptr<scalar_t>(),
-                  out.data_ptr<scalar_t>());
+  const Tiles t(z_in.to(acc_type(z_in.scalar_type())), side, coefs, linear, unbiased);
+  const at::Tensor g = grad.to(t.z.scalar_type()).contiguous();
+  TORCH_CHECK(g.numel() == 2 * t.z.size(0), "mmd: grad must be (R, 2)");
+  const at::Tensor grad_z = sum_over_upper_tiles(offsets, t.z.sizes(), t.z.options(),
+                                                 [&](at::Tensor& out, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    // k(z_i, z_j) is in row i's sum (weight by j's side) and in row j's (weight by i's side)
+    const at::Tensor gi = g.slice(0, i0, i1), gj = g.slice(0, j0, j1);
+    const at::Tensor si = t.side_onehot.slice(0, i0, i1), sj = t.side_onehot.slice(0, j0, j1);
+    at::Tensor p = at::mm(gi, sj.t()).addmm_(si, gj.t());
+    if (!linear) p.mul_(t.values(i0, i1, j0, j1, true));  // P = W g: grad_i = sum_j P_ij (z_i - z_j)
+    t.drop_diagonal(p, i0, j0);
+    const at::Tensor zi = t.z.slice(0, i0, i1), zj = t.z.slice(0, j0, j1);
+    const double sign = linear ? 1.0 : -1.0;  // linear: grad_i = sum_j W_ij z_j
+    at::Tensor oi = out.slice(0, i0, i1);
+    oi.addmm_(p, zj, 1, sign);
+    if (!linear) oi.add_(zi * p.sum(1, true));
+    if (j0 != i0) {  // P is symmetric: the mirrored pairs give row j its share
+      at::Tensor oj = out.slice(0, j0, j1);
+      oj.addmm_(p.t(), zi, 1, sign);
+      if (!linear) oj.add_(zj * p.sum(0).unsqueeze(1));
+    }
   });
-  return out.to(z_in.scalar_type());
+  return grad_z.to(z_in.scalar_type());
 }
 
 #ifdef DDFAST_WITH_CUDA

@@ -16,22 +16,32 @@ Positives are syn/real pairs with the same label, negatives the rest. With
 excluded infonce anchors).
 
 Fused backends (Triton, C++ CPU, CUDA) compute the per-anchor vector ``l`` without the
-n_syn × n_real logit matrix: tiles of ``z_syn z_realᵀ`` with an online logsumexp over all columns
-and over the label-masked positive columns in one pass. They save only ``lse_all`` and
-``lse_pos`` (−inf for anchors without a positive) for the backward, which recomputes the tiles:
-``dL/ds_ij = g_i (softmax_all_ij − [pos_ij] softmax_pos_ij)`` (infonce) or
-``g_i (σ(s_ij − log c) − [pos_ij])`` (nce), with ``g = dLoss/dl``; the gradient to z_syn is
-``Σ_j dL/ds_ij z_real_j / T`` (row-block programs) and to z_real ``Σ_i dL/ds_ij z_syn_i / T``
-(column-block programs, a second launch, no atomics). The L2 normalisation and the reduction
-stay in torch autograd around the fused op, so gradients reach both feature sets through them.
+n_syn × n_real logit matrix, with an online logsumexp over all columns and over the label-masked
+positive columns. They save only ``lse_all`` and ``lse_pos`` (−inf for anchors without a positive)
+for the backward, which recomputes the logits: ``dL/ds_ij = g_i (softmax_all_ij − [pos_ij]
+softmax_pos_ij)`` (infonce) or ``g_i (σ(s_ij − log c) − [pos_ij])`` (nce), with ``g = dLoss/dl``.
 Features with more than two dims are flattened from dim 1.
 
-Backends: Triton (``tl.dot`` tiles; fp32 uses input_precision="ieee" unless
-``torch.backends.cuda.matmul.allow_tf32`` is set; feature sizes above 128 recompute the logit tiles
-once per 128-wide slice of the gradient's feature axis in the backward). CUDA: SIMT tiles in
-shared memory with fp32 accumulation (fp64 for double; bf16/fp16 inputs accumulate in fp32), not
-tensor cores. C++ CPU: chunks of real columns, BLAS GEMM per chunk, vectorised online-LSE rows
-with at::parallel_for; its scratch is one n_syn × chunk block (≤ 4M elements), never the full matrix.
+Triton (ddfast/kernels/supcon_nce.py), flash-attention-2 style: the forward grid is (anchor
+blocks × splits of the real columns) with a logsumexp merge of the partials, so n_syn from 10 to
+5000 fills a GPU; the L2 normalisation is fused (row scales in the kernels and the analytic
+backward ``r (dz − z <z, dz>)``, no normalised copies); the backward recomputes each logit tile
+once over the full D (no per-slice recompute for D > 256) into a fixed n_syn × W workspace per
+chunk of W real columns and forms both gradients with a tiled GEMM. Memory O(n_syn + n_real) plus
+the workspace (4M elements on CUDA). Executed FLOPs ≈ 8/6 of the reference's (one logit recompute:
+the price of not keeping the n_syn × n_real matrix). CUDA: SIMT tiles in shared memory (fp32
+accumulation, fp64 for double), not tensor cores, on normalised copies. C++ CPU: chunks of real
+columns, BLAS GEMM per chunk, vectorised online-LSE rows with at::parallel_for; its scratch is one
+n_syn × chunk block (≤ 4M elements). No host sync after warm-up (the reductions stay on the device).
+
+``precision`` ("auto", "ieee", "tf32", "tf32x3", "bf16"; ddfast/ops/_precision.py): how fp32
+logits are multiplied; "auto" follows torch's fp32 matmul setting (TF32 only where torch would use
+it, on CUDA). Measured max error against float64 (n_syn = 100, n_real = 400, D = 128, 10 classes,
+T = 0.1; value relative, gradient relative to the largest gradient entry), on CPU: ieee and
+tf32x3 (= ieee there) 5e-8 / 7e-7; tf32 9e-7 / 4.2e-4 and bf16 9e-6 / 4.4e-3, both from the
+torch/C++ emulation (operands rounded as tensor cores round them). The Triton tf32/tf32x3/bf16
+kernels are compiled for sm_90 (tensor-core instructions checked in the PTX) but their error is
+unmeasured on a GPU; Triton fp32 ieee in the interpreter: 5e-8 / 4e-7.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from ._precision import check_precision, interpreter_operand, kernel_precision, round_operand
 from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_result_finite,
                        check_same_device, check_same_dtype)
 
@@ -71,7 +82,7 @@ def supcon_nce_reference(f_syn, y_syn, f_real, y_real, temperature=0.1, normaliz
     else:
         log_c = math.log(noise_ratio)
         per_anchor = torch.where(pos, F.softplus(log_c - logits), F.softplus(logits - log_c)).sum(dim=1)
-        count = torch.tensor(per_anchor.shape[0], device=per_anchor.device)
+        count = torch.full((), per_anchor.shape[0], device=per_anchor.device)  # no host-to-device copy
     if reduction == "none":
         return per_anchor
     if reduction == "sum":
@@ -110,26 +121,52 @@ def _make_backward(bwd_op):
     return backward
 
 
+def _triton_setup_context(ctx, inputs, output):
+    f_syn, y_syn, f_real, y_real, inv_temp, nce, log_c, normalize, precision = inputs
+    ctx.save_for_backward(f_syn, y_syn, f_real, y_real, output[1], output[2])
+    ctx.params = (inv_temp, nce, log_c, normalize, precision)
+
+
+def _triton_backward(ctx, grad_per_anchor, _grad_lse_all, _grad_lse_pos):
+    f_syn, y_syn, f_real, y_real, lse_all, lse_pos = ctx.saved_tensors
+    g = grad_per_anchor.to(lse_all.dtype).contiguous()
+    grad_syn, grad_real = torch.ops.ddfast.supcon_nce_triton_bwd(g, f_syn, y_syn, f_real, y_real, lse_all, lse_pos,
+                                                                 *ctx.params)
+    return grad_syn, None, grad_real, None, None, None, None, None, None
+
+
+# The Triton op takes the raw features: it normalises on the fly (row scales) and its backward
+# returns the gradient through the normalisation, so no normalised copy exists at any point.
 @torch.library.custom_op("ddfast::supcon_nce_triton_fwd", mutates_args=())
-def _triton_fwd(z_syn: torch.Tensor, y_syn: torch.Tensor, z_real: torch.Tensor, y_real: torch.Tensor,
-                inv_temp: float, nce: bool, log_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_fwd(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_real: torch.Tensor,
+                inv_temp: float, nce: bool, log_c: float, normalize: bool,
+                precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.supcon_nce import supcon_nce_forward
 
-    return supcon_nce_forward(z_syn, y_syn, z_real, y_real, inv_temp, nce, log_c)
+    return supcon_nce_forward(f_syn, y_syn, f_real, y_real, inv_temp, nce, log_c, normalize, precision)
 
 
 @torch.library.custom_op("ddfast::supcon_nce_triton_bwd", mutates_args=())
-def _triton_bwd(g: torch.Tensor, z_syn: torch.Tensor, y_syn: torch.Tensor, z_real: torch.Tensor,
+def _triton_bwd(g: torch.Tensor, f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor,
                 y_real: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor, inv_temp: float, nce: bool,
-                log_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+                log_c: float, normalize: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.supcon_nce import supcon_nce_backward
 
-    return supcon_nce_backward(g, z_syn, y_syn, z_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c)
+    return supcon_nce_backward(g, f_syn, y_syn, f_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c, normalize,
+                               precision)
 
 
-_triton_fwd.register_fake(_fake_fwd)
-_triton_bwd.register_fake(_fake_bwd)
-_triton_fwd.register_autograd(_make_backward(_triton_bwd), setup_context=_setup_context)
+def _fake_triton_fwd(f_syn, y_syn, f_real, y_real, inv_temp, nce, log_c, normalize, precision):
+    return _fake_fwd(f_syn, y_syn, f_real, y_real, inv_temp, nce, log_c)
+
+
+def _fake_triton_bwd(g, f_syn, y_syn, f_real, y_real, lse_all, lse_pos, inv_temp, nce, log_c, normalize, precision):
+    return torch.empty_like(f_syn), torch.empty_like(f_real)
+
+
+_triton_fwd.register_fake(_fake_triton_fwd)
+_triton_bwd.register_fake(_fake_triton_bwd)
+_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
 def _register_compiled():
@@ -178,29 +215,41 @@ def _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant,
 
 def supcon_nce(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_real: torch.Tensor, *,
                temperature: float = 0.1, normalize: bool = True, variant: str = "infonce",
-               noise_ratio: float = 1.0, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+               noise_ratio: float = 1.0, reduction: str = "mean", precision: str = "auto",
+               backend: str = "auto") -> torch.Tensor:
     """Supervised contrastive score of synthetic against real features (see the module doc).
 
     f_syn (n_syn, D…), f_real (n_real, D…): float features of one dtype and device (flattened from
     dim 1); y_syn, y_real: integer labels. Gradients flow to both feature sets. Returns a scalar
     (reduction "mean"/"sum") or the per-anchor (n_syn,) vector ("none"), in the features' dtype.
+    ``precision`` ("auto", "ieee", "tf32", "tf32x3", "bf16"): how fp32 logits are multiplied (see
+    ddfast/ops/_precision.py and the module doc for each mode's measured error).
     """
     temperature, noise_ratio = _check_inputs(f_syn, y_syn, f_real, y_real, temperature, normalize, variant,
                                              noise_ratio, reduction)
+    check_precision(precision)
     which = _backend.resolve(OP, backend, f_syn.device)
     if which == "torch":
-        loss = supcon_nce_reference(f_syn, y_syn, f_real, y_real, temperature, normalize, variant, noise_ratio,
-                                    reduction)
+        loss = supcon_nce_reference(round_operand(f_syn, precision), y_syn, round_operand(f_real, precision),
+                                    y_real, temperature, normalize, variant, noise_ratio, reduction)
     else:
-        z_syn, z_real = f_syn.flatten(1), f_real.flatten(1)
-        if normalize:
-            z_syn = F.normalize(z_syn, dim=1, eps=1e-12)
-            z_real = F.normalize(z_real, dim=1, eps=1e-12)
-        op = torch.ops.ddfast.supcon_nce_triton_fwd if which == "triton" else torch.ops.ddfast.supcon_nce_fwd
         nce = variant == "nce"
-        per_anchor, _lse_all, lse_pos = op(z_syn.contiguous(), y_syn.long().contiguous(), z_real.contiguous(),
-                                           y_real.long().contiguous(), 1.0 / temperature, nce,
-                                           math.log(noise_ratio))
+        y_syn_l, y_real_l = y_syn.long().contiguous(), y_real.long().contiguous()
+        if which == "triton":
+            f_syn2 = interpreter_operand(f_syn.flatten(1), precision).contiguous()
+            f_real2 = interpreter_operand(f_real.flatten(1), precision).contiguous()
+            per_anchor, _lse_all, lse_pos = torch.ops.ddfast.supcon_nce_triton_fwd(
+                f_syn2, y_syn_l, f_real2, y_real_l, 1.0 / temperature, nce, math.log(noise_ratio), normalize,
+                kernel_precision(precision, f_syn))
+        else:
+            z_syn = round_operand(f_syn.flatten(1), precision)
+            z_real = round_operand(f_real.flatten(1), precision)
+            if normalize:
+                z_syn = F.normalize(z_syn, dim=1, eps=1e-12)
+                z_real = F.normalize(z_real, dim=1, eps=1e-12)
+            per_anchor, _lse_all, lse_pos = torch.ops.ddfast.supcon_nce_fwd(
+                z_syn.contiguous(), y_syn_l, z_real.contiguous(), y_real_l, 1.0 / temperature, nce,
+                math.log(noise_ratio))
         if reduction == "none":
             loss = per_anchor
         elif reduction == "sum":
