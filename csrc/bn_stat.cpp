@@ -11,6 +11,7 @@
 #include "cuda/bn_stat.h"
 #endif
 
+#include <cmath>
 #include <vector>
 
 namespace ddfast {
@@ -23,23 +24,39 @@ void check_shapes(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& r
 }
 
 // The norms run in fp64 (C values): squares of fp32 statistics above ~1e19 would overflow.
-at::Tensor loss_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& rm, const at::Tensor& rv) {
-  return at::linalg_vector_norm(mean.to(at::kDouble) - rm.to(at::kDouble), 2) +
-         at::linalg_vector_norm(var.to(at::kDouble) - rv.to(at::kDouble), 2);
+// ‖mean − rm‖₂ + ‖var − rv‖₂ over C doubles (fp64, in channel order).
+double loss_from_stats(const double* mean, const double* var, const at::Tensor& rm, const at::Tensor& rv) {
+  at::Tensor rmd = rm.to(at::kDouble).contiguous(), rvd = rv.to(at::kDouble).contiguous();
+  const double* rmp = rmd.data_ptr<double>();
+  const double* rvp = rvd.data_ptr<double>();
+  double sq_mean = 0.0, sq_var = 0.0;
+  for (int64_t ch = 0; ch < rmd.numel(); ++ch) {
+    sq_mean += (mean[ch] - rmp[ch]) * (mean[ch] - rmp[ch]);
+    sq_var += (var[ch] - rvp[ch]) * (var[ch] - rvp[ch]);
+  }
+  return std::sqrt(sq_mean) + std::sqrt(sq_var);
 }
 
-// a_c, b_c of grad_x = a_c + b_c (x − μ_c), in fp64 (C values); a zero norm gives zero gradient
-// (as torch.norm's backward).
-std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& grad, const at::Tensor& mean, const at::Tensor& var,
-                                                const at::Tensor& rm, const at::Tensor& rv, int64_t m) {
-  at::Tensor dm = mean.to(at::kDouble) - rm.to(at::kDouble);
-  at::Tensor dv = var.to(at::kDouble) - rv.to(at::kDouble);
-  at::Tensor nm = at::linalg_vector_norm(dm, 2);
-  at::Tensor nv = at::linalg_vector_norm(dv, 2);
-  at::Tensor g = grad.to(at::kDouble);
-  at::Tensor a = at::where(nm > 0, g * dm / (nm * static_cast<double>(m)), at::zeros_like(dm));
-  at::Tensor b = at::where(nv > 0, 2.0 * g * dv / (nv * static_cast<double>(m)), at::zeros_like(dv));
-  return {a.to(mean.scalar_type()).contiguous(), b.to(mean.scalar_type()).contiguous()};
+// a_c = g (μ_c − rm_c) / (‖μ − rm‖ M), b_c = 2 g (σ²_c − rv_c) / (‖σ² − rv‖ M) in fp64; a zero norm gives 0.
+void coefficients(double g, const double* mean, const double* var, const at::Tensor& rm, const at::Tensor& rv,
+                  int64_t m, std::vector<double>& a, std::vector<double>& b) {
+  at::Tensor rmd = rm.to(at::kDouble).contiguous(), rvd = rv.to(at::kDouble).contiguous();
+  const double* rmp = rmd.data_ptr<double>();
+  const double* rvp = rvd.data_ptr<double>();
+  const int64_t c = rmd.numel();
+  double sq_mean = 0.0, sq_var = 0.0;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    sq_mean += (mean[ch] - rmp[ch]) * (mean[ch] - rmp[ch]);
+    sq_var += (var[ch] - rvp[ch]) * (var[ch] - rvp[ch]);
+  }
+  const double nm = std::sqrt(sq_mean), nv = std::sqrt(sq_var), md = static_cast<double>(m);
+  const double scale_mean = nm > 0.0 ? g / (nm * md) : 0.0, scale_var = nv > 0.0 ? 2.0 * g / (nv * md) : 0.0;
+  a.resize(c);
+  b.resize(c);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    a[ch] = scale_mean * (mean[ch] - rmp[ch]);
+    b[ch] = scale_var * (var[ch] - rvp[ch]);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor& x, const at::Tensor& rm,
@@ -73,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor&
     });
   });
   const auto acc = acc_type(x.scalar_type());
-  at::Tensor loss = loss_from_stats(mean, var, rm, rv);
+  at::Tensor loss = at::scalar_tensor(loss_from_stats(mp, vp, rm, rv), x.options().dtype(at::kDouble));
   return {loss.to(acc), mean.to(acc), var.to(acc)};
 }
 
@@ -81,10 +98,11 @@ at::Tensor bn_stat_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at
                            const at::Tensor& mean, const at::Tensor& var) {
   check_shapes(x, rm, rv);
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
-  auto [a, b] = coefficients(grad.to(at::kDouble), mean.to(at::kDouble), var.to(at::kDouble), rm, rv, n * s);
-  at::Tensor mu = mean.to(at::kDouble).contiguous();
-  const double* ap = a.data_ptr<double>();
-  const double* bp = b.data_ptr<double>();
+  at::Tensor mu = mean.to(at::kDouble).contiguous(), vd = var.to(at::kDouble).contiguous();
+  std::vector<double> a, b;
+  coefficients(grad.to(at::kDouble).item<double>(), mu.data_ptr<double>(), vd.data_ptr<double>(), rm, rv, n * s, a, b);
+  const double* ap = a.data();
+  const double* bp = b.data();
   const double* mup = mu.data_ptr<double>();
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_bwd_cpu", [&] {
@@ -117,14 +135,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cuda(const at::Tensor
   at::Tensor count = at::empty({c, splits}, x.options().dtype(acc));
   at::Tensor pmean = at::empty({c, splits}, x.options().dtype(acc));
   at::Tensor pm2 = at::empty({c, splits}, x.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   bn_stat_forward_cuda(x.data_ptr(), n, c, s, splits, dtype_code(x), count.data_ptr(), pmean.data_ptr(),
-                       pm2.data_ptr(), c10::cuda::getCurrentCUDAStream());
+                       pm2.data_ptr(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Chan's merge of the splits: exact, and C x splits is tiny
-  at::Tensor total = count.sum(1);
-  at::Tensor mean = (count * pmean).sum(1) / total;
-  at::Tensor var = (pm2.sum(1) + (count * (pmean - mean.unsqueeze(1)).pow(2)).sum(1)) / total;
-  return {loss_from_stats(mean, var, rm, rv).to(acc), mean, var};
+  // the epilogue merges the splits and computes the norms on the device (no host sync, one launch)
+  at::Tensor rm_acc = rm.to(acc).contiguous(), rv_acc = rv.to(acc).contiguous();
+  at::Tensor mean = at::empty({c}, x.options().dtype(acc));
+  at::Tensor var = at::empty({c}, x.options().dtype(acc));
+  at::Tensor loss = at::empty({}, x.options().dtype(acc));
+  bn_stat_finalize_cuda(count.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), rm_acc.data_ptr(), rv_acc.data_ptr(), c,
+                        splits, acc == at::kDouble, mean.data_ptr(), var.data_ptr(), loss.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, mean, var};
 }
 
 at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv,
@@ -133,11 +156,18 @@ at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const a
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
   // the launcher reads a, b and mean as the accumulation dtype of x (coefficients returns mean's dtype)
-  at::Tensor mu = mean.to(acc_type(x.scalar_type())).contiguous();
-  auto [a, b] = coefficients(grad, mu, var, rm, rv, n * s);
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor mu = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
+  at::Tensor rm_acc = rm.to(acc).contiguous(), rv_acc = rv.to(acc).contiguous(), g = grad.to(acc).contiguous();
+  at::Tensor a = at::empty({c}, x.options().dtype(acc));
+  at::Tensor b = at::empty({c}, x.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  bn_stat_coefficients_cuda(g.data_ptr(), mu.data_ptr(), var_acc.data_ptr(), rm_acc.data_ptr(), rv_acc.data_ptr(), c,
+                            n * s, acc == at::kDouble, a.data_ptr(), b.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor out = at::empty_like(x);
   bn_stat_backward_cuda(x.data_ptr(), a.data_ptr(), b.data_ptr(), mu.data_ptr(), n, c, s, dtype_code(x), out.data_ptr(),
-                        c10::cuda::getCurrentCUDAStream());
+                        stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

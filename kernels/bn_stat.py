@@ -3,9 +3,10 @@
 Forward: x viewed as (N, C, S); program (c, split) reads its slice of channel c once, tile by
 tile, and keeps (count, mean, M2) merged with Chan's parallel update (each tile's mean and M2 are
 exact in registers), so the variance never suffers from E[x²] − E[x]² cancellation; fp32
-accumulation (fp64 for fp64). The (C, SPLIT) partials are merged the same way on the host side
-(C-sized tensor ops, no sync). Backward: one elementwise pass
-``grad_x = a_c + b_c (x − μ_c)`` with a_c, b_c folding the norms, 1/M and the incoming gradient.
+accumulation (fp64 for fp64). A one-program epilogue kernel merges the (C, SPLIT) partials
+(Chan's formula in fp64), writes μ and σ² and the two norms (fp64 sums, fixed order: deterministic).
+Backward: a one-program kernel folds the norms, 1/M and the incoming gradient into a_c, b_c, then
+one elementwise pass ``grad_x = a_c + b_c (x − μ_c)``. Two launches each way, no host sync.
 """
 import torch
 import triton
@@ -61,32 +62,73 @@ def _bn_backward_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, out_ptr, C, S, total,
     tl.store(out_ptr + idx, (a + b * (x - mu)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
-    """Chan's merge of (C, K) partial (count, mean, M2) into per-channel (mean, biased var)."""
-    total = count.sum(1)
-    mu = (count * mean).sum(1) / total
-    m2_all = m2.sum(1) + (count * (mean - mu[:, None]) ** 2).sum(1)
-    return mu, m2_all / total
+@triton.jit
+def _bn_finalize_kernel(count_ptr, mean_p_ptr, m2_p_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, loss_ptr, C, num_splits,
+                        BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """One program: per channel block, Chan's merge of the splits in fp64, then Σ(μ − rm)², Σ(σ² − rv)²."""
+    sq_mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sq_var = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sp = tl.arange(0, BLOCK_SPLIT)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        mask = cmask[:, None] & (sp[None, :] < num_splits)
+        offs = ch[:, None] * num_splits + sp[None, :]
+        cnt = tl.load(count_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        mu_p = tl.load(mean_p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        m2_p = tl.load(m2_p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        total = tl.sum(cnt, axis=1)
+        total = tl.where(cmask, total, 1.0)
+        mu = tl.sum(cnt * mu_p, axis=1) / total
+        dev = tl.where(mask, mu_p - mu[:, None], 0.0)
+        var = (tl.sum(m2_p, axis=1) + tl.sum(cnt * dev * dev, axis=1)) / total
+        tl.store(mean_ptr + ch, mu.to(mean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(var_ptr + ch, var.to(var_ptr.dtype.element_ty), mask=cmask)
+        # the norms use the statistics as stored (acc dtype), like the reference's fp32 tensors
+        dm = tl.where(cmask, mu.to(mean_ptr.dtype.element_ty).to(tl.float64)
+                      - tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64), 0.0)
+        dv = tl.where(cmask, var.to(var_ptr.dtype.element_ty).to(tl.float64)
+                      - tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64), 0.0)
+        sq_mean += dm * dm
+        sq_var += dv * dv
+    loss = tl.sqrt(tl.sum(sq_mean, axis=0)) + tl.sqrt(tl.sum(sq_var, axis=0))
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
-def loss_from_stats(mean, var, running_mean, running_var):
-    """The two norms in fp64 (C values): squares of fp32 statistics above ~1e19 would overflow."""
-    loss = torch.linalg.vector_norm(mean.double() - running_mean.double()) + \
-        torch.linalg.vector_norm(var.double() - running_var.double())
-    return loss.to(mean.dtype)
+@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr
+def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, b_ptr, C, M,
+                            BLOCK_C: tl.constexpr):
+    """One program: the norms (fp64), then a_c = g (μ_c − rm_c) / (‖·‖ M), b_c = 2 g (σ²_c − rv_c) / (‖·‖ M);
+    a zero norm gives zero coefficients (as torch.norm's backward)."""
+    sq_mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sq_var = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        dm = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+            tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        dv = tl.load(var_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+            tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        sq_mean += dm * dm
+        sq_var += dv * dv
+    norm_mean = tl.sqrt(tl.sum(sq_mean, axis=0))
+    norm_var = tl.sqrt(tl.sum(sq_var, axis=0))
+    g = tl.load(grad_ptr).to(tl.float64)
+    M = M.to(tl.float64)
+    scale_mean = tl.where(norm_mean > 0, g / (tl.where(norm_mean > 0, norm_mean, 1.0) * M), 0.0)
+    scale_var = tl.where(norm_var > 0, 2.0 * g / (tl.where(norm_var > 0, norm_var, 1.0) * M), 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        dm = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+            tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        dv = tl.load(var_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+            tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        tl.store(a_ptr + ch, (scale_mean * dm).to(a_ptr.dtype.element_ty), mask=cmask)
+        tl.store(b_ptr + ch, (scale_var * dv).to(b_ptr.dtype.element_ty), mask=cmask)
 
 
-def backward_coefficients(grad, mean, var, running_mean, running_var, m: int):
-    """a_c, b_c of grad_x = a_c + b_c (x − μ_c), computed in fp64 (C values); a zero norm gives a zero
-    gradient (as torch.norm's backward)."""
-    dm = mean.double() - running_mean.double()
-    dv = var.double() - running_var.double()
-    nm = torch.linalg.vector_norm(dm)
-    nv = torch.linalg.vector_norm(dv)
-    g = grad.double()
-    a = torch.where(nm > 0, g * dm / (nm * m), torch.zeros_like(dm))
-    b = torch.where(nv > 0, 2.0 * g * dv / (nv * m), torch.zeros_like(dv))
-    return a.to(mean.dtype).contiguous(), b.to(mean.dtype).contiguous()
+_BLOCK_C = 128
 
 
 def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
@@ -101,16 +143,24 @@ def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     mean = torch.empty_like(count)
     m2 = torch.empty_like(count)
     _bn_partial_kernel[(c, splits)](x, count, mean, m2, c, s, m, chunk, splits, BLOCK=BLOCK, ACC_DTYPE=acc_tl)
-    mu, var = merge_partials(count, mean, m2)
-    return loss_from_stats(mu, var, running_mean, running_var), mu, var
+    mu = torch.empty(c, device=x.device, dtype=acc_torch)
+    var = torch.empty_like(mu)
+    loss = torch.empty((), device=x.device, dtype=acc_torch)
+    _bn_finalize_kernel[(1,)](count, mean, m2, running_mean, running_var, mu, var, loss, c, splits,
+                              BLOCK_C=_BLOCK_C, BLOCK_SPLIT=triton.next_power_of_2(splits))
+    return loss, mu, var
 
 
 def bn_stat_backward(grad, x, running_mean, running_var, mean, var):
     n, c, s = x.shape
     acc_tl, _ = acc_dtypes(x.dtype)
-    a, b = backward_coefficients(grad, mean, var, running_mean, running_var, n * s)
+    mean = mean.contiguous()
+    a = torch.empty_like(mean)
+    b = torch.empty_like(mean)
+    _bn_coefficients_kernel[(1,)](grad, mean, var.contiguous(), running_mean, running_var, a, b, c, n * s,
+                                  BLOCK_C=_BLOCK_C)
     out = torch.empty_like(x)
     total = x.numel()
-    _bn_backward_kernel[(triton.cdiv(total, BLOCK),)](x, a, b, mean.contiguous(), out, c, s, total,
+    _bn_backward_kernel[(triton.cdiv(total, BLOCK),)](x, a, b, mean, out, c, s, total,
                                                      BLOCK=BLOCK, ACC_DTYPE=acc_tl)
     return out

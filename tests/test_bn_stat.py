@@ -174,8 +174,33 @@ def _trained_net(device, dtype=torch.float32):
     return net.eval()
 
 
+class _SRe2LHook:
+    """SRe2L's BNFeatureHook (recover/utils.py), transcribed: every call overwrites r_feature."""
+
+    def __init__(self, module):
+        self.hook = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module, inputs, _output):
+        nch = inputs[0].shape[1]
+        mean = inputs[0].mean([0, 2, 3])
+        var = inputs[0].permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+
 def _sre2l_reference(net, x, first_bn_multiplier):
-    """SRe2L's BNFeatureHook per BatchNorm (r_feature), summed with rescale [first, 1, 1, ...]."""
+    """SRe2L recover/data_synthesis.py: hooks on the BatchNorm2d modules in model.modules() order,
+    ``rescale = [first_bn_multiplier] + [1.] * (len - 1)``, loss = Σ r_feature · rescale."""
+    # (a BatchNorm2d without running statistics would make SRe2L's hook fail; both leave it out)
+    hooks = [_SRe2LHook(m) for m in net.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    out = net(x)
+    for h in hooks:
+        h.hook.remove()
+    rescale = [first_bn_multiplier] + [1. for _ in range(len(hooks) - 1)]
+    return out, sum([mod.r_feature * rescale[idx] for (idx, mod) in enumerate(hooks)])
+
+
+def _every_call_reference(net, x, first_bn_multiplier):
+    """The other rules: every BatchNorm (1d too), every call summed, the multiplier on the first call."""
     feats = []
 
     def hook(module, inputs, _out):
@@ -184,13 +209,78 @@ def _sre2l_reference(net, x, first_bn_multiplier):
         feats.append(torch.norm(module.running_mean.data - flat.mean(1), 2) +
                      torch.norm(module.running_var.data - flat.var(1, unbiased=False), 2))
 
-    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.track_running_stats]
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     handles = [m.register_forward_hook(hook) for m in layers]
     out = net(x)
     for h in handles:
         h.remove()
-    rescale = [first_bn_multiplier] + [1.0] * (len(feats) - 1)
-    return out, sum(f * r for f, r in zip(feats, rescale))
+    return out, sum(f * (first_bn_multiplier if i == 0 else 1.0) for i, f in enumerate(feats))
+
+
+class _ReorderedNet(nn.Module):
+    """modules() order ≠ call order (bn_late is declared first, runs second), a BatchNorm2d called
+    twice (shared), a BatchNorm1d and a BatchNorm2d without running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_late = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_early = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.BatchNorm2d(8)
+        self.free = nn.BatchNorm2d(8, track_running_stats=False)
+        self.fc = nn.Linear(8, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_early(self.conv1(x)))
+        x = torch.relu(self.bn_late(self.conv2(x)))
+        x = self.shared(x)
+        x = self.shared(torch.tanh(x) * 2 + 0.5)
+        x = self.free(x)
+        return self.bn1d(self.fc(x.mean((2, 3))))
+
+
+def _trained(net_cls, device, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = net_cls().to(device=device, dtype=dtype)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 8, 8, device=device, dtype=dtype) * 2 + 1)
+    return net.eval()
+
+
+def _grad_and_loss(fn, x):
+    x = x.clone().requires_grad_(True)
+    out, loss = fn(x)
+    (loss + out.sum()).backward()
+    return loss.detach(), x.grad
+
+
+def test_matcher_default_is_sre2l_float64():
+    net = _trained(_ReorderedNet, "cpu", torch.float64)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64) * 1.5
+    with ddfast.BNStatMatcher(net, first_layer_weight=10.0) as matcher:
+        assert matcher.layers == [net.bn_late, net.bn_early, net.shared]  # BatchNorm2d, modules() order
+        got, g_got = _grad_and_loss(matcher, x)
+        assert len(matcher.losses) == 4  # four hooked calls, the shared layer's last one kept
+    want, g_want = _grad_and_loss(lambda t: _sre2l_reference(net, t, 10.0), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_matcher_other_rules_float64():
+    net = _trained(_ReorderedNet, "cpu", torch.float64)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64) * 1.5
+    matcher = ddfast.BNStatMatcher(net, 10.0, layers="all", first_layer="executed", repeated_calls="sum")
+    got, g_got = _grad_and_loss(matcher, x)
+    matcher.remove()
+    want, g_want = _grad_and_loss(lambda t: _every_call_reference(net, t, 10.0), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    default, _ = _grad_and_loss(ddfast.BNStatMatcher(net, 10.0), x)
+    assert abs(float(default - got)) > 1e-3  # the rules matter on this net
 
 
 def test_matcher_equals_sre2l_hooks(device, backend_kind):
@@ -199,14 +289,14 @@ def test_matcher_equals_sre2l_hooks(device, backend_kind):
     x = torch.randn(6, 3, 8, 8, device=device)
     x_new, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with ddfast.BNStatMatcher(net, first_layer_weight=10.0, backend=backend) as matcher:
-        assert len(matcher.layers) == 3
+        assert len(matcher.layers) == 2  # bn3 is a BatchNorm1d, `free` has no running statistics
         out, loss = matcher(x_new)
         (loss + out.sum()).backward()
-        assert len(matcher.losses) == 3
+        assert len(matcher.losses) == 2
         net(x_new.detach())  # a new forward starts a fresh list
-        assert len(matcher.losses) == 3
+        assert len(matcher.losses) == 2
     net(x_new.detach())
-    assert len(matcher.losses) == 3  # hooks removed: nothing appended
+    assert len(matcher.losses) == 2  # hooks removed: nothing appended
     out_ref, loss_ref = _sre2l_reference(net, x_ref, 10.0)
     (loss_ref + out_ref.sum()).backward()
     torch.testing.assert_close(loss, loss_ref, **tol(device, torch.float32))
@@ -218,6 +308,36 @@ def test_matcher_bad_input():
         ddfast.BNStatMatcher(lambda x: x)
     with pytest.raises(ValueError, match="BatchNorm"):
         ddfast.BNStatMatcher(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        ddfast.BNStatMatcher(nn.BatchNorm1d(3))
+    for option in ("layers", "first_layer", "repeated_calls"):
+        with pytest.raises(ValueError, match=option):
+            ddfast.BNStatMatcher(_SmallNet(), **{option: "bogus"})
     matcher = ddfast.BNStatMatcher(_SmallNet())
     with pytest.raises(RuntimeError, match="forward"):
         matcher.loss()
+
+
+@pytest.mark.parametrize("backend_kind", ["torch", "compiled", "triton"])
+def test_no_host_sync_after_warm_up(device, backend_kind):
+    """bn_stat_loss and a BNStatMatcher forward + backward: 0 host syncs once warmed up."""
+    from ddfast._sync import count_syncs
+
+    if backend_kind == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter reads tensors on the host by design")
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((4, 3, 5, 5), device)
+    x.requires_grad_(True)
+    net = _trained_net(device)
+    matcher = ddfast.BNStatMatcher(net, first_layer_weight=3.0, backend=backend)
+    images = torch.randn(4, 3, 8, 8, device=device, requires_grad=True)
+
+    def step():
+        ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend).backward()
+        _, loss = matcher(images)
+        loss.backward()
+
+    step()  # warm-up
+    with count_syncs() as syncs:
+        step()
+    assert syncs.count == 0, syncs.events

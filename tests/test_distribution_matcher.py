@@ -100,7 +100,7 @@ def test_dsa_equals_reference_loop_with_per_class_seeds():
     embed = _convnet_embed()
     x_real, y_real, x_syn, y_syn = _data(3, 4, 2, "cpu", size=8)
     seeds = [123, 4567, 89]
-    matcher = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, dsa_param=ParamDiffAug())
+    matcher = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, dsa_param=ParamDiffAug(), dsa_rng="reference")
     got, g_got = _run(lambda x: matcher(x_real, y_real, x, y_syn, seeds=seeds), x_syn)
 
     def augment(images, seed):
@@ -110,7 +110,7 @@ def test_dsa_equals_reference_loop_with_per_class_seeds():
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
     # a seed generator gives the same, deterministically
-    seeded = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, seed_fn=lambda c: seeds)
+    seeded = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, seed_fn=lambda c: seeds, dsa_rng="reference")
     torch.testing.assert_close(seeded(x_real, y_real, x_syn, y_syn), got, rtol=1e-12, atol=0)
 
 
@@ -143,3 +143,203 @@ def test_bad_input():
     if _has("ddfast.ops.dsa"):
         with pytest.raises(ValueError, match="seeds"):
             ddfast.DistributionMatcher(embed, 2, dsa_strategy=STRATEGY)(x_real, y_real, x_syn, y_syn, seeds=[1])
+
+
+# --- DM's ConvNetBN branch: BatchNorm with batch statistics, real side chunked ---------------------
+
+def _convnet_bn_embed(track_running_stats=True, device="cpu"):
+    """DC's ConvNetBN feature extractor (conv → BatchNorm2d → ReLU → AvgPool2) × 2, train mode, frozen weights."""
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for _ in range(2):
+        layers += [nn.Conv2d(c, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=track_running_stats),
+                   nn.ReLU(), nn.AvgPool2d(2)]
+        c = 6
+    net = nn.Sequential(*layers, nn.Flatten()).to(device=device, dtype=torch.float64).train()
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _dm_bn_branch_reference(embed, x_real, y_real, x_syn, y_syn, num_classes):
+    """main_DM.py's ConvNetBN branch: all real images in one forward, all synthetic ones in one, then
+    Σ_c ‖mean(output_real[c]) − mean(output_syn[c])‖² (classes in DM's class-major layout)."""
+    order_real = torch.argsort(y_real, stable=True)
+    output_real = embed(x_real[order_real]).detach()
+    output_syn = embed(x_syn)
+    per_class_real = output_real.reshape(num_classes, -1, output_real.shape[1])
+    per_class_syn = output_syn.reshape(num_classes, -1, output_syn.shape[1])
+    return torch.sum((torch.mean(per_class_real, dim=1) - torch.mean(per_class_syn, dim=1)) ** 2)
+
+
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 24])
+def test_batchnorm_embedding_chunked_equals_dm_bn_branch(track_running_stats, chunk):
+    import copy
+
+    embed = _convnet_bn_embed(track_running_stats)
+    reference = copy.deepcopy(embed)
+    x_real, y_real, x_syn, y_syn = _data(4, 6, 2, "cpu")
+    matcher = ddfast.DistributionMatcher(embed, 4, real_chunk_size=chunk)
+    got, g_got = _run(lambda x: matcher(x_real, y_real, x, y_syn), x_syn)
+    want, g_want = _run(lambda x: _dm_bn_branch_reference(reference, x_real, y_real, x, y_syn, 4), x_syn)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    for m_got, m_want in zip(embed.modules(), reference.modules()):  # same running statistics afterwards
+        if isinstance(m_got, nn.BatchNorm2d):
+            assert m_got.training
+            if track_running_stats:
+                torch.testing.assert_close(m_got.running_mean, m_want.running_mean, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(m_got.running_var, m_want.running_var, rtol=1e-12, atol=1e-14)
+                assert int(m_got.num_batches_tracked) == int(m_want.num_batches_tracked) == 2
+            else:
+                assert m_got.running_mean is None
+
+
+def test_batchnorm_called_twice_with_chunks_is_refused():
+    bn = nn.BatchNorm2d(3).double()
+    x_real, y_real, x_syn, y_syn = _data(2, 4, 1, "cpu")
+    shared = nn.Sequential(bn, bn, nn.Flatten())
+    matcher = ddfast.DistributionMatcher(shared, 2, real_chunk_size=3)
+    with pytest.raises(ValueError, match="called twice"):
+        matcher(x_real, y_real, x_syn, y_syn)
+
+
+# --- compat.dc.dm_class_loop_loss against main_DM.py's loop -----------------------------------------
+
+class _DMNet(nn.Module):
+    """DC's ConvNet shape with ``embed`` (features) as main_DM.py uses it; norm "instance" or "batch"."""
+
+    def __init__(self, norm):
+        super().__init__()
+        make_norm = (lambda c: nn.GroupNorm(c, c)) if norm == "instance" else nn.BatchNorm2d
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), make_norm(6), nn.ReLU(), nn.AvgPool2d(2),
+                                      nn.Conv2d(6, 6, 3, padding=1), make_norm(6), nn.ReLU(), nn.AvgPool2d(2))
+        self.classifier = nn.Linear(6 * 2 * 2, 3)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+def _main_dm_loss(net, get_images, image_syn, args, seeds, augment):
+    """main_DM.py's "update synthetic data" block (both branches), float64 accumulator."""
+    embed = net.embed
+    num_classes = image_syn.shape[0] // args.ipc
+    if "BN" not in args.model:
+        loss = torch.tensor(0.0, dtype=image_syn.dtype)
+        for c in range(num_classes):
+            img_real = get_images(c, args.batch_real)
+            img_syn = image_syn[c * args.ipc:(c + 1) * args.ipc]
+            if args.dsa:
+                img_real = augment(img_real, args.dsa_strategy, seeds[c], args.dsa_param, False)
+                img_syn = augment(img_syn, args.dsa_strategy, seeds[c], args.dsa_param, False)
+            output_real = embed(img_real).detach()
+            output_syn = embed(img_syn)
+            loss += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)
+        return loss
+    images_real_all, images_syn_all = [], []
+    for c in range(num_classes):
+        img_real = get_images(c, args.batch_real)
+        img_syn = image_syn[c * args.ipc:(c + 1) * args.ipc]
+        if args.dsa:
+            img_real = augment(img_real, args.dsa_strategy, seeds[c], args.dsa_param, False)
+            img_syn = augment(img_syn, args.dsa_strategy, seeds[c], args.dsa_param, False)
+        images_real_all.append(img_real)
+        images_syn_all.append(img_syn)
+    output_real = embed(torch.cat(images_real_all)).detach()
+    output_syn = embed(torch.cat(images_syn_all))
+    return torch.sum((torch.mean(output_real.reshape(num_classes, args.batch_real, -1), dim=1)
+                      - torch.mean(output_syn.reshape(num_classes, args.ipc, -1), dim=1)) ** 2)
+
+
+@pytest.mark.parametrize("model, norm", [("ConvNet", "instance"), ("ConvNetBN", "batch"), ("ConvNet", "batch")])
+@pytest.mark.parametrize("dsa", [False, True])
+def test_dm_class_loop_loss_equals_main_dm_loop(model, norm, dsa):
+    import copy
+    from types import SimpleNamespace
+
+    from test_compat_dsa import _reference_diff_augment
+
+    from ddfast.compat import dc
+
+    torch.manual_seed(0)
+    net = _DMNet(norm).double().train()
+    for p in net.parameters():
+        p.requires_grad = False
+    images_all = torch.randn(3 * 7, 3, 8, 8, dtype=torch.float64)
+    labels_all = torch.arange(3).repeat(7)
+    image_syn = torch.randn(3 * 2, 3, 8, 8, dtype=torch.float64)
+    args = SimpleNamespace(ipc=2, batch_real=5, model=model, dsa=dsa, dsa_strategy=STRATEGY,
+                           dsa_param=dc.ParamDiffAug())
+    seeds = [31, 7, 2024]
+    results = []
+    for loss_fn in (lambda n, g, x: _main_dm_loss(n, g, x, args, seeds, _reference_diff_augment),
+                    lambda n, g, x: dc.dm_class_loop_loss(n, g, x, args, seeds=seeds)):
+        picker = torch.Generator().manual_seed(3)
+
+        def get_images(c, n):
+            idx = torch.nonzero(labels_all == c).flatten()
+            return images_all[idx[torch.randperm(len(idx), generator=picker)][:n]]
+
+        run_net = copy.deepcopy(net)
+        torch.manual_seed(11)
+        loss, grad = _run(lambda x: loss_fn(run_net, get_images, x), image_syn)
+        results.append((loss, grad, torch.random.get_rng_state(), run_net.state_dict()))
+    (want, g_want, state_want, net_want), (got, g_got, state_got, net_got) = results
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert torch.equal(state_got, state_want)
+    for key in net_want:  # BatchNorm running statistics move as in the loop
+        torch.testing.assert_close(net_got[key], net_want[key], rtol=1e-12, atol=1e-14)
+
+
+def test_dm_class_loop_loss_bad_input():
+    from types import SimpleNamespace
+
+    from ddfast.compat import dc
+
+    net = _DMNet("instance").double()
+    args = SimpleNamespace(ipc=4, batch_real=2, model="ConvNet", dsa=False)
+    with pytest.raises(ValueError, match="image_syn"):
+        dc.dm_class_loop_loss(net, lambda c, n: torch.randn(n, 3, 8, 8), torch.randn(6, 3, 8, 8), args)
+    args.ipc = 2
+    with pytest.raises(ValueError, match="seeds"):
+        dc.dm_class_loop_loss(net, lambda c, n: torch.randn(n, 3, 8, 8, dtype=torch.float64),
+                              torch.randn(6, 3, 8, 8, dtype=torch.float64), args, seeds=[1])
+
+
+def test_device_rng_dsa_is_deterministic_and_a_valid_augmentation():
+    embed = _convnet_embed()
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 2, "cpu", size=8)
+    seeds = [123, 4567, 89]
+    matcher = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, dsa_rng="device")
+    got, g_got = _run(lambda x: matcher(x_real, y_real, x, y_syn, seeds=seeds), x_syn)
+    again, g_again = _run(lambda x: matcher(x_real, y_real, x, y_syn, seeds=seeds), x_syn)
+    assert torch.equal(got, again) and torch.equal(g_got, g_again)
+    plain = ddfast.DistributionMatcher(embed, 3)(x_real, y_real, x_syn, y_syn)
+    assert torch.isfinite(got) and abs(float(got - plain)) > 1e-6  # the images were augmented
+    with pytest.raises(ValueError, match="dsa_rng"):
+        ddfast.DistributionMatcher(embed, dsa_rng="numpy")
+
+
+@pytest.mark.parametrize("dsa_strategy", [None, STRATEGY])
+def test_step_makes_no_host_sync_after_warm_up(dsa_strategy):
+    """A DM step (default configuration, DSA drawn on the device) after one warm-up call: 0 syncs."""
+    from ddfast._sync import count_syncs
+
+    embed = _convnet_embed()
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 2, "cpu", size=8)
+    x_syn.requires_grad_(True)
+    matcher = ddfast.DistributionMatcher(embed, 3, dsa_strategy=dsa_strategy)
+    matcher(x_real, y_real, x_syn, y_syn).backward()  # warm-up
+    with count_syncs() as syncs:
+        matcher(x_real, y_real, x_syn, y_syn).backward()
+    assert syncs.count == 0, syncs.events

@@ -1,4 +1,6 @@
 """ddfast.dsa_augment: grouped output == per-group DiffAugment calls, gradients, kernels, bad input."""
+import math
+
 import pytest
 import torch
 
@@ -10,8 +12,27 @@ from conftest import require_backend, tol
 
 OP = "dsa"
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _reference_stream(*args, **kwargs):
+    """dsa_augment with the reference's generator calls (the default is rng="device")."""
+    return ddfast.dsa_augment(*args, rng="reference", **kwargs)
 ALIGN = {False: dc, True: mtt}
 
+
+
+def assert_close_fp32(got, want, device, exact=None):
+    """SPEC tolerances with atol in units of the images' scale, or, given ``exact`` (the same draws
+    applied in float64), that ``got`` is as close to it as the fp32 reference ``want`` is: color
+    subtracts channel and image means whose fp32 sums (torch's cascade vs the kernels' fp64/block
+    sums) differ by ~1e-7 of the operands, and the bilinear ops amplify that near 0."""
+    scale = max(1.0, float(want.detach().abs().max()))
+    if exact is not None:
+        ref_error = float((want.double() - exact).abs().max())
+        assert float((got.double() - exact).abs().max()) <= 1.5 * ref_error + 1e-6 * scale
+        return
+    t = tol(device, torch.float32)
+    torch.testing.assert_close(got, want, rtol=t["rtol"], atol=t["atol"] * scale)
 
 def _images(n, c=3, h=32, w=32, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
@@ -42,7 +63,7 @@ def test_grouped_equals_per_group_calls_bitwise(align, mode, strategy):
     x = _images(23, h=16, w=20)
     groups = torch.arange(23) % 7
     seeds = [0, 13, 400, 7, 99999, 5, 2**31]
-    got = ddfast.dsa_augment(x, groups, strategy, seeds, align_corners=align, param=_param(mode), backend="torch")
+    got = _reference_stream(x, groups, strategy, seeds, align_corners=align, param=_param(mode), backend="torch")
     want = _per_group(x, groups, strategy, seeds, align, mode)
     assert torch.equal(got, want)
 
@@ -57,9 +78,11 @@ def test_grouped_kernels_equal_per_group_calls(device, backend_kind, align, mode
     groups = (torch.arange(n) * 7 % 5).to(device)  # interleaved groups
     for base in ((0,) if small else (0, 1000)):
         seeds = [base + 17 * g for g in range(5)]
-        got = ddfast.dsa_augment(x, groups, STRATEGY, seeds, align_corners=align, param=_param(mode), backend=backend)
+        got = _reference_stream(x, groups, STRATEGY, seeds, align_corners=align, param=_param(mode), backend=backend)
         want = _per_group(x, groups, STRATEGY, seeds, align, mode)
-        torch.testing.assert_close(got, want, **tol(device, torch.float32))
+        stages = dsa.draw_grouped(dsa.parse_strategy(STRATEGY, _param(mode)), seeds, groups, h, w, _param(mode),
+                                  torch.float32, "reference", device)
+        assert_close_fp32(got, want, device, exact=dsa.apply_stages(x.double(), stages, align, "torch"))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 28, 28), (3, 1, 28, 28), (4, 3, 64, 64), (5, 3, 20, 33), (300, 3, 8, 8)])
@@ -67,34 +90,81 @@ def test_shapes_and_batch_sizes(shape):
     x = _images(*shape)
     groups = torch.arange(shape[0]) % 3
     seeds = [3, 4, 5]
-    for backend in ("torch", "cpp"):
-        got = ddfast.dsa_augment(x, groups, STRATEGY, seeds, param=_param("M"), backend=backend)
-        want = _per_group(x, groups, STRATEGY, seeds, False, "M")
-        # contrast's mean is summed in fp64 by the C++ kernel, in fp32 by torch: they differ by
-        # ~1e-7·|x|, which the following bilinear steps can leave next to output values near 0
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the exact result of these draws: the same parameters applied in float64
+    stages = dsa.draw_grouped(dsa.parse_strategy(STRATEGY, _param("M")), seeds, groups, shape[2], shape[3],
+                              _param("M"), torch.float32, "reference")
+    exact = dsa.apply_stages(x.double(), stages, False, "torch")
+    want = _per_group(x, groups, STRATEGY, seeds, False, "M")
+    assert torch.equal(_reference_stream(x, groups, STRATEGY, seeds, param=_param("M"), backend="torch"), want)
+    got = _reference_stream(x, groups, STRATEGY, seeds, param=_param("M"), backend="cpp")
+    # contrast's mean is summed in fp64 by the C++ kernel, in fp32 by torch: the kernel is at
+    # least as close to the exact result as the fp32 reference is
+    ref_error = float((want.double() - exact).abs().max())
+    assert float((got.double() - exact).abs().max()) <= max(1.5 * ref_error, 1e-6)
 
 
 def test_seed_minus_one_groups_draw_per_image_from_global_generator():
     x = _images(1, h=12, w=12).expand(8, -1, -1, -1).contiguous()
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
     torch.manual_seed(5)
-    got = ddfast.dsa_augment(x, groups, STRATEGY, [-1, -1], param=_param("M"), backend="cpp")
+    got = _reference_stream(x, groups, STRATEGY, [-1, -1], param=_param("M"), backend="cpp")
     torch.manual_seed(5)
     want = _per_group(x, groups, STRATEGY, [-1, -1], False, "M")
-    torch.testing.assert_close(got, want, **tol("cpu", torch.float32))
+    assert_close_fp32(got, want, "cpu")
     assert not torch.equal(got[0], got[1])  # identical images, independent transforms
 
 
-def test_siamese_within_group_and_global_generator_untouched():
+def test_siamese_within_group():
     x = _images(1, h=12, w=12).expand(6, -1, -1, -1).contiguous()
     groups = torch.tensor([0, 1, 0, 1, 0, 1])
-    state = torch.random.get_rng_state()
     for rng in ("reference", "fast"):
         y = ddfast.dsa_augment(x, groups, STRATEGY, [10, 11], param=_param("M"), backend="cpp", rng=rng)
         assert torch.equal(y[0], y[2]) and torch.equal(y[0], y[4]) and torch.equal(y[1], y[5])
         assert not torch.equal(y[0], y[1])
-    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def _transcribed_per_group(x, groups, strategy, seeds, mode):
+    """Per-group calls of the plain-PyTorch transcription of DC's DiffAugment (test_compat_dsa)."""
+    from test_compat_dsa import _reference_diff_augment
+
+    out = torch.empty_like(x)
+    for g, seed in enumerate(seeds):
+        idx = torch.nonzero(groups == g).flatten()
+        if idx.numel():
+            out[idx] = _reference_diff_augment(x[idx], strategy, seed, _param(mode), False)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+@pytest.mark.parametrize("seeds", [[5, -1, 7, -1], [-1, 3, -1, -1], [9, -1, -1, 2]])
+def test_mixed_seeds_and_generator_state_equal_per_group_calls_float64(mode, seeds):
+    """A seed −1 group draws from the global generator as the reference leaves it, i.e. re-seeded
+    by the seeded group before it; afterwards every generator is where the per-group calls leave it."""
+    x = _images(11, h=10, w=12, dtype=torch.float64)
+    groups = torch.tensor([0, 1, 2, 3, 1, 0, 3, 3, 2, 1, 1])
+    torch.manual_seed(42)
+    want = _transcribed_per_group(x, groups, STRATEGY, seeds, mode)
+    state_want = torch.random.get_rng_state()
+    for backend in ("torch", "cpp"):
+        torch.manual_seed(42)
+        got = _reference_stream(x, groups, STRATEGY, seeds, param=_param(mode), backend=backend)
+        assert torch.equal(torch.random.get_rng_state(), state_want), backend
+        if backend == "torch":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_group_makes_no_call():
+    x = _images(5, h=8, w=8, dtype=torch.float64)
+    groups = torch.tensor([0, 2, 0, 2, 2])  # group 1 has no image: the reference would make no call
+    seeds = [4, 6, -1]
+    torch.manual_seed(0)
+    want = _transcribed_per_group(x, groups, STRATEGY, seeds, "M")
+    state_want = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    got = _reference_stream(x, groups, STRATEGY, seeds, param=_param("M"), backend="torch")
+    assert torch.equal(got, want) and torch.equal(torch.random.get_rng_state(), state_want)
 
 
 def test_fast_rng_is_deterministic_and_not_the_reference_stream():
@@ -103,8 +173,8 @@ def test_fast_rng_is_deterministic_and_not_the_reference_stream():
     a = ddfast.dsa_augment(x, groups, STRATEGY, [1, 2, 3], param=_param("M"), rng="fast", backend="torch")
     b = ddfast.dsa_augment(x, groups, STRATEGY, [1, 2, 3], param=_param("M"), rng="fast", backend="cpp")
     c = ddfast.dsa_augment(x, groups, STRATEGY, [1, 2, 4], param=_param("M"), rng="fast", backend="cpp")
-    ref = ddfast.dsa_augment(x, groups, STRATEGY, [1, 2, 3], param=_param("M"), backend="cpp")
-    torch.testing.assert_close(a, b, **tol("cpu", torch.float32))
+    ref = _reference_stream(x, groups, STRATEGY, [1, 2, 3], param=_param("M"), backend="cpp")
+    assert_close_fp32(a, b, "cpu")
     assert not torch.equal(b, c) and not torch.equal(b, ref)
 
 
@@ -121,7 +191,7 @@ def test_gradients_match_reference_autograd(device, backend_kind, align):
         a = x.clone().requires_grad_(True)
         b = x.clone().requires_grad_(True)
         (_per_group(a, groups, STRATEGY, seeds, align, mode) * weight).sum().backward()
-        (ddfast.dsa_augment(b, groups, STRATEGY, seeds, align_corners=align, param=_param(mode),
+        (_reference_stream(b, groups, STRATEGY, seeds, align_corners=align, param=_param(mode),
                             backend=backend) * weight).sum().backward()
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5 if device == "cpu" else 1e-4)
 
@@ -186,10 +256,10 @@ def test_noncontiguous_and_channels_last(device, backend_kind):
     backend = require_backend(OP, backend_kind, device)
     x = _images(4, h=10, w=8, device=device)
     groups = torch.tensor([0, 1, 1, 0], device=device)
-    want = ddfast.dsa_augment(x, groups, STRATEGY, [4, 9], param=_param("M"), backend="torch")
+    want = _reference_stream(x, groups, STRATEGY, [4, 9], param=_param("M"), backend="torch")
     for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
-        got = ddfast.dsa_augment(view, groups, STRATEGY, [4, 9], param=_param("M"), backend=backend)
-        torch.testing.assert_close(got, want, **tol(device, torch.float32))
+        got = _reference_stream(view, groups, STRATEGY, [4, 9], param=_param("M"), backend=backend)
+        assert_close_fp32(got, want, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -200,7 +270,7 @@ def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
     x = _images(6, h=12, w=12, device=device)
     groups = torch.arange(6, device=device) % 2
     xh = x.to(dtype).requires_grad_(True)
-    got = ddfast.dsa_augment(xh, groups, STRATEGY, [1, 2], param=_param("M"), backend=backend)
+    got = _reference_stream(xh, groups, STRATEGY, [1, 2], param=_param("M"), backend=backend)
     got.float().sum().backward()
     assert got.dtype == dtype and xh.grad.dtype == dtype
     x32 = xh.detach().float().requires_grad_(True)
@@ -217,8 +287,8 @@ def test_large_values(device, backend_kind):
     backend = require_backend(OP, backend_kind, device)
     x = _images(4, h=8, w=8, device=device) * 1e30
     groups = torch.tensor([0, 1, 2, 3], device=device)
-    got = ddfast.dsa_augment(x, groups, STRATEGY, [0, 1, 2, 3], param=_param("M"), backend=backend)
-    want = ddfast.dsa_augment(x, groups, STRATEGY, [0, 1, 2, 3], param=_param("M"), backend="torch")
+    got = _reference_stream(x, groups, STRATEGY, [0, 1, 2, 3], param=_param("M"), backend=backend)
+    want = _reference_stream(x, groups, STRATEGY, [0, 1, 2, 3], param=_param("M"), backend="torch")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e24)
 
@@ -226,7 +296,7 @@ def test_large_values(device, backend_kind):
 def test_identity_strategies_return_input():
     x = _images(2)
     for strategy in ("", "None", "none"):
-        assert ddfast.dsa_augment(x, torch.tensor([0, 0]), strategy, [1]) is x
+        assert _reference_stream(x, torch.tensor([0, 0]), strategy, [1]) is x
 
 
 def test_torch_compile_traces_without_graph_break():
@@ -264,7 +334,7 @@ def test_bad_input(bad, err, match):
     x = _images(4, h=8, w=8)
     args = bad(x, torch.tensor([0, 1, 0, 1]), [3, 4])
     with pytest.raises(err, match=match):
-        ddfast.dsa_augment(*args)
+        _reference_stream(*args)
 
 
 def test_bad_options():
@@ -273,14 +343,14 @@ def test_bad_options():
     with pytest.raises(ValueError, match="rng"):
         ddfast.dsa_augment(x, g, "color", [1], rng="slow")
     with pytest.raises(TypeError, match="align_corners"):
-        ddfast.dsa_augment(x, g, "color", [1], align_corners=1)
+        _reference_stream(x, g, "color", [1], align_corners=1)
 
 
 def test_nan_input_is_named():
     x = _images(2, h=8, w=8)
     x[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):
-        ddfast.dsa_augment(x, torch.tensor([0, 1]), "flip", [1, 2], backend="cpp")
+        _reference_stream(x, torch.tensor([0, 1]), "flip", [1, 2], backend="cpp")
 
 
 def test_fast_rng_parameter_ranges():
@@ -299,3 +369,165 @@ def test_fast_rng_parameter_ranges():
         assert (s_fp[:, col] >= 1 / 1.2).all() and (s_fp[:, col] <= 1.2).all()
     angle = torch.atan2(r_fp[:, 3], r_fp[:, 0]) * 180 / torch.pi
     assert angle.abs().max() <= 15.0 + 1e-9 and angle.abs().max() > 10
+
+
+# --- rng="device": Philox draws on the device ------------------------------------------------------
+
+def test_philox_known_answers():
+    """Random123's philox4x32-10 known-answer vectors."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+             ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+             ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+              (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))]
+    for counter, key, want in cases:
+        words = dsa.philox4x32(*(torch.full((2,), v, dtype=torch.int64) for v in counter + key))
+        assert [w.tolist() for w in words] == [[v, v] for v in want]
+
+
+def _device_rng(x, groups, seeds, mode="M", backend="cpp"):
+    return ddfast.dsa_augment(x, groups, STRATEGY, seeds, param=_param(mode), backend=backend, rng="device")
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_device_rng_deterministic_and_independent_of_order_and_split(mode):
+    x = _images(12, h=12, w=12)
+    groups = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
+    seeds = [5, 5, 77, 2 ** 40]
+    y = _device_rng(x, groups, seeds, mode)
+    assert torch.equal(y, _device_rng(x, groups, seeds, mode))  # same seeds: same output
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_device_rng(x[perm], groups[perm], seeds, mode), y[perm])  # image order
+    part = groups >= 2  # the groups 2 and 3 alone, same ids and seeds
+    assert torch.equal(_device_rng(x[part], groups[part], seeds, mode), y[part])
+    same = _images(1, h=12, w=12).expand(12, -1, -1, -1).contiguous()
+    z = _device_rng(same, groups, seeds, mode)
+    assert torch.equal(z[0], z[4]) and torch.equal(z[0], z[8])  # Siamese within a group
+    assert not torch.equal(z[0], z[1])  # groups 0 and 1 share a seed but draw differently
+    assert not torch.equal(_device_rng(x, groups, [6, 5, 77, 2 ** 40], mode)[0], y[0])  # another seed
+
+
+def test_device_rng_seed_minus_one_follows_global_generator():
+    x = _images(1, h=10, w=10).expand(6, -1, -1, -1).contiguous()
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    torch.manual_seed(3)
+    a = _device_rng(x, groups, [-1, 4])
+    torch.manual_seed(3)
+    b = _device_rng(x, groups, [-1, 4])
+    c = _device_rng(x, groups, [-1, 4])
+    assert torch.equal(a, b) and not torch.equal(a[:3], c[:3]) and torch.equal(a[3:], c[3:])
+    assert not torch.equal(a[0], a[1])  # per-image draws
+
+
+def _ks_uniform(values, low, high):
+    """Kolmogorov–Smirnov distance of the sample to U[low, high)."""
+    v = torch.sort((values.double() - low) / (high - low)).values
+    n = v.numel()
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    return float(torch.maximum((grid - v).abs(), (v - (grid - 1.0 / n)).abs()).max())
+
+
+def _assert_uniform_ints(values, low, high):
+    """Every integer in [low, high] appears, each within 5 standard deviations of n/(high-low+1)."""
+    counts = torch.bincount(values - low, minlength=high - low + 1).double()
+    assert counts.numel() == high - low + 1
+    expect = values.numel() / counts.numel()
+    assert float((counts - expect).abs().max()) < 5 * math.sqrt(expect)
+
+
+def test_device_rng_distributions_match_the_reference():
+    """Each op's parameters from 20000 groups: the reference's ranges and distributions (KS distance
+    below the 0.1% critical value 1.95/√n; integer draws by count; flip probability)."""
+    n, h, w = 20000, 32, 32
+    p = _param("M")
+    families = dsa.parse_strategy(STRATEGY, p)
+    stages = dsa.draw_device(families, list(range(n)), torch.arange(n), h, w, p)
+    (ip_color, fp_color), (ip_crop, _), (ip_cut, _), (ip_flip, _), (_, fp_scale), (_, fp_rot) = stages
+    crit = 1.95 / math.sqrt(n)
+    assert _ks_uniform(fp_color[:, 0], -0.5 * p.brightness, 0.5 * p.brightness) < crit
+    assert _ks_uniform(fp_color[:, 1], 0.0, p.saturation) < crit
+    assert _ks_uniform(fp_color[:, 2], p.contrast, p.contrast + 1) < crit
+    shift = int(h * p.ratio_crop_pad + 0.5)
+    _assert_uniform_ints(ip_crop[:, 1], -shift, shift)
+    _assert_uniform_ints(ip_crop[:, 2], -shift, shift)
+    size = int(h * p.ratio_cutout + 0.5)  # offset o ~ randint(0, h + 1 - size % 2); last row o - size//2 + size - 1
+    offset = ip_cut[:, 2] - size + 1 + size // 2
+    unclamped = ip_cut[:, 2] < h - 1
+    _assert_uniform_ints(offset[unclamped], 0, h - size + size // 2 - 1)
+    assert torch.equal(ip_cut[unclamped, 1], torch.clamp(ip_cut[unclamped, 2] - size + 1, min=0))  # box side
+    flips = (ip_flip[:, 0] == dsa.OP_FLIP).double().mean()
+    assert abs(float(flips) - p.prob_flip) < 5 * math.sqrt(0.25 / n)
+    r = p.ratio_scale
+    assert _ks_uniform(fp_scale[:, 0], 1 / r, r) < crit and _ks_uniform(fp_scale[:, 4], 1 / r, r) < crit
+    angle = torch.atan2(fp_rot[:, 3], fp_rot[:, 0])
+    limit = p.ratio_rotate / 180 * math.pi
+    assert _ks_uniform(angle, -limit, limit) < crit
+    torch.testing.assert_close(fp_rot[:, 1], -fp_rot[:, 3], rtol=0, atol=0)
+    # mode 'S': the family of each group is uniform over the strategy's families
+    (ip_s, fp_s), = dsa.draw_device(families, list(range(n)), torch.arange(n), h, w, _param("S"))
+    codes = ip_s[:, 0]
+    color = (codes == dsa.OP_COLOR).double().mean()
+    affine = (codes == dsa.OP_AFFINE).double().mean()  # scale or rotate
+    assert abs(float(color) - 1 / 6) < 5 * math.sqrt(1 / 6 * 5 / 6 / n)
+    assert abs(float(affine) - 2 / 6) < 5 * math.sqrt(2 / 6 * 4 / 6 / n)
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_device_rng_kernels_match_torch_ops(device, backend_kind, mode):
+    backend = require_backend(OP, backend_kind, device)
+    small = backend_kind == "triton" and device == "cpu"
+    x = _images(6 if small else 20, h=10 if small else 24, w=12 if small else 24, device=device)
+    groups = (torch.arange(x.shape[0]) % 4).to(device)
+    seeds = [3, -1, 11, 12]
+    torch.manual_seed(0)
+    got = _device_rng(x, groups, seeds, mode, backend)
+    torch.manual_seed(0)
+    want = _device_rng(x, groups, seeds, mode, "torch")
+    assert_close_fp32(got, want, device)
+
+
+def test_device_rng_no_host_sync_after_warm_up(device):
+    from ddfast._sync import count_syncs
+
+    backend = require_backend(OP, "compiled", device)
+    x = _images(16, h=16, w=16, device=device).requires_grad_(True)
+    groups = (torch.arange(16) % 5).to(device)
+    seeds = [1, 2, -1, 4, 5]
+    for mode in ("S", "M"):
+        _device_rng(x, groups, seeds, mode, backend).sum().backward()  # warm-up
+        with count_syncs() as syncs:
+            _device_rng(x, groups, seeds, mode, backend).sum().backward()
+        assert syncs.count == 0, syncs.events
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_device_rng_triton_draw_equals_torch_draw(device, mode):
+    """kernels/dsa_rng.py (one launch) gives draw_device's table: integers exactly, floats to 1e-12."""
+    require_backend(OP, "triton", device)
+    p = _param(mode)
+    families = dsa.parse_strategy(STRATEGY, p)
+    groups = (torch.arange(150) % 7).to(device)
+    seeds = [1, -1, 3, 2 ** 40, 5, -1, 7]
+    torch.manual_seed(0)
+    want = dsa.draw_device(families, seeds, groups, 20, 33, p)
+    torch.manual_seed(0)
+    got = dsa.draw_device_fused(families, seeds, groups, 20, 33, p, torch.float64)
+    assert len(got) == len(want)
+    for (ip_got, fp_got), (ip_want, fp_want) in zip(got, want):
+        assert torch.equal(ip_got.long(), ip_want)
+        torch.testing.assert_close(fp_got, fp_want, rtol=1e-12, atol=1e-12)
+
+
+def test_default_rng_is_device_and_sync_free_after_warm_up():
+    """The default configuration of dsa_augment makes no host sync after one warm-up call."""
+    from ddfast._sync import count_syncs
+
+    x = _images(8, h=16, w=16).requires_grad_(True)
+    groups = torch.arange(8) % 4
+    seeds = [1, -1, 3, 4]
+    ddfast.dsa_augment(x, groups, STRATEGY, seeds).sum().backward()  # warm-up
+    with count_syncs() as syncs:
+        ddfast.dsa_augment(x, groups, STRATEGY, seeds).sum().backward()
+    assert syncs.count == 0, syncs.events
+    seeded = [1, 2, 3, 4]
+    torch.testing.assert_close(ddfast.dsa_augment(x, groups, STRATEGY, seeded),
+                               ddfast.dsa_augment(x, groups, STRATEGY, seeded, rng="device"), rtol=0, atol=0)

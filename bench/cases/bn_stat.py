@@ -1,5 +1,5 @@
 """bn_stat cases: one BatchNorm statistic loss, and SRe2L's recovery step on a ResNet-18-like teacher
-(every BatchNorm hooked: BNStatMatcher vs SRe2L's BNFeatureHook; forward + backward to the images)."""
+(every BatchNorm2d hooked, as SRe2L: BNStatMatcher vs its BNFeatureHook; forward + backward to the images)."""
 import torch
 from torch import nn
 

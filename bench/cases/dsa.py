@@ -1,6 +1,8 @@
 """dsa cases: DSA's per-iteration augmentation, every class's real and synthetic batch with its own
 Siamese transform. Reference: one DiffAugment call per class and batch (the DSA loop, torch ops);
-ddfast: one dsa_augment call over all of them (groups = classes). Forward+backward; the gradient
+ddfast: one dsa_augment call over all of them (groups = classes), with the reference's random
+stream (rng="reference": its generator calls per class, host work per class) or with Philox draws
+on the device (rng="device": no host sync, no host work per image). Forward+backward; the gradient
 flows to the synthetic images."""
 import torch
 
@@ -38,25 +40,31 @@ def _reference(real, syn, groups, seeds, n_real, n_syn):
     return torch.cat(outs)
 
 
-def _fused(backend, real, syn, groups, seeds, n_real, n_syn):
-    return ddfast.dsa_augment(torch.cat([real, syn]), groups, STRATEGY, seeds, backend=backend)
+def _fused_with(rng):
+    def fused(backend, real, syn, groups, seeds, n_real, n_syn):
+        return ddfast.dsa_augment(torch.cat([real, syn]), groups, STRATEGY, seeds, backend=backend, rng=rng)
+    return fused
 
 
 def cases():
     out = []
     for label, classes, n_real, n_syn, default in (("cifar10-b2560", 10, 256, 10, False),
                                                     ("small-c4-b64", 4, 16, 2, True)):
-        out.append(Case(
-            name=f"dsa/{label}",
-            op="dsa",
-            make_inputs=_inputs(classes, n_real, n_syn, 32),
-            reference=_reference,
-            fused=_fused,
-            grad_inputs=("syn",),
-            default=default,
-            # forward reads and writes every image; backward reads and writes the gradient
-            bytes_moved=lambda inp: 4 * (inp["real"].numel() + inp["syn"].numel()) * inp["real"].element_size(),
-            size=classes * (n_real + n_syn),
-            notes="mode 'S' (DC's default): each class draws one op family per call",
-        ))
+        for rng, suffix in (("reference", ""), ("device", "-device-rng")):
+            out.append(Case(
+                name=f"dsa/{label}{suffix}",
+                op="dsa",
+                make_inputs=_inputs(classes, n_real, n_syn, 32),
+                reference=_reference,
+                fused=_fused_with(rng),
+                grad_inputs=("syn",),
+                default=default,
+                # forward reads and writes every image; backward reads and writes the gradient
+                bytes_moved=lambda inp: 4 * (inp["real"].numel() + inp["syn"].numel()) * inp["real"].element_size(),
+                size=classes * (n_real + n_syn),
+                # rng="device" draws another stream than the reference loop: same work, other numbers
+                tol=1e-4 if rng == "reference" else float("inf"),
+                notes=f"mode 'S' (DC's default): each class draws one op family per call; rng={rng!r}"
+                      + ("" if rng == "reference" else " (not the reference's stream: outputs not compared)"),
+            ))
     return out

@@ -2,7 +2,10 @@
 // backward of SRe2L's ‖μ − rm‖₂ + ‖σ² − rv‖₂. Forward: block (channel, split) — each thread sums
 // its elements shifted by the channel's first value (so the variance does not cancel), turns them
 // into (count, mean, M2) and the block merges those with Chan's formula (warp shuffles, then shared
-// memory). The host merges the splits the same way.
+// memory). A one-block epilogue kernel merges the splits the same way (fp64) and writes μ, σ² and
+// the loss ‖μ − rm‖₂ + ‖σ² − rv‖₂ (fp64 sums in a fixed order: deterministic); the backward's
+// one-block kernel folds the norms and the incoming gradient into a_c, b_c. No host sync, two
+// launches each way.
 #include "bn_stat.h"
 
 #include <cuda_bf16.h>
@@ -91,6 +94,79 @@ __global__ void backward_kernel(const T* __restrict__ x, const Acc* __restrict__
   }
 }
 
+// Sum of one double per thread over the block (fixed order: deterministic).
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  return total;
+}
+
+// One block: channel ch of thread t is t, t + kThreads, ...; Chan's merge of its splits in fp64.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const Acc* __restrict__ count, const Acc* __restrict__ pmean,
+                                                            const Acc* __restrict__ pm2, const Acc* __restrict__ rm,
+                                                            const Acc* __restrict__ rv, int64_t c_dim, int64_t splits,
+                                                            Acc* __restrict__ mean_out, Acc* __restrict__ var_out,
+                                                            Acc* __restrict__ loss_out) {
+  double sq_mean = 0.0, sq_var = 0.0;
+  for (int64_t ch = threadIdx.x; ch < c_dim; ch += kThreads) {
+    const Acc* cnt = count + ch * splits;
+    const Acc* mu_p = pmean + ch * splits;
+    const Acc* m2_p = pm2 + ch * splits;
+    double total = 0.0, weighted = 0.0;
+    for (int64_t k = 0; k < splits; ++k) {
+      total += static_cast<double>(cnt[k]);
+      weighted += static_cast<double>(cnt[k]) * static_cast<double>(mu_p[k]);
+    }
+    const double mu = weighted / total;
+    double m2 = 0.0;
+    for (int64_t k = 0; k < splits; ++k) {
+      const double d = static_cast<double>(mu_p[k]) - mu;
+      m2 += static_cast<double>(m2_p[k]) + static_cast<double>(cnt[k]) * d * d;
+    }
+    const Acc mean_c = static_cast<Acc>(mu), var_c = static_cast<Acc>(m2 / total);
+    mean_out[ch] = mean_c;
+    var_out[ch] = var_c;
+    const double dm = static_cast<double>(mean_c) - static_cast<double>(rm[ch]);
+    const double dv = static_cast<double>(var_c) - static_cast<double>(rv[ch]);
+    sq_mean += dm * dm;
+    sq_var += dv * dv;
+  }
+  sq_mean = block_sum(sq_mean);
+  sq_var = block_sum(sq_var);
+  if (threadIdx.x == 0) *loss_out = static_cast<Acc>(sqrt(sq_mean) + sqrt(sq_var));
+}
+
+// One block: a_c = g (μ_c − rm_c) / (‖μ − rm‖ M), b_c = 2 g (σ²_c − rv_c) / (‖σ² − rv‖ M); zero norm → 0.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) coefficients_kernel(const Acc* __restrict__ grad, const Acc* __restrict__ mean,
+                                                                const Acc* __restrict__ var, const Acc* __restrict__ rm,
+                                                                const Acc* __restrict__ rv, int64_t c_dim, double m,
+                                                                Acc* __restrict__ a, Acc* __restrict__ b) {
+  double sq_mean = 0.0, sq_var = 0.0;
+  for (int64_t ch = threadIdx.x; ch < c_dim; ch += kThreads) {
+    const double dm = static_cast<double>(mean[ch]) - static_cast<double>(rm[ch]);
+    const double dv = static_cast<double>(var[ch]) - static_cast<double>(rv[ch]);
+    sq_mean += dm * dm;
+    sq_var += dv * dv;
+  }
+  const double norm_mean = sqrt(block_sum(sq_mean));
+  const double norm_var = sqrt(block_sum(sq_var));
+  const double g = static_cast<double>(*grad);
+  const double scale_mean = norm_mean > 0.0 ? g / (norm_mean * m) : 0.0;
+  const double scale_var = norm_var > 0.0 ? 2.0 * g / (norm_var * m) : 0.0;
+  for (int64_t ch = threadIdx.x; ch < c_dim; ch += kThreads) {
+    a[ch] = static_cast<Acc>(scale_mean * (static_cast<double>(mean[ch]) - static_cast<double>(rm[ch])));
+    b[ch] = static_cast<Acc>(scale_var * (static_cast<double>(var[ch]) - static_cast<double>(rv[ch])));
+  }
+}
+
 int64_t chunk_for(int64_t m, int64_t splits) { return (m + splits - 1) / splits; }
 
 template <typename T, typename Acc>
@@ -140,6 +216,37 @@ void bn_stat_backward_cuda(const void* x, const void* a, const void* b, const vo
     case 1: backward_impl<double, double>(x, a, b, mean, n, c, s, grad_x, stream); break;
     case 2: backward_impl<__half, float>(x, a, b, mean, n, c, s, grad_x, stream); break;
     case 3: backward_impl<__nv_bfloat16, float>(x, a, b, mean, n, c, s, grad_x, stream); break;
+  }
+}
+
+void bn_stat_finalize_cuda(const void* count, const void* pmean, const void* pm2, const void* rm, const void* rv,
+                           int64_t c, int64_t splits, bool fp64, void* mean_out, void* var_out, void* loss_out,
+                           cudaStream_t stream) {
+  if (fp64) {
+    finalize_kernel<double><<<1, kThreads, 0, stream>>>(
+        static_cast<const double*>(count), static_cast<const double*>(pmean), static_cast<const double*>(pm2),
+        static_cast<const double*>(rm), static_cast<const double*>(rv), c, splits, static_cast<double*>(mean_out),
+        static_cast<double*>(var_out), static_cast<double*>(loss_out));
+  } else {
+    finalize_kernel<float><<<1, kThreads, 0, stream>>>(
+        static_cast<const float*>(count), static_cast<const float*>(pmean), static_cast<const float*>(pm2),
+        static_cast<const float*>(rm), static_cast<const float*>(rv), c, splits, static_cast<float*>(mean_out),
+        static_cast<float*>(var_out), static_cast<float*>(loss_out));
+  }
+}
+
+void bn_stat_coefficients_cuda(const void* grad, const void* mean, const void* var, const void* rm, const void* rv,
+                               int64_t c, int64_t m, bool fp64, void* a_out, void* b_out, cudaStream_t stream) {
+  if (fp64) {
+    coefficients_kernel<double><<<1, kThreads, 0, stream>>>(
+        static_cast<const double*>(grad), static_cast<const double*>(mean), static_cast<const double*>(var),
+        static_cast<const double*>(rm), static_cast<const double*>(rv), c, static_cast<double>(m),
+        static_cast<double*>(a_out), static_cast<double*>(b_out));
+  } else {
+    coefficients_kernel<float><<<1, kThreads, 0, stream>>>(
+        static_cast<const float*>(grad), static_cast<const float*>(mean), static_cast<const float*>(var),
+        static_cast<const float*>(rm), static_cast<const float*>(rv), c, static_cast<double>(m),
+        static_cast<float*>(a_out), static_cast<float*>(b_out));
   }
 }
 

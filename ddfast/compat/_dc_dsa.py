@@ -1,7 +1,7 @@
 """DatasetCondensation's ``DiffAugment`` and ``ParamDiffAug`` (utils.py), drop-in.
 
 Same random draws as the reference (torch's global generators, re-seeded with seed, seed+1, …;
-on the input's device), same ``param.batchmode``/``param.latestseed`` side effects, same
+on the input's device), same ``param.Siamese``/``param.latestseed`` side effects, same
 results; the ops run in ddfast's fused kernels. DC passes no ``align_corners`` to
 affine_grid/grid_sample, which modern torch reads as False.
 """
@@ -13,4 +13,7 @@ __all__ = ["DiffAugment", "ParamDiffAug"]
 
 
 def DiffAugment(x, strategy="", seed=-1, param=None, *, backend="auto"):  # noqa: N802 (reference name)
-    return diff_augment(x, strategy, seed, param, align_corners=False, backend=backend)
+    out = diff_augment(x, strategy, seed, param, align_corners=False, backend=backend)
+    if param is not None and strategy not in ("None", "none", ""):
+        param.Siamese = seed != -1  # DC's name for mtt's ``batchmode`` flag
+    return out

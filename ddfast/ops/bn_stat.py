@@ -5,9 +5,10 @@
 over the channels of an N×C×… input (L2 norms, not squared; SRe2L's ``BNFeatureHook``). One read
 of ``x`` forward (per-channel mean and M2 merged with Chan's formula in fp32/fp64, or shifted fp64
 sums on CPU), one elementwise pass backward. The running statistics are constants (SRe2L reads
-``.data``). ``BNStatMatcher`` hooks every BatchNorm of a model and sums these losses, the first one
-scaled by ``first_layer_weight`` (SRe2L/INFER/DWA's ``first_bn_multiplier``); the hooks keep no
-copy of the activations (autograd saves the tensor the BatchNorm already holds).
+``.data``). ``BNStatMatcher`` hooks the BatchNorm2d layers of a model as SRe2L does and sums these
+losses, the first layer's scaled by ``first_layer_weight`` (SRe2L/INFER/DWA's
+``first_bn_multiplier``); the hooks keep no copy of the activations (autograd saves the tensor the
+BatchNorm already holds).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._checks import acc_dtype, check_float_tensor, check_result_finite, check_same_device
+from .._checks import acc_dtype, check_choice, check_float_tensor, check_result_finite, check_same_device
 
 OP = "bn_stat"
 
@@ -112,45 +113,89 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     return loss
 
 
+LAYER_KINDS = ("bn2d", "all")
+FIRST_LAYER_RULES = ("modules", "executed")
+REPEAT_RULES = ("last", "sum")
+
+
 class BNStatMatcher:
-    """Hooks every BatchNorm (1d/2d/3d, SyncBatchNorm) of ``model`` that tracks running statistics.
+    """SRe2L's BatchNorm statistic loss over a model, by forward hooks.
 
         matcher = BNStatMatcher(teacher, first_layer_weight=args.first_bn_multiplier)
-        out = teacher(x_syn)          # every forward starts a fresh list of losses
+        out = teacher(x_syn)          # every forward of the model starts afresh
         loss = ce(out, y) + r_bn * matcher.loss()
 
     ``matcher(x)`` runs the model and returns ``(output, loss)``. ``remove()`` (or leaving a
     ``with`` block) detaches the hooks. Losses use the running statistics at hook time (SRe2L runs
     the teacher in eval mode, where they do not change).
+
+    The defaults are SRe2L's ``BNFeatureHook`` semantics (recover/data_synthesis.py):
+    ``layers="bn2d"`` hooks the ``nn.BatchNorm2d`` modules (with running statistics) only, "all"
+    every BatchNorm (1d/2d/3d, SyncBatchNorm); ``first_layer="modules"`` gives
+    ``first_layer_weight`` to the first hooked layer in ``model.modules()`` order, "executed" to the
+    first one the forward runs; ``repeated_calls="last"`` keeps the loss of a layer's last call in
+    the forward (each SRe2L hook overwrites its ``r_feature``), "sum" adds every call. The sum runs
+    over the layers in ``model.modules()`` order ("executed": in call order); a layer the forward
+    does not run adds nothing (SRe2L would reuse its value from an earlier forward).
     """
 
-    def __init__(self, model: nn.Module, first_layer_weight: float = 1.0, *, backend: str = "auto"):
+    def __init__(self, model: nn.Module, first_layer_weight: float = 1.0, *, layers: str = "bn2d",
+                 first_layer: str = "modules", repeated_calls: str = "last", backend: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_choice("layers", layers, LAYER_KINDS)
+        self.first_layer = check_choice("first_layer", first_layer, FIRST_LAYER_RULES)
+        self.repeated_calls = check_choice("repeated_calls", repeated_calls, REPEAT_RULES)
         self.model = model
         self.first_layer_weight = float(first_layer_weight)
         self.backend = backend
-        self.losses: List[torch.Tensor] = []
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        kind = nn.BatchNorm2d if layers == "bn2d" else nn.modules.batchnorm._BatchNorm
+        self.layers = [m for m in model.modules() if isinstance(m, kind) and m.running_mean is not None]
         if not self.layers:
-            raise ValueError("model has no BatchNorm layer with running statistics to match")
+            raise ValueError(f"model has no {'BatchNorm2d' if layers == 'bn2d' else 'BatchNorm'} layer with running "
+                             "statistics to match")
+        self.calls: List[tuple] = []  # (layer index, loss) per hooked call of the last forward, in call order
         self._handles = [model.register_forward_pre_hook(self._start)]
-        self._handles += [m.register_forward_hook(self._hook) for m in self.layers]
+        self._handles += [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(self.layers)]
+
+    @property
+    def losses(self) -> List[torch.Tensor]:
+        """The losses of every hooked call of the last forward, in call order."""
+        return [loss for _, loss in self.calls]
 
     def _start(self, _module, _inputs) -> None:
-        self.losses = []
+        self.calls = []
 
-    def _hook(self, module, inputs, _output) -> None:
-        self.losses.append(bn_stat_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend))
+    def _hook_for(self, index: int):
+        def hook(module, inputs, _output) -> None:
+            loss = bn_stat_loss(inputs[0], module.running_mean, module.running_var, backend=self.backend)
+            self.calls.append((index, loss))
+        return hook
+
+    def _per_layer(self) -> List[tuple]:
+        """(layer index, loss) of each called layer after the repeated-call rule, in summation order."""
+        kept = {}
+        for index, loss in self.calls:
+            if index in kept and self.repeated_calls == "sum":
+                kept[index] = kept[index] + loss
+            else:
+                kept[index] = loss
+        if self.first_layer == "executed":  # call order of each layer's first call
+            order = list(dict.fromkeys(index for index, _ in self.calls))
+        else:
+            order = sorted(kept)
+        return [(index, kept[index]) for index in order]
 
     def loss(self) -> torch.Tensor:
-        """Σ of the hooked losses of the last forward, the first one times ``first_layer_weight``."""
-        if not self.losses:
-            raise RuntimeError("BNStatMatcher.loss() needs a forward pass of the model first")
-        total: Optional[torch.Tensor] = self.losses[0] * self.first_layer_weight
-        for item in self.losses[1:]:
-            total = total + item
+        """Σ of the layers' losses of the last forward, the first layer's times ``first_layer_weight``."""
+        if not self.calls:
+            raise RuntimeError("BNStatMatcher.loss() needs a forward pass of the model (running a hooked layer) first")
+        per_layer = self._per_layer()
+        first = per_layer[0][0] if self.first_layer == "executed" else 0
+        total: Optional[torch.Tensor] = None
+        for index, loss in per_layer:
+            term = loss * self.first_layer_weight if index == first else loss
+            total = term if total is None else total + term
         return total
 
     def __call__(self, *args, **kwargs):

@@ -10,13 +10,18 @@ images with one DSA seed, embed them, add ``Σ (mean(out_real) − mean(out_syn)
 
 For embeddings that treat samples independently (instance/group norm ConvNets, DM's default;
 no BatchNorm in train mode) batching is exact, so loss and image gradients equal the loop's.
+With a BatchNorm that normalises with batch statistics (train mode, or no running statistics:
+DM's ConvNetBN branch) the one forward per side is exactly DM's ConvNetBN step, which embeds
+all real images of all classes in one batch. ``real_chunk_size`` keeps those whole-batch
+statistics (see ``_WholeBatchNorms``).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_num_classes, check_same_device,
                        infer_num_classes)
@@ -55,19 +60,26 @@ class DistributionMatcher:
     embed: the embedding network (e.g. ``net.embed`` of DC's ConvNet); its parameters are used as
     they are (DM freezes them). num_classes: default ``max label + 1`` per call.
     dsa_strategy: DSA strategy string (e.g. ``'color_crop_cutout_flip_scale_rotate'``); None or ""
-    turns DSA off. dsa_param: a ``ParamDiffAug``; align_corners as ``dsa_augment``.
+    turns DSA off. dsa_param: a ``ParamDiffAug``; align_corners as ``dsa_augment``. dsa_rng: the
+    ``rng`` of ``dsa_augment``: "device" (default: Philox draws on the device, no host sync, not
+    DM's stream) or "reference" (DM's draws per class, exactly, as ``compat.dc.dm_class_loop_loss``).
     seed_fn: ``seed_fn(num_classes)`` → one seed per class when a call gives no ``seeds`` (default:
     DM's clock-based seeds; pass your own for reproducible runs).
     loss: "mean" (DM/CAFE's class-mean loss) or "mmd" (``ddfast.mmd`` per class, ``mmd_kwargs``).
     real_chunk_size: with loss "mean", embed the real images this many at a time and keep only
     their per-class feature sums, so activation memory no longer grows with the real batch (e.g.
-    CIFAR-100 × 256 real images); the loss is unchanged up to fp rounding.
+    CIFAR-100 × 256 real images); the loss is unchanged up to fp rounding. When ``embed`` is an
+    ``nn.Module`` (or a bound method of one) with BatchNorm layers that use batch statistics, those
+    statistics are first computed over the whole real batch, chunk by chunk, one pass per such
+    layer (so the real side costs about (layers + 1) / 2 forwards more), and the running
+    statistics are updated once, as one forward of the whole batch updates them. An embedding
+    given as a plain function is assumed to treat samples independently.
     """
 
     def __init__(self, embed: Callable, num_classes: Optional[int] = None, *, dsa_strategy: Optional[str] = None,
                  dsa_param=None, align_corners: bool = False, seed_fn: Optional[Callable[[int], Sequence[int]]] = None,
                  loss: str = "mean", mmd_kwargs: Optional[dict] = None, backend: str = "auto",
-                 real_chunk_size: Optional[int] = None):
+                 real_chunk_size: Optional[int] = None, dsa_rng: str = "device"):
         if not callable(embed):
             raise TypeError(f"embed must be callable (an nn.Module or function), got {type(embed).__name__}")
         self.embed = embed
@@ -75,6 +87,7 @@ class DistributionMatcher:
         self.dsa_strategy = dsa_strategy or None
         self.dsa_param = dsa_param
         self.align_corners = align_corners
+        self.dsa_rng = check_choice("dsa_rng", dsa_rng, ("reference", "device", "fast"))
         self.seed_fn = seed_fn or dm_clock_seeds
         self.loss = check_choice("loss", loss, ("mean", "mmd"))
         self.mmd_kwargs = dict(mmd_kwargs or {})
@@ -87,7 +100,8 @@ class DistributionMatcher:
         self.real_chunk_size = real_chunk_size
 
     def _augment(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        return dsa_augment(x, y, self.dsa_strategy, seeds, align_corners=self.align_corners, param=self.dsa_param)
+        return dsa_augment(x, y, self.dsa_strategy, seeds, align_corners=self.align_corners, param=self.dsa_param,
+                           rng=self.dsa_rng)
 
     def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor,
                  seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -119,16 +133,157 @@ class DistributionMatcher:
         """Per-class mean real features (one row per present class) from chunked forwards: the
         mean of a one-sample class is that sample, so class_mean_loss on these rows is DM's loss."""
         sums, counts, shape = None, None, None
-        for start in range(0, x_real.shape[0], self.real_chunk_size):
-            f = self.embed(x_real[start:start + self.real_chunk_size])
-            shape = f.shape[1:]
-            f = f.reshape(f.shape[0], -1)
-            acc = acc_dtype(f.dtype)
-            means, n = class_means(f.to(acc), y_real[start:start + self.real_chunk_size], num_classes,
-                                   backend=self.backend)
-            part = means * n.to(acc).unsqueeze(1)
-            sums = part if sums is None else sums + part
-            counts = n if counts is None else counts + n
+        with _WholeBatchNorms(self.embed, x_real, self.real_chunk_size):
+            for start in range(0, x_real.shape[0], self.real_chunk_size):
+                sums, counts, shape = self._add_chunk(x_real, y_real, start, num_classes, sums, counts)
         present = (counts > 0).nonzero().flatten()
         means = sums[present] / counts[present].to(sums.dtype).unsqueeze(1)
         return means.reshape((len(present),) + tuple(shape)), present
+
+    def _add_chunk(self, x_real, y_real, start, num_classes, sums, counts):
+        """Add one chunk's per-class feature sums and counts."""
+        stop = start + self.real_chunk_size
+        f = self.embed(x_real[start:stop])
+        shape = f.shape[1:]
+        f = f.reshape(f.shape[0], -1)
+        acc = acc_dtype(f.dtype)
+        means, n = class_means(f.to(acc), y_real[start:stop], num_classes, backend=self.backend)
+        part = means * n.to(acc).unsqueeze(1)
+        sums = part if sums is None else sums + part
+        counts = n if counts is None else counts + n
+        return sums, counts, shape
+
+
+def _modules_of(embed) -> List[nn.Module]:
+    owner = embed if isinstance(embed, nn.Module) else getattr(embed, "__self__", None)
+    return list(owner.modules()) if isinstance(owner, nn.Module) else []
+
+
+def batch_statistic_norms(embed) -> List[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``embed`` (a Module or a bound method of one) that normalise with the
+    statistics of their batch: train mode, or no running statistics."""
+    return [m for m in _modules_of(embed) if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or m.running_mean is None)]
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _WholeBatchNorms:
+    """Context in which chunked forwards of ``embed`` normalise every batch-statistic BatchNorm with
+    the statistics of the whole batch ``x``, as one forward of ``x`` would.
+
+    Pass k (layers in the order the forward reaches them) runs the chunks up to layer k, whose
+    input statistics are merged over the chunks (float64 sums of the chunk means and of the squared
+    deviations, Chan's formula); layers before k normalise with the statistics already found, in
+    eval mode with them as their running statistics. Inside the context every such layer stays in
+    that state; on exit the modes and buffers come back and the running statistics get the one
+    momentum update a forward of the whole batch gives (unbiased variance, num_batches_tracked)."""
+
+    def __init__(self, embed, x: torch.Tensor, chunk: int):
+        self.embed, self.x, self.chunk = embed, x, chunk
+        self.norms = batch_statistic_norms(embed) if x.shape[0] > chunk else []
+        self.saved = []
+
+    def __enter__(self):
+        if not self.norms:
+            return self
+        order = self._forward_order()
+        self.saved = [(m, m.training, m.running_mean, m.running_var) for m in order]
+        stats = []
+        try:
+            for layer in order:
+                stats.append(self._input_stats(layer))
+                self._freeze(layer, *stats[-1][:2])
+        except BaseException:
+            self._restore()
+            raise
+        self.stats = stats
+        return self
+
+    def __exit__(self, *exc):
+        if not self.norms:
+            return
+        saved = self.saved
+        self._restore()
+        if exc[0] is None:
+            for (m, was_training, _, _), (mean, var, count) in zip(saved, self.stats):
+                if was_training and m.track_running_stats and m.running_mean is not None:
+                    _update_running_stats(m, mean, var, count)
+
+    def _forward_order(self) -> List[nn.Module]:
+        seen = []
+
+        def note(module, _inputs):
+            if module in seen:
+                raise ValueError("real_chunk_size: a BatchNorm layer of the embedding is called twice in one forward; "
+                                 "its whole-batch statistics cannot be computed chunk by chunk (use real_chunk_size=None)")
+            seen.append(module)
+
+        # a forward of two images finds the order; it must not move the running statistics
+        buffers = [{k: b.clone() for k, b in m._buffers.items() if b is not None} for m in self.norms]
+        handles = [m.register_forward_pre_hook(note) for m in self.norms]
+        try:
+            with torch.no_grad():
+                self.embed(self.x[:2])
+        finally:
+            for h in handles:
+                h.remove()
+            with torch.no_grad():
+                for m, saved in zip(self.norms, buffers):
+                    for k, b in saved.items():
+                        m._buffers[k].copy_(b)
+        return seen
+
+    def _input_stats(self, layer):
+        """(mean, biased var, element count) per channel of the layer's input over the whole batch."""
+        parts = []
+
+        def collect(_module, inputs):
+            t = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1).double()
+            mean = t.mean(1)
+            parts.append((mean, ((t - mean.unsqueeze(1)) ** 2).sum(1), t.shape[1]))
+            raise _StopForward
+
+        handle = layer.register_forward_pre_hook(collect)
+        try:
+            with torch.no_grad():
+                for start in range(0, self.x.shape[0], self.chunk):
+                    try:
+                        self.embed(self.x[start:start + self.chunk])
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        mean, m2, count = parts[0]
+        for mean_b, m2_b, count_b in parts[1:]:  # Chan et al.'s pairwise merge
+            total = count + count_b
+            delta = mean_b - mean
+            mean = mean + delta * (count_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * count_b / total)
+            count = total
+        return mean, m2 / count, count
+
+    @staticmethod
+    def _freeze(layer, mean, var):
+        dtype = layer.weight.dtype if layer.weight is not None else mean.dtype
+        layer.running_mean = mean.to(dtype)
+        layer.running_var = var.to(dtype)
+        layer.eval()
+
+    def _restore(self):
+        for m, was_training, rm, rv in self.saved:
+            m.running_mean, m.running_var = rm, rv
+            m.train(was_training)
+        self.saved = []
+
+
+def _update_running_stats(m, mean, var, count):
+    """The running-statistics update of one train-mode forward over ``count`` elements per channel."""
+    with torch.no_grad():
+        m.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        m.running_mean.mul_(1 - momentum).add_(mean.to(m.running_mean.dtype), alpha=momentum)
+        m.running_var.mul_(1 - momentum).add_(unbiased.to(m.running_var.dtype), alpha=momentum)

@@ -7,7 +7,8 @@ images with group id ``g`` get the transform of ``seeds[g]``, so the output for 
 ``DiffAugment(x[groups == g], strategy, seeds[g])``.
 
 Structure:
-  1. draw (CPU, the reference's call sequence per group): every op becomes one *stage*; each
+  1. draw (rng "reference": the reference's call sequence per group, tables on the CPU; rng
+     "device": Philox on x's device, see ``draw_device``): every op becomes one *stage*; each
      image gets one row of integer parameters ``iparams = [op, a, b, c, d]`` and one row of float
      parameters ``fparams`` (6 values; see the OP_* codes below). Mode 'S' is one stage (each
      group picked its own op family), mode 'M' one stage per op family of the strategy.
@@ -34,13 +35,16 @@ order, fma included); color differs in the last bits (contrast's mean is summed 
 C++ kernel, in fp32 blocks by Triton/CUDA, while torch uses its own fp32 cascade sum).
 The output is checked for NaN/Inf (one pass; DDFAST_CHECK_FINITE=0 turns it off).
 
-RNG: with ``rng="reference"`` a seeded group re-seeds a private CPU generator with
-seed, seed+1, … exactly where the reference calls ``set_seed_DiffAug`` (the global generator is
-left alone), and element 0 of each draw applies to the whole group (element 0 of a CPU draw does
-not depend on the draw's size). A group with seed −1 draws per-image values from torch's global
-CPU generator like the reference does on CPU. On CUDA the reference draws flip/color/crop/cutout
-from the CUDA generator, so there only ``ddfast.compat.dc.DiffAugment`` (which draws on the
-tensor's device) reproduces its numbers. ``rng="fast"`` draws every parameter of every group
+RNG: ``rng="device"`` (the default) draws on the device (see ``dsa_augment``). With
+``rng="reference"`` the groups are drawn one after another with the
+generator calls of ``DiffAugment(x[groups == g], strategy, seeds[g], param)``: torch's global
+generators, re-seeded through ``torch.random.manual_seed`` with seed, seed+1, … exactly where the
+reference calls ``set_seed_DiffAug``, every draw of the group's full size on x's device (flip,
+color, crop, cutout) or on the CPU (scale, rotate, the mode-'S' pick). So the parameters of every
+group (seeded, or seed −1 drawing from wherever the previous groups left the generator) and the
+state of every generator afterwards are those of the per-group reference calls, on CPU and CUDA.
+A group without images makes no call. Cost: host work and small launches per group (and, on
+CUDA, a device-to-host copy per drawn family). ``rng="fast"`` draws every parameter of every group
 from one CPU generator in a single call: same distributions, not the reference's stream.
 """
 from __future__ import annotations
@@ -57,6 +61,7 @@ from .._checks import acc_dtype, check_choice, check_float_tensor, check_labels,
 OP = "dsa"
 
 OP_IDENTITY, OP_COLOR, OP_CROP, OP_CUTOUT, OP_FLIP, OP_AFFINE = range(6)
+RNG_MODES = ("reference", "device", "fast")
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 N_IPARAMS, N_FPARAMS = 5, 6
 
@@ -98,26 +103,50 @@ def parse_strategy(strategy, param) -> List[str]:
 class SeedStream:
     """The reference's ``set_seed_DiffAug``: seed −1 never re-seeds; otherwise each call seeds the
     generator (``None`` = torch's global generators, like ``torch.random.manual_seed``) with the
-    next seed."""
+    next seed.
 
-    def __init__(self, seed: int, generator: Optional[torch.Generator] = None):
+    ``cpu_draws=True`` (every draw made on the CPU): a re-seed sets the CPU generator only and
+    ``finish`` then seeds the other devices' generators once with the last seed, which leaves every
+    generator as the per-draw ``torch.random.manual_seed`` calls leave it (those generators are
+    re-seeded but not drawn from) without paying for each call (on a machine where CUDA is not
+    initialised, each one queues a lazy CUDA seeding that records a stack trace)."""
+
+    def __init__(self, seed: int, generator: Optional[torch.Generator] = None, cpu_draws: bool = False):
         self.latest = seed
         self.generator = generator
+        self.cpu_draws = cpu_draws and generator is None
+        self.last_global = None
 
     def reseed(self):
         if self.latest == -1:
             return
-        if self.generator is None:
-            torch.random.manual_seed(self.latest)
-        else:
+        if self.generator is not None:
             self.generator.manual_seed(self.latest)
+        elif self.cpu_draws:
+            torch.default_generator.manual_seed(self.latest)
+            self.last_global = self.latest
+        else:
+            torch.random.manual_seed(self.latest)
         self.latest += 1
+
+    def finish(self):
+        """Seed the non-CPU generators as the last ``torch.random.manual_seed`` would have."""
+        if self.last_global is not None:
+            seed_other_devices(self.last_global)
+            self.last_global = None
 
     def rand(self, *size, dtype=None, device="cpu"):
         return torch.rand(*size, dtype=dtype, device=device, generator=self.generator)
 
     def randint(self, low, high, size, device="cpu"):
         return torch.randint(low, high, size=size, device=device, generator=self.generator)
+
+
+def seed_other_devices(seed: int) -> None:
+    """``torch.random.manual_seed(seed)``'s effect on every generator but the CPU one (kept)."""
+    state = torch.random.get_rng_state()
+    torch.random.manual_seed(seed)
+    torch.random.set_rng_state(state)
 
 
 def _pixels(extent: int, ratio: float) -> int:
@@ -135,17 +164,19 @@ def _cutout_rows(offset: torch.Tensor, size: int, extent: int):
     return lo.clamp(0, extent - 1), (lo + size - 1).clamp(0, extent - 1)
 
 
-def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int, param,
+def draw_family(family: str, stream: SeedStream, n: int, keep: int, height: int, width: int, param,
                 dtype: torch.dtype, device) -> List[tuple]:
     """One op family's draws, in the reference's order (sizes, dtypes, devices as it uses them).
 
-    Returns a list of (iparams (n, 5) int64 CPU, fparams (n, 6) float64 CPU) stages; the color
-    family is one stage (brightness, saturation, contrast fused)."""
-    ip = torch.zeros(n, N_IPARAMS, dtype=torch.int64)
-    fp = torch.zeros(n, N_FPARAMS, dtype=torch.float64)
+    Every draw has the batch size ``n``, as the reference's (so the generators advance exactly as
+    its calls advance them); the first ``keep`` rows become parameters (1 for a Siamese call:
+    element 0 applies to the whole batch). Returns a list of (iparams (keep, 5) int64 CPU,
+    fparams (keep, 6) float64 CPU) stages; the color family is one stage (the three fused)."""
+    ip = torch.zeros(keep, N_IPARAMS, dtype=torch.int64)
+    fp = torch.zeros(keep, N_FPARAMS, dtype=torch.float64)
 
     def per_image(t):
-        return t.reshape(n, -1)[:, 0].cpu()
+        return t.reshape(n, -1)[:keep, 0].cpu()
 
     if family == "color":
         stream.reseed()
@@ -180,17 +211,17 @@ def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int
     elif family == "scale":
         ratio = param.ratio_scale
         stream.reseed()
-        sx = stream.rand(n) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        sx = stream.rand(n)[:keep] * (ratio - 1.0 / ratio) + 1.0 / ratio
         stream.reseed()
-        sy = stream.rand(n) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        sy = stream.rand(n)[:keep] * (ratio - 1.0 / ratio) + 1.0 / ratio
         ip[:, 0] = OP_AFFINE
         fp[:, 0], fp[:, 4] = sx.double(), sy.double()
     elif family == "rotate":
         stream.reseed()
-        angle = (stream.rand(n) - 0.5) * 2 * param.ratio_rotate / 180 * float(math.pi)
+        angle = (stream.rand(n)[:keep] - 0.5) * 2 * param.ratio_rotate / 180 * float(math.pi)
         ip[:, 0] = OP_AFFINE
         # element by element on 0-d tensors, as the reference builds theta (bitwise the same cos/sin)
-        for i in range(n):
+        for i in range(keep):
             a = angle[i]
             fp[i, 0], fp[i, 1] = float(torch.cos(a)), float(torch.sin(-a))
             fp[i, 3], fp[i, 4] = float(torch.sin(a)), float(torch.cos(a))
@@ -199,7 +230,8 @@ def draw_family(family: str, stream: SeedStream, n: int, height: int, width: int
 
 def draw_stages(families: Sequence[str], stream: SeedStream, n: int, height: int, width: int, param,
                 dtype: torch.dtype, device, siamese: bool) -> List[tuple]:
-    """The reference DiffAugment's draws for one call on n images: a list of stages (ip, fp)."""
+    """The reference DiffAugment's draws for one call on n images: a list of stages (ip, fp) with
+    one row (Siamese: element 0 of every draw applies to the whole batch) or n rows."""
     if not families:
         return []
     if param.aug_mode == "M":
@@ -207,11 +239,10 @@ def draw_stages(families: Sequence[str], stream: SeedStream, n: int, height: int
     else:
         stream.reseed()
         chosen = [families[int(torch.randint(0, len(families), size=(1,), generator=stream.generator).item())]]
+    keep = 1 if siamese else n
     stages = []
     for family in chosen:
-        stages += draw_family(family, stream, n, height, width, param, dtype, device)
-    if siamese:  # element 0 of every draw applies to the whole batch
-        stages = [(ip[:1].expand(n, -1), fp[:1].expand(n, -1)) for ip, fp in stages]
+        stages += draw_family(family, stream, n, keep, height, width, param, dtype, device)
     return stages
 
 
@@ -279,46 +310,254 @@ def _params_from_uniforms(family, u, height, width, param):
     return ip, fp
 
 
-def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, width: int, param,
-                 dtype: torch.dtype, rng: str) -> List[tuple]:
-    """Per-image (iparams, fparams) of every stage for ``dsa_augment`` (CPU tensors)."""
-    groups_cpu = groups.cpu()
-    n = groups_cpu.numel()
-    # row of the parameter table each image reads: its group's row, or its own row for seed −1
-    row_of_image = torch.empty(n, dtype=torch.int64)
-    members = [torch.nonzero(groups_cpu == g).flatten() for g in range(len(seeds))]
-    rows = 0
-    for g, seed in enumerate(seeds):
-        idx = members[g]
-        if seed == -1:
-            row_of_image[idx] = torch.arange(rows, rows + idx.numel())
-            rows += idx.numel()
-        else:
-            row_of_image[idx] = rows
-            rows += 1
-    if rng == "fast":
-        tables = _draw_fast(families, seeds, rows, height, width, param)
-    else:
-        n_stages = len(families) if param.aug_mode == "M" else 1
-        tables = [(torch.zeros(rows, N_IPARAMS, dtype=torch.int64), torch.zeros(rows, N_FPARAMS, dtype=torch.float64))
-                  for _ in range(n_stages)]
-        generator = torch.Generator()
-        row = 0
-        for g, seed in enumerate(seeds):
-            count = members[g].numel()
-            if seed == -1:
-                if count == 0:
-                    continue
-                stages = draw_stages(families, SeedStream(-1), count, height, width, param, dtype, "cpu", False)
-                used = count
-            else:
-                stages = draw_stages(families, SeedStream(seed, generator), 1, height, width, param, dtype, "cpu", True)
-                used = 1
-            for (ip_t, fp_t), (ip, fp) in zip(tables, stages):
-                ip_t[row:row + used] = ip
-                fp_t[row:row + used] = fp
-            row += used
+def row_layout(seeds: Sequence[int], groups: torch.Tensor):
+    """Parameter-table layout of a grouped call: a seeded (Siamese) group owns one row, a seed −1
+    group one row per image, in group order. Returns (row_of_image (N,), first row of each group
+    (G,), rows in all), computed with tensor ops on ``groups``' device (no loop over images)."""
+    num_groups = len(seeds)
+    dev = groups.device
+    groups = groups.long()
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=dev).scatter_add_(0, groups, torch.ones_like(groups))
+    siamese = torch.tensor([s != -1 for s in seeds], device="cpu").to(dev, non_blocking=True)
+    rows_of_group = torch.where(siamese, torch.ones_like(counts), counts)
+    first_row = torch.cumsum(rows_of_group, 0) - rows_of_group
+    # rank of each image within its group (stable: the order of x), for the per-image rows
+    order = torch.sort(groups, stable=True).indices
+    rank_sorted = torch.arange(groups.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    row_of_image = first_row[groups] + torch.where(siamese[groups], torch.zeros_like(rank), rank)
+    return row_of_image, first_row, rows_of_group.sum()
+
+
+def reference_group_draws(strategy: str, seed: int, n: int, height: int, width: int, param,
+                          dtype: torch.dtype, device) -> List[tuple]:
+    """The generator calls of ``DiffAugment(x, strategy, seed, param)`` on a batch of ``n`` images
+    of ``dtype`` on ``device``: torch's global generators, re-seeded through
+    ``torch.random.manual_seed`` exactly where the reference re-seeds, draws of the full batch
+    size (so every generator is left in the state the reference call leaves). Returns the stages
+    (one row when ``seed != -1``, else n rows), for ``apply_group_draws``."""
+    families = parse_strategy(strategy, param)
+    stream = SeedStream(seed, cpu_draws=torch.device(device).type == "cpu")
+    stages = draw_stages(families, stream, n, height, width, param, dtype, device, siamese=seed != -1)
+    stream.finish()
+    return stages
+
+
+def apply_group_draws(x: torch.Tensor, groups: torch.Tensor, seeds: Sequence[int], group_draws: Sequence,
+                      *, align_corners: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Apply per-group draws (``reference_group_draws`` of each group, None for an empty group) to
+    the images of each group, all groups in one pass per stage."""
+    which = _backend.resolve(OP, backend, x.device)
+    stages = _per_image_tables(seeds, groups.cpu(), group_draws)
+    y = apply_stages(x, stages, align_corners, which)
+    check_result_finite(y, x=x)
+    return y
+
+
+def _per_image_tables(seeds, groups_cpu, group_draws) -> List[tuple]:
+    row_of_image, first_row, rows = row_layout(seeds, groups_cpu)
+    drawn = [d for d in group_draws if d is not None]
+    if not drawn:
+        return []
+    rows = int(rows)
+    tables = [(torch.zeros(rows, N_IPARAMS, dtype=torch.int64), torch.zeros(rows, N_FPARAMS, dtype=torch.float64))
+              for _ in drawn[0]]
+    for row, stages in zip(first_row.tolist(), group_draws):
+        for (ip_t, fp_t), (ip, fp) in zip(tables, stages or ()):
+            ip_t[row:row + ip.shape[0]] = ip
+            fp_t[row:row + fp.shape[0]] = fp
     return [(ip[row_of_image], fp[row_of_image]) for ip, fp in tables]
+
+
+def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, width: int, param,
+                 dtype: torch.dtype, rng: str, device="cpu") -> List[tuple]:
+    """Per-image (iparams, fparams) of every stage for ``dsa_augment`` (CPU tensors).
+
+    rng "reference": group by group, the generator calls of ``DiffAugment(x[groups == g],
+    strategy, seeds[g], param)`` on ``device`` (``reference_group_draws``), so the parameters and
+    the generator states left behind are the per-group calls'. A group without images makes no
+    call (the reference cannot be called on an empty batch)."""
+    groups_cpu = groups.cpu()
+    if rng == "fast":
+        row_of_image, _, rows = row_layout(seeds, groups_cpu)
+        tables = _draw_fast(families, seeds, int(rows), height, width, param)
+        return [(ip[row_of_image], fp[row_of_image]) for ip, fp in tables]
+    counts = torch.bincount(groups_cpu, minlength=len(seeds)).tolist()
+    cpu_draws = torch.device(device).type == "cpu"
+    group_draws, last_seed = [], None
+    for seed, count in zip(seeds, counts):
+        stream = SeedStream(seed, cpu_draws=cpu_draws)
+        group_draws.append(draw_stages(families, stream, count, height, width, param, dtype, device,
+                                       siamese=seed != -1) if count else None)
+        last_seed = stream.last_global if stream.last_global is not None else last_seed
+    if last_seed is not None:
+        seed_other_devices(last_seed)
+    return _per_image_tables(seeds, groups_cpu, group_draws)
+
+
+# --- rng="device": counter-based draws on the images' device ------------------------------------
+#
+# Every parameter row is one Philox4x32-10 block: key = the group's seed (a per-call key drawn from
+# torch's global CPU generator for seed −1 groups), counter = (stage, image, group, domain) with image
+# 0 for a Siamese group (so all its images share the row) and 1 + the image's position in x for a
+# seed −1 group. The four 32-bit outputs become uniforms u = word · 2⁻³² in [0, 1) (exact in
+# float64); u0..u2 give the op's parameters with the reference's formulas, u3 the mode-'S' pick.
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+_DOMAIN_SEEDED, _DOMAIN_FREE = 0x44534131, 0x44534132  # "DSA1", "DSA2": seeded vs seed −1 keys
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 (Salmon et al., SC'11) on int64 tensors holding uint32 values (broadcastable).
+
+    One round: (hi0, lo0) = M0·c0, (hi1, lo1) = M1·c2 (32×32→64-bit products; int64 products wrap
+    modulo 2⁶⁴, and the shift-and-mask recovers their high word), then
+    c = (hi1 ⊕ c1 ⊕ k0, lo1, hi0 ⊕ c3 ⊕ k1, lo0); the key is bumped by the Weyl constants between
+    rounds. Returns the four output words."""
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + PHILOX_W[0]) & _MASK32
+            k1 = (k1 + PHILOX_W[1]) & _MASK32
+        p0 = c0 * PHILOX_M[0]
+        p1 = c2 * PHILOX_M[1]
+        c0, c1, c2, c3 = ((p1 >> 32) & _MASK32) ^ c1 ^ k0, p1 & _MASK32, ((p0 >> 32) & _MASK32) ^ c3 ^ k1, p0 & _MASK32
+    return c0, c1, c2, c3
+
+
+def _host_int64(values: Sequence[int]) -> torch.Tensor:
+    """A CPU int64 tensor of Python ints, built from a buffer (no tensor-from-Python-data op)."""
+    import array
+
+    return torch.frombuffer(bytearray(array.array("q", values)), dtype=torch.int64)
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """An asynchronous copy to ``device`` (pinned source) where one is needed."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def device_keys(seeds: Sequence[int], device) -> torch.Tensor:
+    """(G, 3) int64 on ``device``: the Philox key words and the domain word of every group. Seed −1
+    groups share one key drawn per call from torch's global CPU generator (no host read of it)."""
+    seeds_t = _host_int64(seeds)
+    free_key = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)  # global CPU generator
+    free = seeds_t == -1
+    key = torch.where(free, free_key, seeds_t)
+    table = torch.stack([key & _MASK32, (key >> 32) & _MASK32,
+                         torch.where(free, _DOMAIN_FREE, _DOMAIN_SEEDED)], dim=1)
+    return _to_device(table, device)
+
+
+def device_uniforms(keys: torch.Tensor, groups: torch.Tensor, n_stages: int) -> torch.Tensor:
+    """(n_stages, N, 4) float64 uniforms in [0, 1) for the N images (see the section comment)."""
+    groups = groups.long()
+    n = groups.shape[0]
+    row_keys = keys[groups]                                   # (N, 3)
+    siamese = row_keys[:, 2] == _DOMAIN_SEEDED
+    image = torch.where(siamese, 0, torch.arange(1, n + 1, device=groups.device, dtype=torch.int64))
+    stage = torch.arange(n_stages, device=groups.device, dtype=torch.int64).unsqueeze(1)
+    words = philox4x32(stage, image.unsqueeze(0), groups.unsqueeze(0), row_keys[:, 2].unsqueeze(0),
+                       row_keys[:, 0].unsqueeze(0), row_keys[:, 1].unsqueeze(0))
+    words = [w.expand(n_stages, n) for w in words]
+    return torch.stack(words, dim=2).to(torch.float64) * (2.0 ** -32)
+
+
+def _randint_from(u: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Uniform integer in [low, high) from u in [0, 1)."""
+    return low + torch.clamp((u * (high - low)).floor().long(), max=high - low - 1)
+
+
+def family_params(family: str, u: torch.Tensor, height: int, width: int, param):
+    """(iparams (R, 5) int64, fparams (R, 6) float64) of one family from uniforms u (R, ≥3), with
+    the reference's distributions; tensor ops on u's device (no data-dependent shapes)."""
+    rows = u.shape[0]
+    zero_i = torch.zeros(rows, dtype=torch.int64, device=u.device)
+    zero_f = torch.zeros(rows, dtype=torch.float64, device=u.device)
+    cols_i, cols_f = [zero_i] * N_IPARAMS, [zero_f] * N_FPARAMS
+    if family == "color":
+        cols_i[0] = zero_i + OP_COLOR
+        cols_f[:3] = [(u[:, 0] - 0.5) * param.brightness, u[:, 1] * param.saturation, u[:, 2] + param.contrast]
+    elif family == "crop":
+        sh, sw = _pixels(height, param.ratio_crop_pad), _pixels(width, param.ratio_crop_pad)
+        cols_i[:3] = [zero_i + OP_CROP, _randint_from(u[:, 0], -sh, sh + 1), _randint_from(u[:, 1], -sw, sw + 1)]
+    elif family == "cutout":
+        cols_i[0] = zero_i + OP_CUTOUT
+        for col, extent, v in ((1, height, u[:, 0]), (3, width, u[:, 1])):
+            size = _pixels(extent, param.ratio_cutout)
+            first, last = _cutout_rows(_randint_from(v, 0, extent + (1 - size % 2)), size, extent)
+            cols_i[col], cols_i[col + 1] = zero_i + first, zero_i + last
+    elif family == "flip":
+        cols_i[0] = torch.where(u[:, 0] < param.prob_flip, OP_FLIP, OP_IDENTITY)
+    elif family == "scale":
+        r = param.ratio_scale
+        cols_i[0] = zero_i + OP_AFFINE
+        cols_f[0], cols_f[4] = u[:, 0] * (r - 1 / r) + 1 / r, u[:, 1] * (r - 1 / r) + 1 / r
+    elif family == "rotate":
+        a = (u[:, 0] - 0.5) * 2 * param.ratio_rotate / 180 * math.pi
+        cols_i[0] = zero_i + OP_AFFINE
+        cols_f[0], cols_f[1], cols_f[3], cols_f[4] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+    return torch.stack(cols_i, dim=1), torch.stack(cols_f, dim=1)
+
+
+def draw_device(families, seeds: Sequence[int], groups: torch.Tensor, height: int, width: int, param) -> List[tuple]:
+    """rng="device": per-image (iparams, fparams) stages on ``groups``' device, no host sync and no
+    host work per image (see the section comment for the stream)."""
+    keys = device_keys(seeds, groups.device)
+    n_stages = len(families) if param.aug_mode == "M" else 1
+    u = device_uniforms(keys, groups, n_stages)
+    stages = []
+    for k in range(n_stages):
+        if param.aug_mode == "M":
+            stages.append(family_params(families[k], u[k], height, width, param))
+            continue
+        pick = torch.clamp((u[k, :, 3] * len(families)).floor().long(), max=len(families) - 1)
+        ip, fp = None, None
+        for position, family in enumerate(families):
+            ip_f, fp_f = family_params(family, u[k], height, width, param)
+            chosen = (pick == position).unsqueeze(1)
+            ip = ip_f if ip is None else torch.where(chosen, ip_f, ip)
+            fp = fp_f if fp is None else torch.where(chosen, fp_f, fp)
+        stages.append((ip, fp))
+    return stages
+
+
+_DEVICE_CONSTANTS: dict = {}  # small per-call constants, uploaded once per value and device
+
+
+def _device_constant(values, dtype, device) -> torch.Tensor:
+    key = (tuple(values), dtype, torch.device(device))
+    if key not in _DEVICE_CONSTANTS:
+        if len(_DEVICE_CONSTANTS) > 256:
+            _DEVICE_CONSTANTS.clear()
+        _DEVICE_CONSTANTS[key] = torch.tensor(list(values), dtype=dtype).to(device)
+    return _DEVICE_CONSTANTS[key]
+
+
+def draw_device_fused(families, seeds: Sequence[int], groups: torch.Tensor, height: int, width: int, param,
+                      acc: torch.dtype) -> List[tuple]:
+    """``draw_device``'s tables from one Triton launch (kernels/dsa_rng.py), ready for the kernels:
+    (iparams int32, fparams in ``acc``) per stage."""
+    from ..kernels.dsa_rng import dsa_draw
+
+    device = groups.device
+    keys = device_keys(seeds, device)
+    pick = param.aug_mode != "M"
+    codes = _device_constant([FAMILIES.index(f) for f in families], torch.int32, device)
+    r = param.ratio_scale
+    cfg = _device_constant([param.brightness, param.saturation, param.contrast, param.prob_flip, r - 1 / r, 1 / r,
+                            param.ratio_rotate, math.pi], torch.float64, device)
+    n_stages = 1 if pick else len(families)
+    shifts = (_pixels(height, param.ratio_crop_pad), _pixels(width, param.ratio_crop_pad))
+    sizes = (_pixels(height, param.ratio_cutout), _pixels(width, param.ratio_cutout))
+    ip, fp = dsa_draw(groups.long().contiguous(), keys.contiguous(), codes, cfg, n_stages, pick, height, width,
+                      shifts, sizes, acc)
+    return [(ip[k], fp[k]) for k in range(n_stages)]
 
 
 # --- reference application (the `torch` backend): the reference's tensor ops -------------------
@@ -392,9 +631,25 @@ def apply_stage_reference(x: torch.Tensor, ip: torch.Tensor, fp: torch.Tensor, a
 
 # --- fused backends: custom ops with autograd --------------------------------------------------
 
+_BASE_GRIDS: dict = {}  # (H, W, align_corners, dtype, device) -> base grid on the device
+
+
 def base_grid(height: int, width: int, align_corners: bool, dtype, device) -> torch.Tensor:
     """affine_grid's normalised pixel coordinates (x along W, then y along H), computed with the
-    same torch ops as ``affine_grid`` so the kernels sample where the reference samples."""
+    same torch ops as ``affine_grid`` (on the CPU, as the reference builds its grid) so the kernels
+    sample where the reference samples. Cached per shape and device: after the first call no
+    host-to-device copy (read-only for the kernels)."""
+    key = (height, width, bool(align_corners), dtype, torch.device(device))
+    if torch.compiler.is_compiling():
+        return _base_grid(height, width, align_corners, dtype, device)
+    if key not in _BASE_GRIDS:
+        if len(_BASE_GRIDS) > 64:
+            _BASE_GRIDS.clear()
+        _BASE_GRIDS[key] = _base_grid(height, width, align_corners, dtype, device)
+    return _BASE_GRIDS[key]
+
+
+def _base_grid(height, width, align_corners, dtype, device) -> torch.Tensor:
     def axis(steps):
         if steps <= 1:
             return torch.zeros(steps, dtype=dtype)
@@ -490,8 +745,8 @@ def _check_seeds(seeds) -> List[int]:
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
             raise TypeError(f"seeds must hold ints, got {type(s).__name__}")
-        if s < -1:
-            raise ValueError(f"seeds must be -1 (independent per-image draws) or non-negative, got {s}")
+        if s < -1 or s >= 2 ** 63:
+            raise ValueError(f"seeds must be -1 (independent per-image draws) or in [0, 2**63), got {s}")
         out.append(int(s))
     if not out:
         raise ValueError("seeds is empty: give one seed per group")
@@ -499,34 +754,47 @@ def _check_seeds(seeds) -> List[int]:
 
 
 def dsa_augment(x: torch.Tensor, groups: Optional[torch.Tensor], strategy: str, seeds, *,
-                align_corners: bool = False, param=None, backend: str = "auto", rng: str = "reference") -> torch.Tensor:
+                align_corners: bool = False, param=None, backend: str = "auto", rng: str = "device") -> torch.Tensor:
     """DSA on many groups in one call: images with group id g get ``DiffAugment(·, strategy, seeds[g])``.
 
     x: (N, C, H, W) float images. groups: (N,) integer group ids in [0, len(seeds)) (None: one
     group). seeds: one int per group (−1: independent per-image draws from torch's global CPU
     generator). align_corners: False as DatasetCondensation (modern torch), True as
-    mtt-distillation. param: a ``ParamDiffAug`` (default settings if None). rng: "reference"
-    (the reference's generator calls per group, bitwise equal to per-group DiffAugment on CPU)
-    or "fast" (one generator call for all groups; not the reference's stream).
+    mtt-distillation. param: a ``ParamDiffAug`` (default settings if None). rng: "device"
+    (default: Philox draws on x's device from (seed, group, draw index): no host sync, no host
+    work per image; same distributions as the reference, not its stream; seed −1 groups use a key
+    drawn per call from torch's global CPU generator), "reference" (the reference's generator
+    calls per group: equal to the per-group DiffAugment calls, and leaves torch's generators where
+    they leave them; see the module doc; what the ``ddfast.compat`` drop-ins use) or "fast" (one
+    CPU generator call for all groups).
     Differentiable w.r.t. x in every backend.
     """
     _check_images(x)
     param = ParamDiffAug() if param is None else param
     families = parse_strategy(strategy, param)
     seeds = _check_seeds(seeds)
-    check_choice("rng", rng, ("reference", "fast"))
+    check_choice("rng", rng, RNG_MODES)
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
     n = x.shape[0]
     if groups is None:
-        groups = torch.zeros(n, dtype=torch.int64)
-    elif isinstance(groups, torch.Tensor):
+        groups = torch.zeros(n, dtype=torch.int64, device=x.device if rng == "device" else "cpu")
+    elif isinstance(groups, torch.Tensor) and rng != "device":
         groups = groups.cpu()  # the draws are made on the CPU: one transfer serves the check and the draws
     check_labels("groups", groups, n, len(seeds))
     if not families:
         return x
     which = _backend.resolve(OP, backend, x.device)
-    stages = draw_grouped(families, seeds, groups, x.shape[2], x.shape[3], param, x.dtype, rng)
+    if rng == "device":
+        if groups.device != x.device:
+            raise ValueError(f"groups must be on x's device ({x.device}) with rng='device', got {groups.device}")
+        if which == "triton" or (x.is_cuda and which != "torch" and _backend.available(OP, "triton", x.device)):
+            # one launch for the whole table (same numbers as draw_device's torch ops)
+            stages = draw_device_fused(families, seeds, groups, x.shape[2], x.shape[3], param, acc_dtype(x.dtype))
+        else:
+            stages = draw_device(families, seeds, groups, x.shape[2], x.shape[3], param)
+    else:
+        stages = draw_grouped(families, seeds, groups, x.shape[2], x.shape[3], param, x.dtype, rng, x.device)
     y = apply_stages(x, stages, align_corners, which)
     check_result_finite(y, x=x)
     return y
@@ -547,8 +815,10 @@ def diff_augment(x: torch.Tensor, strategy: str = "", seed: int = -1, param=None
         return x
     _check_images(x)
     which = _backend.resolve(OP, backend, x.device)
-    stream = SeedStream(seed)
+    stream = SeedStream(seed, cpu_draws=x.device.type == "cpu")
     stages = draw_stages(families, stream, x.shape[0], x.shape[2], x.shape[3], param, x.dtype, x.device,
                          siamese=seed != -1)
+    stream.finish()
+    stages = [(ip.expand(x.shape[0], -1), fp.expand(x.shape[0], -1)) for ip, fp in stages]
     param.latestseed = stream.latest
     return apply_stages(x, stages, align_corners, which).contiguous()
