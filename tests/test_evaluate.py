@@ -1,0 +1,83 @@
+"""ddfast.evaluate: batched (vmap) training equals sequential training network by network (float64),
+soft labels and the relabelling hook, baselines, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddfast
+from ddfast.data import load_dataset
+from ddfast.evaluate import evaluate, random_subset
+
+SMALL = dict(net_width=6, net_depth=1, num_models=3, epochs=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def data64():
+    ds = load_dataset("digits")
+    x, y = random_subset(ds.x_train.double(), ds.y_train, 2, seed=0)
+    return x, y, (ds.x_test.double()[::3], ds.y_test[::3])
+
+
+@pytest.mark.parametrize("dsa", [False, True])
+def test_batched_equals_sequential_per_network_float64(data64, dsa):
+    x, y, test = data64
+    a, nets_a = evaluate(x, y, test, batched=True, dsa=dsa, return_networks=True, **SMALL)
+    b, nets_b = evaluate(x, y, test, batched=False, dsa=dsa, return_networks=True, **SMALL)
+    assert a.batched and not b.batched
+    assert a.accuracies == b.accuracies
+    torch.testing.assert_close(torch.tensor(a.train_losses), torch.tensor(b.train_losses), rtol=1e-12, atol=1e-12)
+    for na, nb in zip(nets_a, nets_b):
+        for pa, pb in zip(na.parameters(), nb.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-11, atol=1e-12)
+    # the networks differ from each other (own init, data order, draws)
+    assert not torch.equal(next(nets_a[0].parameters()), next(nets_a[1].parameters()))
+
+
+def test_same_seed_same_accuracies_and_module_is_callable(data64):
+    x, y, test = data64
+    assert ddfast.evaluate(x, y, test, **SMALL).accuracies == evaluate(x, y, test, **SMALL).accuracies
+    assert evaluate(x, y, test, seed=1, **SMALL).train_losses != evaluate(x, y, test, **SMALL).train_losses
+
+
+def test_soft_labels_equal_hard_labels_when_one_hot(data64):
+    x, y, test = data64
+    hard = evaluate(x, y, test, **SMALL)
+    soft = evaluate(x, F.one_hot(y, 10).double(), test, **SMALL)
+    torch.testing.assert_close(torch.tensor(soft.train_losses), torch.tensor(hard.train_losses), rtol=1e-12, atol=0)
+
+
+def test_soft_label_fn_relabels_every_batch(data64):
+    x, y, test = data64
+    seen = []
+
+    def teacher(batch):
+        seen.append(batch.shape[0])
+        return F.one_hot(torch.full((batch.shape[0],), 3), 10).to(batch)
+
+    res = evaluate(x, y, test, soft_label_fn=teacher, **dict(SMALL, epochs=30, num_models=2))
+    assert sum(seen) == 2 * 30 * x.shape[0]
+    assert res.accuracies == [pytest.approx(100.0 * (test[1] == 3).double().mean().item())] * 2
+
+
+def test_batchnorm_networks_fall_back_to_sequential(data64):
+    x, y, test = data64
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        res = evaluate(x, y, test, model="convnetbn", **SMALL)
+    assert not res.batched and len(res.accuracies) == 3
+
+
+def test_bad_input(data64):
+    x, y, test = data64
+    tiny = dict(SMALL, epochs=1, num_models=1)  # a missed check must not start a long training run
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(x, y[:-1], test, **tiny)
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(x, y - 1, test, **tiny)
+    with pytest.raises(ValueError, match="soft labels"):
+        evaluate(x, torch.rand(len(x), 3, dtype=torch.float64), test, **tiny)
+    with pytest.raises(TypeError, match="images"):
+        evaluate(y, y, test, **tiny)
+    with pytest.raises(ValueError, match="num_models"):
+        evaluate(x, y, test, **dict(tiny, num_models=0))
+    with pytest.raises(TypeError, match="test_set"):
+        evaluate(x, y, test[0], **tiny)

@@ -1,0 +1,79 @@
+"""ddfast.models (the DD networks) and ddfast.data (digits, .npz, ImageFolder; the real sampler)."""
+import numpy as np
+import pytest
+import torch
+
+from ddfast.data import RealData, load_dataset, load_npz, stratified_split
+from ddfast.models import ConvNet, ConvNetBN, ResNet, embed, get_network, has_batchnorm
+from ddfast.ops.gradient_matcher import ConvNet as OpsConvNet
+
+
+@pytest.mark.parametrize("name", ["convnet", "convnetbn", "convnetgn", "convnetln", "convnetnn", "resnet", "resnetbn"])
+def test_every_network_classifies_and_embeds(name):
+    net = get_network(name, 1, 10, (8, 8), width=8, depth=2)
+    x = torch.randn(3, 1, 8, 8)
+    assert net(x).shape == (3, 10)
+    assert embed(net, x).shape[0] == 3 and net.classifier(embed(net, x)).shape == (3, 10)
+    assert has_batchnorm(net) == name.endswith("bn")
+
+
+def test_convnet_is_the_ops_class_not_a_copy():
+    assert ConvNet is OpsConvNet
+    assert isinstance(ConvNetBN(3, 10, 16, 2, (16, 16)).features[1], torch.nn.BatchNorm2d)
+    assert sum(p.numel() for p in ResNet(3, 10, 8, 1).parameters()) > 0
+
+
+def test_get_network_rejects_unknown_names():
+    with pytest.raises(ValueError, match="name"):
+        get_network("vgg", 1, 10, (8, 8))
+
+
+def test_digits_dataset():
+    ds = load_dataset("digits")
+    assert ds.x_train.shape[1:] == (1, 8, 8) and ds.num_classes == 10 and len(ds.x_train) + len(ds.x_test) == 1797
+    assert abs(ds.x_train.mean().item()) < 1e-5
+    assert torch.allclose(ds.denormalize(ds.x_train).max(), torch.tensor(1.0), atol=1e-5)  # pixels/16 ≤ 1
+
+
+def test_npz_with_and_without_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)  # NHWC uint8
+    y = np.repeat(np.arange(4), 10)
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    ds = load_npz(str(tmp_path / "a.npz"))
+    assert ds.x_train.shape[1:] == (3, 6, 6) and len(ds.x_train) + len(ds.x_test) == 40
+    assert torch.allclose(ds.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    np.savez(tmp_path / "b.npz", x=x[:, :, :, 0], y=y, x_test=x[:8, :, :, 0], y_test=y[:8])
+    ds = load_dataset(str(tmp_path / "b.npz"))
+    assert ds.x_train.shape == (40, 1, 6, 6) and ds.x_test.shape == (8, 1, 6, 6)
+    np.savez(tmp_path / "c.npz", x=x, y=y.astype(np.float32))
+    with pytest.raises(ValueError, match="y"):
+        load_npz(str(tmp_path / "c.npz"))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((4, 4), 50 * i, dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = load_dataset(str(tmp_path))
+    assert ds.class_names == ["cat", "dog"] and ds.x_train.shape[1:] == (1, 4, 4)
+    assert len(ds.x_train) + len(ds.x_test) == 10
+
+
+def test_unknown_dataset_is_never_downloaded():
+    with pytest.raises(ValueError, match="never downloads"):
+        load_dataset("cifar10")
+
+
+def test_stratified_split_and_sampler():
+    y = torch.arange(5).repeat_interleave(10)
+    tr, te = stratified_split(y, 0.3, seed=1)
+    assert torch.bincount(y[te]).tolist() == [3] * 5 and len(set(tr.tolist()) & set(te.tolist())) == 0
+    real = RealData(torch.arange(50.).view(50, 1, 1, 1), y)
+    a = real.get_images(2, 4, torch.Generator().manual_seed(0))
+    b = real.get_images(2, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and ((a >= 20) & (a < 30)).all() and len(a.flatten().unique()) == 4
+    assert real.get_images(2, 99).shape[0] == 10  # a class smaller than n: all of it
