@@ -274,3 +274,27 @@ def op_pair(op: str, which: str) -> tuple:
         ns = torch.ops.ddfast
         pair = _OP_PAIRS[(op, which)] = (getattr(ns, f"{op}{infix}_fwd"), getattr(ns, f"{op}{infix}_bwd"))
     return pair
+
+
+def _registered_forward(ctx, static, *inputs):
+    fwd, setup_context, backward = static
+    out = fwd(*inputs)
+    setup_context(ctx, inputs, out)
+    ctx.registered_backward = backward
+    return out
+
+
+def _registered_backward(ctx, *grads):
+    return ctx.registered_backward(ctx, *grads)
+
+
+_RegisteredEager = eager_function("RegisteredOpEager", _registered_forward, _registered_backward)
+
+
+def call_registered(fwd, setup_context: Callable, backward: Callable, *inputs):
+    """``fwd(*inputs)`` for a custom op whose autograd is registered as ``(setup_context, backward)``:
+    in eager mode the same two functions run inside a plain autograd.Function (no pytree
+    flattening by torch.library per call); under torch.compile the registered op is called."""
+    if eager_path():
+        return _RegisteredEager.apply((fwd, setup_context, backward), *inputs)
+    return fwd(*inputs)

@@ -91,6 +91,13 @@ def _cases() -> Dict[str, Tuple[Callable, Callable, Callable]]:
         lambda: ddfast.class_mean_loss(f_real, y_real, f_syn, y_syn, 4, backend="cpp").backward(),
         lambda: cml.apply(f_syn, y_syn).sum().backward(),
         lambda: ops.class_mean_loss_fwd(f_syn, y_syn, *ops.class_means_fwd(f_real, y_real, 4), 4)[0].sum().backward())
+    xb, rm, rv = torch.randn(4, 3, 5, requires_grad=True), torch.randn(3), torch.rand(3) + 0.5
+    ddfast.bn_stat_loss(xb, rm, rv, backend="cpp")
+    bn = _bare_function(ops.bn_stat_fwd, ops.bn_stat_bwd, lambda i, o: (i[0], i[1], i[2], o[1], o[2]),
+                        lambda bwd, sv, g: (bwd(g, *sv), None, None))
+    cases["bn_stat_loss"] = (lambda: ddfast.bn_stat_loss(xb, rm, rv, backend="cpp").backward(),
+                             lambda: bn.apply(xb, rm, rv).backward(),
+                             lambda: ops.bn_stat_fwd(xb, rm, rv)[0].backward())
     return cases
 
 

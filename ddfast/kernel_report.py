@@ -74,6 +74,12 @@ KNOWN_SPILLS = {
     # this gate; csrc/cuda/bn_stat.cu is not redesigned yet)
     ("cuda", "bn_stat"): {"partial_stats_kernel"},
 }
+# Kernels that spill in some specialisations the CI gate does not compile (only the full report
+# reaches them): tolerated there, never reported stale. The MMD forward spills 36 B at fp32 with
+# LINEAR=True and ieee products (255 registers); the MMD kernels may be marked as known (issue 11).
+MAY_SPILL = {
+    ("triton", "mmd"): {"_mmd_fwd_kernel"},
+}
 
 
 def cache_dir() -> str:
@@ -90,6 +96,11 @@ def _in_set(table, key, name) -> bool:
 
 def is_hot(source: str, module: str, kernel: str) -> bool:
     return _in_set(HOT_TRITON if source == "triton" else HOT_CUDA, module, kernel)
+
+
+def _module_key(row: dict) -> str:
+    """"kernels/mmd.py" / "csrc/cuda/mmd.cu" -> "mmd" (the keys of the spill tables)."""
+    return os.path.splitext(os.path.basename(row["module"]))[0]
 
 
 def is_known_spill(source: str, module: str, kernel: str) -> bool:
@@ -797,7 +808,7 @@ def gate_failures(rows: List[dict]) -> List[str]:
             continue
         if r["known_spill"]:
             known_spilling[(r["module"], r["kernel"])] = known_spilling.get((r["module"], r["kernel"]), 0) + r["spills"]
-        elif r["hot"] and r["spills"] > 0:
+        elif r["hot"] and r["spills"] > 0 and not _in_set(MAY_SPILL, (r.get("source", "triton"), _module_key(r)), r["kernel"]):
             failures.append(f"{r['module']}:{r['kernel']} [{r['spec']}]: {r['spills']} bytes of register spills "
                             f"in a hot kernel ({r['regs']} registers)")
     failures += [f"{m}:{k}: listed in KNOWN_SPILLS but no longer spills: remove it" for (m, k), total

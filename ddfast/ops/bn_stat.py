@@ -87,6 +87,23 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
 
 
+# --- eager fast path: the same ops in a plain autograd.Function (see _backend.eager_function) ---
+
+def _eager_forward(ctx, ops, x, running_mean, running_var):
+    fwd, ctx.bwd = ops
+    loss, mean, var = fwd(x, running_mean, running_var)
+    ctx.save_for_backward(x, running_mean, running_var, mean, var)
+    return loss
+
+
+def _eager_backward(ctx, grad_loss):
+    x, rm, rv, mean, var = ctx.saved_tensors
+    return ctx.bwd(grad_loss, x, rm, rv, mean, var), None, None
+
+
+_Eager = _backend.eager_function("BNStatLossEager", _eager_forward, _eager_backward)
+
+
 def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, *,
                  backend: str = "auto") -> torch.Tensor:
     """``‖mean(x) − running_mean‖₂ + ‖var_biased(x) − running_var‖₂`` over the channels (dim 1) of
@@ -99,16 +116,18 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         if t.dim() != 1 or t.shape[0] != c:
             raise ValueError(f"{name} must be 1-D with one entry per channel of x ({c}), got shape {tuple(t.shape)}")
     check_same_device(x=x, running_mean=running_mean, running_var=running_var)
-    running_mean, running_var = running_mean.detach(), running_var.detach()
     out_dtype = torch.promote_types(x.dtype, torch.promote_types(running_mean.dtype, running_var.dtype))
     which = _backend.resolve(OP, backend, x.device)
     if which == "torch":
-        loss = bn_stat_loss_reference(x, running_mean, running_var)
-    else:
-        x3 = x.reshape(x.shape[0], c, -1).contiguous()
-        op = torch.ops.ddfast.bn_stat_triton_fwd if which == "triton" else torch.ops.ddfast.bn_stat_fwd
-        loss = op(x3, running_mean.contiguous(), running_var.contiguous())[0]
-    loss = loss.to(out_dtype)
+        loss = bn_stat_loss_reference(x, running_mean.detach(), running_var.detach())
+    else:  # the kernels give no gradient to the running statistics
+        x3 = x if x.dim() == 3 else x.reshape(x.shape[0], c, -1)
+        stats = [t if t.is_contiguous() else t.contiguous() for t in (x3, running_mean, running_var)]
+        fwd, bwd = _backend.op_pair(OP, which)
+        # eager: a plain autograd.Function; compiled: the registered op (its autograd is traceable)
+        loss = _Eager.apply((fwd, bwd), *stats) if _backend.eager_path() else fwd(*stats)[0]
+    if loss.dtype != out_dtype:
+        loss = loss.to(out_dtype)
     check_result_finite(loss, x=x, running_mean=running_mean, running_var=running_var)
     return loss
 

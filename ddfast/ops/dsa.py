@@ -719,11 +719,13 @@ def apply_stages(x: torch.Tensor, stages, align_corners: bool, which: str) -> to
         return x
     acc = acc_dtype(x.dtype)
     base = base_grid(x.shape[2], x.shape[3], align_corners, acc, x.device)
-    op = torch.ops.ddfast.dsa_triton_fwd if which == "triton" else torch.ops.ddfast.dsa_fwd
+    fwd, bwd = _backend.op_pair(OP, which)
+    backward = _make_backward(bwd)
     for ip, fp in stages:
         ip_dev = ip.to(device=x.device, dtype=torch.int32).contiguous()
         fp_dev = fp.to(device=x.device, dtype=acc).contiguous()
-        x = op(x.contiguous(), ip_dev, fp_dev, base, bool(align_corners))
+        x = _backend.call_registered(fwd, _setup_context, backward, x.contiguous(), ip_dev, fp_dev, base,
+                                     bool(align_corners))
     return x
 
 

@@ -192,6 +192,15 @@ _triton_bwd.register_fake(lambda *args: _fake_bwd(*args[:-1]))
 _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
+_COMPILED_BACKWARD = []  # the compiled op's backward, made once the library is loaded
+
+
+def _compiled_backward():
+    if not _COMPILED_BACKWARD:
+        _COMPILED_BACKWARD.append(_make_backward(torch.ops.ddfast.mmd_bwd))
+    return _COMPILED_BACKWARD[0]
+
+
 def _register_compiled():
     """Python side of the C++ ops (csrc/mmd.cpp), run once after the library loads."""
     torch.library.register_fake("ddfast::mmd_fwd")(_fake_fwd)
@@ -304,10 +313,12 @@ def _fused(x2, y2, x_labels, y_labels, n_c, m_c, num_classes, kernel, coefs, est
     offsets[1:] = torch.cumsum(n_c + m_c, 0)
     unbiased = estimator == "unbiased"
     if which == "triton":
-        sums = torch.ops.ddfast.mmd_triton_fwd(interpreter_operand(z, precision), cls, side, offsets, coefs,
-                                               kernel == "linear", unbiased, kernel_precision(precision, z))
+        sums = _backend.call_registered(torch.ops.ddfast.mmd_triton_fwd, _triton_setup_context, _triton_backward,
+                                        interpreter_operand(z, precision), cls, side, offsets, coefs,
+                                        kernel == "linear", unbiased, kernel_precision(precision, z))
     else:  # the C++/CUDA kernels multiply exactly: tf32/bf16 are emulated by rounding the operands
-        sums = torch.ops.ddfast.mmd_fwd(round_operand(z, precision), cls, side, offsets, coefs, kernel == "linear",
+        sums = _backend.call_registered(torch.ops.ddfast.mmd_fwd, _setup_context, _compiled_backward(),
+                                        round_operand(z, precision), cls, side, offsets, coefs, kernel == "linear",
                                         unbiased)  # (R, 2): [A_i, B_i]
 
     # per-class weights of the xx, yy and xy kernel sums; classes absent on a side weigh 0

@@ -238,7 +238,8 @@ def supcon_nce(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y
         if which == "triton":
             f_syn2 = interpreter_operand(f_syn.flatten(1), precision).contiguous()
             f_real2 = interpreter_operand(f_real.flatten(1), precision).contiguous()
-            per_anchor, _lse_all, lse_pos = torch.ops.ddfast.supcon_nce_triton_fwd(
+            per_anchor, _lse_all, lse_pos = _backend.call_registered(
+                torch.ops.ddfast.supcon_nce_triton_fwd, _triton_setup_context, _triton_backward,
                 f_syn2, y_syn_l, f_real2, y_real_l, 1.0 / temperature, nce, math.log(noise_ratio), normalize,
                 kernel_precision(precision, f_syn))
         else:
@@ -247,7 +248,8 @@ def supcon_nce(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y
             if normalize:
                 z_syn = F.normalize(z_syn, dim=1, eps=1e-12)
                 z_real = F.normalize(z_real, dim=1, eps=1e-12)
-            per_anchor, _lse_all, lse_pos = torch.ops.ddfast.supcon_nce_fwd(
+            per_anchor, _lse_all, lse_pos = _backend.call_registered(
+                torch.ops.ddfast.supcon_nce_fwd, _setup_context, _make_backward(torch.ops.ddfast.supcon_nce_bwd),
                 z_syn.contiguous(), y_syn_l, z_real.contiguous(), y_real_l, 1.0 / temperature, nce,
                 math.log(noise_ratio))
         if reduction == "none":
