@@ -17,6 +17,14 @@ DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # DC/DSA/DM/MTT's default 
 
 # --- randomness: one generator per (seed, keys) ---------------------------------------------------
 
+def merge_hparams(defaults: Dict[str, Any], overrides: Optional[dict], method: str) -> Dict[str, Any]:
+    """The method's defaults updated with the caller's overrides; an unknown key is a ValueError."""
+    unknown = set(overrides or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"hparams: unknown key(s) {sorted(unknown)} for {method}; known: {sorted(defaults)}")
+    return {**defaults, **(overrides or {})}
+
+
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from ``seed`` and ``keys`` (ints/strings): the same keys give the same seed, on
     any machine, whatever else was drawn before (so class order or splitting cannot change it)."""

@@ -162,13 +162,10 @@ class INFER:
         """The pipeline; labels are INFER's static soft labels (probabilities at ``temperature``),
         ``extra`` (JSON-safe): budget, label storage, diversity, compensator losses."""
         from ._common import DistillOutput
+        from ._common import merge_hparams
         from .sre2l import real_init, squeeze_for
 
-        hp = cls.default_hparams(dataset, ipc)
-        unknown = set(hparams or {}) - set(hp)
-        if unknown:
-            raise ValueError(f"hparams: unknown key(s) {sorted(unknown)} for {cls.name}; known: {sorted(hp)}")
-        hp.update(hparams or {})
+        hp = merge_hparams(cls.default_hparams(dataset, ipc), hparams, cls.name)
         dataset = dataset.to(device)
         budget = infer_budget(ipc, dataset.num_classes, hp["num_archs"], hp["base"])
         if budget["stored_images"] > budget["budget_images"] and progress:

@@ -327,13 +327,9 @@ class SRe2L:
     def run(cls, dataset, ipc: int, *, hparams: Optional[Dict] = None, seed: int = 0, device="cpu",
             progress: bool = True):
         """The whole pipeline. ``extra`` (JSON-safe): recover losses, label storage, diversity."""
-        from ._common import DistillOutput
+        from ._common import DistillOutput, merge_hparams
 
-        hp = cls.default_hparams(dataset, ipc)
-        unknown = set(hparams or {}) - set(hp)
-        if unknown:
-            raise ValueError(f"hparams: unknown key(s) {sorted(unknown)} for {cls.name}; known: {sorted(hp)}")
-        hp.update(hparams or {})
+        hp = merge_hparams(cls.default_hparams(dataset, ipc), hparams, cls.name)
         dataset = dataset.to(device)
         teacher = squeeze_for(dataset, hp, seed, progress=progress)
         x, y, log = recover(teacher, dataset.num_classes, ipc, tuple(dataset.x_train.shape[1:]), init=hp["init"],
