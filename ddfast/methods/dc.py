@@ -47,7 +47,7 @@ class DC(IterativeMethod):
         if max(dataset.im_size) <= 16:  # small data on CPU: a fifth of DC's network-training epochs
             inner = max(1, inner // 5)
         hp = dict(scaled_common(dataset, ipc), lr_img=0.1, lr_net=0.01, batch_train=256, outer_loop=outer,
-                  inner_loop=inner, metric="ours", iterations=200 if ipc <= 1 else 20)
+                  inner_loop=inner, metric="ours", iterations=200 if ipc <= 1 else 20, real_precision=None)
         hp["dsa_strategy"] = DSA_STRATEGY if cls.use_dsa else None
         hp["dsa_rng"] = "fast"
         return hp
@@ -56,7 +56,7 @@ class DC(IterativeMethod):
         hp = self.hp
         net = self.new_network(iteration)
         opt_net = torch.optim.SGD(net.parameters(), lr=hp["lr_net"])
-        matcher = GradientMatcher(net, metric=hp.get("metric", "ours"))
+        matcher = GradientMatcher(net, metric=hp.get("metric", "ours"), real_precision=hp.get("real_precision"))
         strategy = hp.get("dsa_strategy")
         total = 0
         for ol in range(hp["outer_loop"]):

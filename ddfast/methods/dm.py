@@ -26,7 +26,7 @@ class DM(IterativeMethod):
     @classmethod
     def default_hparams(cls, dataset: Dataset, ipc: int = 10) -> dict:
         return dict(scaled_common(dataset, ipc), lr_img=1.0, dsa_strategy=DSA_STRATEGY, dsa_rng="fast",
-                    iterations=200)
+                    iterations=200, real_precision=None)
 
     def step(self, iteration: int, real: RealData, syn: SyntheticSet) -> torch.Tensor:
         net = self.new_network(iteration)
@@ -34,7 +34,8 @@ class DM(IterativeMethod):
             p.requires_grad_(False)
         net.train()
         strategy = self.hp.get("dsa_strategy")
-        matcher = DistributionMatcher(lambda x: embed(net, x), self.num_classes)
+        matcher = DistributionMatcher(lambda x: embed(net, x), self.num_classes,
+                                      real_precision=self.hp.get("real_precision"))
         x_real, y_real = self.real_batch(real, self.hp["batch_real"], iteration)
         x_syn, y_syn = syn.images(), syn.labels
         if strategy:  # DM's per-class seeds, shared by the class's real and synthetic images
