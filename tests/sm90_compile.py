@@ -38,23 +38,24 @@ def _specs(op: str, precision: str, z_type: str = "*fp32"):
                                                    p0="i32", p_len="i32", ACCUMULATE=True, LINEAR=False,
                                                    BLOCK=t.block, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d, **common)),
         }
-    t = nk.Tiling(1000, 65536, 2048, _cuda(), _torch_dtype(z_type))
+    t = nk.Tiling(1000, 65536, 2048, _cuda(), _torch_dtype(z_type), precision)
     tiles = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, **common)
     feats = dict(fs_ptr=z_type, ys_ptr="*i64", fr_ptr=z_type, yr_ptr="*i64", rs_ptr="*fp32", rr_ptr="*fp32")
     out = {}
     for nce in (False, True):
         tag = "_nce" if nce else ""
         out["nce_fwd" + tag] = (nk._forward_kernel, dict(
-            **feats, part_a_ptr="*fp32", part_b_ptr="*fp32", n_syn="i32", n_real="i32", dim="i32",
-            cols_per_split="i32", inv_temp="fp32", log_c="fp32", NCE=nce, **tiles))
+            **feats, part_a_ptr="*fp32", part_b_ptr="*fp32", ws_ptr="*fp32", ws_stride="i32", n_syn="i32",
+            n_real="i32", dim="i32", cols_per_split="i32", inv_temp="fp32", log_c="fp32", NCE=nce, STORE_LOGITS=True,
+            **tiles))
         out["nce_grad_logits" + tag] = (nk._grad_logits_kernel, dict(
             **feats, g_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32", ws_ptr=ws, q_syn_ptr="*fp32",
             q_real_ptr="*fp32", n_syn="i32", n_real="i32", dim="i32", c0="i32", ws_cols="i32", inv_temp="fp32",
-            log_c="fp32", NCE=nce, NORMALIZE=True, **tiles))
+            log_c="fp32", NCE=nce, NORMALIZE=True, LOAD_LOGITS=False, **tiles))
     out["nce_gemm"] = (nk._gemm_kernel, dict(
         a_ptr=ws, sa_r="i32", sa_k="i32", b_ptr=z_type, c_ptr=z_type, corr_ptr="*fp32", out_ptr="*fp32",
-        n_rows="i32", n_k="i32", dim="i32", ACCUMULATE=True, CORRECT=True, BLOCK_M=t.block_m, BLOCK_K=t.gemm_k,
-        BLOCK_D=t.gemm_d, **common))
+        n_rows="i32", n_k="i32", dim="i32", k_split="i32", split_stride="i32", ACCUMULATE=True, CORRECT=True,
+        BLOCK_M=t.block_m, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d, **common))
     return out
 
 

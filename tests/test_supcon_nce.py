@@ -358,12 +358,74 @@ def test_extra_memory_grows_linearly(backend_kind):
         assert ratio < 2.6, peaks
 
 
-def test_triton_kernels_compile_for_sm90_with_tensor_cores():
-    """Compile (not run) the kernels for an H100 in the tensor-core modes (tf32; bf16 for the
-    forward): PTX with wgmma/mma, no local-memory spills. A subprocess: the interpreter cannot compile."""
-    from sm90_compile import compile_report
+# compiled in a subprocess (the interpreter cannot compile) by kernel_report's compiler, with its disk cache
+_SM90_COMPILE = """
+import json, sys
+from ddfast import kernel_report as kr
+rows = []
+for launch in json.load(open(sys.argv[1])):
+    fn = kr.jit_functions()[launch["module"]][launch["kernel"]]
+    key, spec = kr._spec_key(fn, launch)
+    row = kr._cache_get(key)
+    if row is None:
+        row = kr._compile_one((launch["module"], launch["kernel"], {**launch, "spec": spec}, key))
+        if row["error"] is None and row["regs"] is not None:
+            kr._cache_put(key, row)
+    rows.append(row)
+print(json.dumps(rows))
+"""
 
-    rows = compile_report("supcon_nce", [("nce_fwd", "tf32"), ("nce_grad_logits", "tf32"), ("nce_gemm", "tf32"),
-                                         ("nce_fwd", "bf16")])
-    for row in rows:
-        assert row["tensor_core"] > 0 and row["spills"] == 0, row
+
+def _sm90_launch(kernel, args, precision, tiles, **flags):
+    """A launch as kernel_report records it: GPU-sized arguments (multiples of 16, aligned pointers)."""
+    import triton.language as tl  # noqa: F401 - the constexpr dtype names below are Triton's
+
+    enc = [{"tensor": a, "align": 0} if a in ("float32", "int64", "bfloat16") else {"value": a} for a in args]
+    kwargs = {k: {"value": v} for k, v in {**flags, **tiles, "PRECISION": precision}.items()}
+    kwargs["ACC_DTYPE"] = {"tl_dtype": "fp32"}
+    return {"module": "supcon_nce", "kernel": kernel, "dtype": "float32", "args": enc, "kwargs": kwargs}
+
+
+def test_triton_kernels_compile_for_sm90_with_tensor_cores():
+    """Compile (not run) the kernels for an H100 at the GPU tile sizes: tensor-core instructions
+    (wgmma/mma) in the tf32 and bf16 modes, no register spills (the fp32 ieee forward included,
+    logits stored for the gradient-in-forward path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ddfast.kernels.supcon_nce import Tiling
+
+    pytest.importorskip("triton")
+    feats = ["float32", "int64", "float32", "int64", "float32", "float32"]
+    launches = []
+    for precision, store in (("ieee", True), ("tf32", True), ("bf16", False)):
+        t = Tiling(1000, 65536, 2048, torch.device("cpu"), torch.float32, precision)
+        tiles = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
+        launches.append(_sm90_launch("_forward_kernel", feats + ["float32"] * 3 + [65536, 256, 65536, 2048, 4096,
+                                                                                     10.0, 0.0],
+                                     precision, tiles, NCE=False, STORE_LOGITS=store))
+    t = Tiling(1000, 65536, 2048, torch.device("cpu"), torch.float32, "tf32")
+    tiles = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
+    launches.append(_sm90_launch("_grad_logits_kernel", feats + ["float32"] * 6 + [1024, 65536, 2048, 0, 4096, 10.0,
+                                                                                   0.0],
+                                 "tf32", tiles, NCE=False, NORMALIZE=True, LOAD_LOGITS=False))
+    launches.append(_sm90_launch("_gemm_kernel", ["float32", 65536, 1, "float32", "float32", "float32", "float32",
+                                                  256, 65536, 2048, 8192, 256 * 2048], "tf32",  # split K
+                                 dict(BLOCK_M=t.block_m, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d), ACCUMULATE=False,
+                                 CORRECT=True))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(launches, f)
+        f.flush()
+        res = subprocess.run([sys.executable, "-c", _SM90_COMPILE, f.name], env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for launch, row in zip(launches, rows):
+        precision = launch["kwargs"]["PRECISION"]["value"]
+        assert row["error"] is None and row["spills"] == 0, row
+        assert (row["tensor_core"] > 0) == (precision != "ieee"), row

@@ -9,9 +9,14 @@ matmul precision to TF32 for the reference and passes ``precision="tf32"`` to dd
 feeds bf16 features to both (fp32 accumulation).
 
 Work model (``work_flops``): the reference executes 2·n_syn·n_real·D flops forward (the logits)
-and 4·n_syn·n_real·D backward (two products); the Triton kernels execute the logits twice (forward,
-and once more in the backward: O(n_syn + n_real) memory means not keeping them) and the two
-products, tile padding included (``ddfast.kernels.supcon_nce.Tiling.executed_flops``): ≈ 8/6.
+and 4·n_syn·n_real·D backward (two products). The cases take the mean with gradients to both
+feature sets, so the Triton provider runs its gradient-in-forward path: per panel of synthetic
+rows the logits once (kept in the workspace) and the two products, tile padding included
+(``ddfast.kernels.supcon_nce.fused_executed_flops``): 1.00-1.03× the reference (the last panel's
+rows padded to a 64-row tile). The same op with ``reduction="none"`` or when a row of logits does
+not fit the workspace recomputes the logits in its backward (``Tiling.executed_flops``, ≈ 8/6):
+on CUDA (16M-element workspace) no case here does; in the CPU interpreter (1024 elements) the
+default case (n_real = 2048) does, and its work column says so.
 """
 import torch
 
@@ -39,16 +44,22 @@ def _pairs_times_dim(inp):
     return inp["f_syn"].shape[0] * inp["f_real"].shape[0] * inp["f_syn"].shape[1]
 
 
-def _work_flops(inp, provider):
-    if provider == "reference":
-        return 6.0 * _pairs_times_dim(inp)
-    if provider != "triton":
-        return None  # the C++/CUDA kernels are not modelled
-    from ddfast.kernels.supcon_nce import Tiling
+def _work_flops(precision):
+    def work(inp, provider):
+        if provider == "reference":
+            return 6.0 * _pairs_times_dim(inp)
+        if provider != "triton":
+            return None  # the C++/CUDA kernels are not modelled
+        from ddfast.kernels.supcon_nce import Tiling, fused_executed_flops, fused_panel_rows
 
-    n_syn, dim = inp["f_syn"].shape
-    n_real = inp["f_real"].shape[0]
-    return Tiling(n_syn, n_real, dim, inp["f_syn"].device, inp["f_syn"].dtype).executed_flops(n_syn, n_real, dim)
+        n_syn, dim = inp["f_syn"].shape
+        n_real = inp["f_real"].shape[0]
+        device, dtype = inp["f_syn"].device, inp["f_syn"].dtype
+        kernel_precision = "tf32" if precision == "tf32" else "ieee"  # the cases' "auto": torch's default, ieee
+        if fused_panel_rows(n_syn, n_real, device) > 0:
+            return fused_executed_flops(n_syn, n_real, dim, device, dtype, kernel_precision)
+        return Tiling(n_syn, n_real, dim, device, dtype, kernel_precision).executed_flops(n_syn, n_real, dim)
+    return work
 
 
 def _reference(variant, tf32):
@@ -75,9 +86,8 @@ def _case(variant, n_syn, n_real, dim, *, default=False, suffix="", dtype=torch.
         grad_inputs=("f_syn", "f_real"),
         default=default,
         # useful work: logits z_syn z_realᵀ, then dL/ds z_real and dL/dsᵀ z_syn (2 flops per MAC);
-        # the fused backward also recomputes the logits, which is not counted here (see work_flops)
         flops=lambda inp: 6.0 * _pairs_times_dim(inp),
-        work_flops=_work_flops,
+        work_flops=_work_flops(precision),
         # features read by forward and backward, gradients written
         bytes_moved=lambda inp: 4 * (inp["f_syn"].numel() + inp["f_real"].numel()) * inp["f_syn"].element_size(),
         tol=tol,
