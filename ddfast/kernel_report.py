@@ -67,18 +67,10 @@ HOT_CUDA = {
 # Hot kernels whose spills are known and allowed until their redesign (tensor-core issue): the
 # gate fails once one of them stops spilling, so the entry gets removed.
 KNOWN_SPILLS = {
-    ("triton", "mmd"): {"_mmd_grad_tile_kernel"},
-    ("triton", "supcon_nce"): {"_forward_kernel"},
-    ("cuda", "mmd"): {"mmd_backward_kernel"},
-    # 24 bytes at 40 registers, float only: most likely the 64-bit index division's call (found by
-    # this gate; csrc/cuda/bn_stat.cu is not redesigned yet)
-    ("cuda", "bn_stat"): {"partial_stats_kernel"},
 }
 # Kernels that spill in some specialisations the CI gate does not compile (only the full report
-# reaches them): tolerated there, never reported stale. The MMD forward spills 36 B at fp32 with
-# LINEAR=True and ieee products (255 registers); the MMD kernels may be marked as known (issue 11).
+# reaches them): tolerated there, never reported stale.
 MAY_SPILL = {
-    ("triton", "mmd"): {"_mmd_fwd_kernel"},
 }
 
 

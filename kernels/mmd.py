@@ -50,7 +50,9 @@ def _gaussian(dot, sq_r, sq_c, coef_ptr, NUM_BW: tl.constexpr):
     d = tl.where(d < 0.0, 0.0, d)  # rounding can make it negative; NaN must survive (tl.maximum drops it)
     k = tl.zeros_like(d)
     g = tl.zeros_like(d)
-    for s in tl.static_range(NUM_BW):
+    # a loop, not unrolled: one exp tile live at a time (unrolled, the registers grew with the number
+    # of bandwidths: the tf32 Gaussian backward tile needed 255 at 8 bandwidths, 161 as a loop)
+    for s in range(NUM_BW):
         c = tl.load(coef_ptr + s)
         e = tl.exp(-c * d)
         k += e
@@ -195,7 +197,7 @@ def _mmd_gemm_kernel(ws_ptr, z_ptr, rs_ptr, cls_ptr, off_ptr, out_ptr, R, D, str
 
 
 class Tiling:
-    """Block sizes (the same on every device, so the interpreter launches what a GPU compiles) and
+    """Block sizes and warps (the same on every device, so the interpreter launches what a GPU compiles) and
     the backward panel width (CUDA: a 32M-element workspace; the interpreter: 2048 elements, so
     that small tests cross panel boundaries)."""
 
@@ -203,7 +205,12 @@ class Tiling:
         d_pow2 = max(16, triton.next_power_of_2(dim))
         wide = dtype == torch.float64
         self.block = 32 if wide else 64
-        self.block_k = min(d_pow2, 32)
+        # warps of the two distance-tile kernels: over 4 warps a 64 x 64 tile is 32 elements per thread
+        # for each live tile (products, distances, weights, 64-bit store addresses), and sm_90 builds
+        # spilled (fp32 FMA forward 36 B, Gaussian backward 60-264 B); 8 warps halve that. fp64's
+        # 32 x 32 tiles stay at 4 warps (at 8 ptxas capped the forward at 128 registers and spilled)
+        self.warps = 4 if wide else 8
+        self.block_k = min(d_pow2, 16 if wide else 32)  # fp64: 32-wide D slices spilled 20 B (forward)
         self.gemm_k = 32
         self.gemm_d = min(d_pow2, 64 if wide else 128)
         budget = (1 << 25) if device.type == "cuda" else 2048
@@ -244,7 +251,7 @@ def mmd_forward(z, cls, side, offsets, coefs, linear: bool, unbiased: bool, prec
     sq, coefs, acc_torch, meta, t = _setup(z, coefs, linear, precision)
     out = torch.zeros((rows, 2), dtype=acc_torch, device=z.device)
     _mmd_fwd_kernel[(triton.cdiv(rows, t.block),)](z, sq, cls, side, offsets, coefs, out, rows, dim, z.stride(0),
-                                                   UNBIASED=unbiased, **meta)
+                                                   UNBIASED=unbiased, num_warps=t.warps, **meta)
     return out
 
 
@@ -260,7 +267,7 @@ def mmd_backward(grad, z, cls, side, offsets, coefs, linear: bool, unbiased: boo
     grid_rows = triton.cdiv(rows, t.block)
     for p0 in range(0, rows, t.panel):
         _mmd_grad_tile_kernel[(grid_rows,)](grad, z, sq, cls, side, offsets, coefs, ws, row_sums, rows, dim,
-                                            z.stride(0), p0, t.panel, UNBIASED=unbiased, **meta)
+                                            z.stride(0), p0, t.panel, UNBIASED=unbiased, num_warps=t.warps, **meta)
         _mmd_gemm_kernel[(grid_rows, triton.cdiv(dim, t.gemm_d))](
             ws, z, row_sums, cls, offsets, out, rows, dim, z.stride(0), p0, t.panel, ACCUMULATE=p0 > 0,
             LINEAR=linear, BLOCK=t.block, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d, ACC_DTYPE=meta["ACC_DTYPE"],

@@ -335,15 +335,84 @@ def test_extra_memory_grows_linearly(backend_kind):
         assert ratio < 2.6, peaks
 
 
-def test_triton_kernels_compile_for_sm90_with_tensor_cores():
-    """Compile (not run) the three kernels for an H100 in the tensor-core modes (tf32, and bf16 for the
-    forward): PTX with wgmma/mma, no local-memory spills. A subprocess: the interpreter cannot compile."""
-    from sm90_compile import compile_report
+# compiled in a subprocess (the interpreter cannot compile) by kernel_report's compiler, with its disk cache
+_SM90_COMPILE = """
+import json, sys
+from ddfast import kernel_report as kr
+rows = []
+for launch in json.load(open(sys.argv[1])):
+    fn = kr.jit_functions()[launch["module"]][launch["kernel"]]
+    key, spec = kr._spec_key(fn, launch)
+    row = kr._cache_get(key)
+    if row is None:
+        row = kr._compile_one((launch["module"], launch["kernel"], {**launch, "spec": spec}, key))
+        if row["error"] is None and row["regs"] is not None:
+            kr._cache_put(key, row)
+    rows.append(row)
+print(json.dumps(rows))
+"""
 
-    rows = compile_report("mmd", [("mmd_fwd", "tf32"), ("mmd_grad_tile", "tf32"), ("mmd_gemm", "tf32"),
-                                  ("mmd_fwd", "bf16")])
-    for row in rows:
-        assert row["tensor_core"] > 0 and row["spills"] == 0, row
+
+def _sm90_launches(z_dtype: str, precision: str, kernels):
+    """Launches as kernel_report records them, with the launcher's block sizes and warps (Tiling) at
+    GPU sizes: R = 65536 rows, D = 2048 features, a 512-column backward panel."""
+    from ddfast.kernels.mmd import Tiling
+
+    t = Tiling(65536, 2048, torch.device("cpu"), getattr(torch, z_dtype))  # block sizes: device-independent
+    ws = "bfloat16" if precision == "bf16" or z_dtype == "bfloat16" else z_dtype
+
+    def ptrs(*types):
+        return [{"tensor": ty, "align": 0} for ty in types]
+
+    sizes = [{"value": v} for v in (65536, 2048, 2048)]
+    panel = [{"value": 0}, {"value": 512}]
+    tile = dict(NUM_BW=5, LINEAR=False, UNBIASED=False, BLOCK=t.block, BLOCK_K=t.block_k, num_warps=t.warps)
+    args = {
+        "_mmd_fwd_kernel": (ptrs(z_dtype, "float32", "int64", "int32", "int64", "float32", "float32") + sizes, tile),
+        "_mmd_grad_tile_kernel": (ptrs("float32", z_dtype, "float32", "int64", "int32", "int64", "float32", ws,
+                                       "float32") + sizes + panel, tile),
+        "_mmd_gemm_kernel": (ptrs(ws, z_dtype, "float32", "int64", "int64", "float32") + sizes + panel,
+                             dict(ACCUMULATE=True, LINEAR=False, BLOCK=t.block, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d)),
+    }
+    launches = []
+    for kernel in kernels:
+        enc, consts = args[kernel]
+        kwargs = {k: {"value": v} for k, v in {**consts, "PRECISION": precision}.items()}
+        kwargs["ACC_DTYPE"] = {"tl_dtype": "fp32"}
+        launches.append({"module": "mmd", "kernel": kernel, "dtype": z_dtype, "args": enc, "kwargs": kwargs})
+    return launches
+
+
+def test_triton_kernels_compile_for_sm90_with_tensor_cores():
+    """Compile (not run) the kernels for an H100 as the launcher issues them (block sizes and warps):
+    no register spills, in the fp32 FMA products ("ieee", which spilled at 4 warps) too, and
+    tensor-core instructions (wgmma/mma) in the tf32 and bf16 modes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    pytest.importorskip("triton")
+    tiles = ["_mmd_fwd_kernel", "_mmd_grad_tile_kernel"]
+    launches = (_sm90_launches("float32", "ieee", tiles)
+                + _sm90_launches("float32", "tf32", tiles + ["_mmd_gemm_kernel"])
+                + _sm90_launches("float32", "bf16", ["_mmd_fwd_kernel"])
+                + _sm90_launches("bfloat16", "ieee", tiles))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(launches, f)
+        f.flush()
+        res = subprocess.run([sys.executable, "-c", _SM90_COMPILE, f.name], env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(launches)
+    for launch, row in zip(launches, rows):
+        fma_only = launch["dtype"] == "float32" and launch["kwargs"]["PRECISION"]["value"] == "ieee"
+        assert row["error"] is None and row["spills"] == 0, row
+        assert (row["tensor_core"] > 0) == (not fma_only), row
 
 
 def _bad(**changes):

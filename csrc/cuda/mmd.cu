@@ -36,6 +36,9 @@ struct DotSmem {
 
 template <typename Acc, int BK>
 struct BwdSmem {
+  // the row block's classes, shared rather than 4 x 64-bit registers per thread: ptxas aims at 128
+  // registers (two 256-thread blocks per SM) and spilled with them in registers
+  int64_t row_cls[kTile];
   Acc p[kTile][kTile + 1];
   union {  // the dot-product tiles and the feature chunk are never live at the same time
     DotSmem<Acc, BK> dot;
@@ -173,20 +176,22 @@ mmd_backward_kernel(const Acc* __restrict__ grad, const T* __restrict__ z, const
     const int64_t r0 = rb * kTile;
     const int64_t r_last = (r0 + kTile < rows ? r0 + kTile : rows) - 1;
     const int64_t lo = offsets[cls[r0]], hi = offsets[cls[r_last] + 1];
-    int64_t row_cls[4];
     bool row_y[4];
     Acc row_sq[4], ga_r[4], gb_r[4], row_sum[4];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
       const int64_t r = r0 + ty + 16 * a;
       const bool in = r < rows;
-      row_cls[a] = in ? cls[r] : -1;
+      if (tx == 0) s.row_cls[ty + 16 * a] = in ? cls[r] : -1;
       row_sq[a] = in ? sq[r] : Acc(0);
       row_y[a] = in && side[r] != 0;
       ga_r[a] = in ? grad[2 * r] : Acc(0);
       gb_r[a] = in ? grad[2 * r + 1] : Acc(0);
       row_sum[a] = Acc(0);
     }
+    // s.row_cls is complete before any thread reads it; the previous row block's last reads of it
+    // (its last tile's epilogue) are behind the barrier that follows that tile's P
+    __syncthreads();
     for (int64_t c0 = lo; c0 < hi; c0 += kTile) {
       Acc acc[4][4];
       if (!linear) dot_tile<T, Acc, BK>(z, rows, dim, r0, c0, hi, s.u.dot, acc);
@@ -202,7 +207,7 @@ mmd_backward_kernel(const Acc* __restrict__ grad, const T* __restrict__ z, const
         for (int a = 0; a < 4; ++a) {
           const int64_t r = r0 + ty + 16 * a;
           Acc coef = Acc(0);
-          if (row_cls[a] == col_cls && !(unbiased && r == c)) {
+          if (s.row_cls[ty + 16 * a] == col_cls && !(unbiased && r == c)) {
             // k(z_r, z_c) is in row r's sum (weight by c's side) and in row c's (weight by r's side)
             const Acc w = (col_y ? gb_r[a] : ga_r[a]) + (row_y[a] ? gb_c : ga_c);
             if (linear) {
