@@ -175,3 +175,49 @@ def test_students_train_on_stored_and_online_labels():
         assert xb.shape == (3, 2, 6, 6) and tb.shape == (3, 3)
         mean, std = relabel.train_students(student, 6, batches, test_set, epochs=2, num_students=2, batch_size=4)
         assert 0 <= mean <= 100 and std >= 0
+
+
+def _herding_brute_force(features, k):
+    """Greedy herding written out: at each step try every unchosen row."""
+    mu = features.mean(0)
+    chosen = []
+    for _ in range(k):
+        best, best_d = None, None
+        for j in range(features.shape[0]):
+            if j in chosen:
+                continue
+            mean = features[chosen + [j]].mean(0)
+            d = float(((mu - mean) ** 2).sum())
+            if best_d is None or d < best_d:
+                best, best_d = j, d
+        chosen.append(best)
+    return chosen
+
+
+def test_herding_order_equals_greedy_definition():
+    f = torch.randn(23, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert sre2l.herding_order(f, 7).tolist() == _herding_brute_force(f, 7)
+    full = sre2l.herding_order(f, 23).tolist()
+    assert sorted(full) == list(range(23))  # k = n: a permutation, no repeats
+
+
+def test_herding_init_picks_per_class_in_teacher_embedding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat(10)
+    teacher = _small_bn_model()
+    teacher.features = teacher[:-1]  # ddfast.models.embed uses .features
+    teacher.train()
+    batches = sre2l.herding_init(teacher, x, y, range(3), 2)
+    assert batches.shape == (2, 3, 2, 6, 6)
+    assert teacher.training  # mode restored
+    teacher.eval()
+    for c in range(3):
+        idx = (y == c).nonzero().flatten()
+        with torch.no_grad():
+            feats = teacher.features(x[idx]).flatten(1)
+        order = _herding_brute_force(feats, 2)
+        for i in range(2):
+            assert torch.equal(batches[i, c], x[idx[order[i]]])
+    with pytest.raises(ValueError, match="ipc"):
+        sre2l.herding_init(teacher, x, y, range(3), 11)

@@ -73,7 +73,8 @@ class DWA(SRe2L):
     @classmethod
     def default_hparams(cls, dataset, ipc: int = 10):
         hp = SRe2L.default_hparams(dataset, ipc)
-        hp.update(init="real", rho=15e-3, steps=12)
+        # DWA starts from real images: random ones (its code) or, on small images, the herding picks
+        hp.update(init="herding" if hp.get("init") == "herding" else "real", rho=15e-3, steps=12)
         return hp
 
     @classmethod

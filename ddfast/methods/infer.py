@@ -148,9 +148,12 @@ class INFER:
     def default_hparams(cls, dataset, ipc: int = 10):
         from .sre2l import DEFAULTS, small_image_defaults, teacher_hparams
 
-        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, mixup_alpha=0.8)
+        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, mixup_alpha=0.8, init="real")
         hp.update(teacher_hparams(dataset))
-        hp.update(small_image_defaults(dataset))
+        small = small_image_defaults(dataset)
+        if small:  # the compensators keep SRe2L's CPU rate (measured: README); the base images: herding
+            small["lr"] = 0.05
+        hp.update(small)
         try:
             infer_budget(ipc, dataset.num_classes, hp["num_archs"])
         except ValueError:  # too small a budget for base + M compensators: the smallest INFER set
@@ -163,7 +166,7 @@ class INFER:
         ``extra`` (JSON-safe): budget, label storage, diversity, compensator losses."""
         from ._common import DistillOutput
         from ._common import merge_hparams
-        from .sre2l import real_init, squeeze_for
+        from .sre2l import initial_images, squeeze_for
 
         hp = merge_hparams(cls.default_hparams(dataset, ipc), hparams, cls.name)
         dataset = dataset.to(device)
@@ -172,7 +175,10 @@ class INFER:
             print(f"INFER: {budget['stored_images']} stored images exceed ipc × classes = {budget['budget_images']}")
         teachers = [squeeze_for(dataset, hp, seed, arch=a, width=w, depth=d, progress=progress)
                     for a, w, d in teacher_specs(dataset, hp["num_archs"])]
-        base = real_init(dataset.x_train, dataset.y_train, range(dataset.num_classes), budget["base_per_class"], seed)
+        base = initial_images(hp.get("init", "real"), teachers[0], dataset.x_train, dataset.y_train,
+                              range(dataset.num_classes), budget["base_per_class"], seed)
+        if base is None:
+            raise ValueError("INFER compensates real images: init must be 'real' or 'herding', not 'noise'")
         cset, log = build_compensated_set(teachers, base, seed=seed, progress=progress, iterations=hp["iterations"],
                                           lr=hp["lr"], r_bn=hp["r_bn"], first_bn_multiplier=hp["first_bn_multiplier"],
                                           jitter=hp["jitter"])

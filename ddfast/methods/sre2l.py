@@ -14,9 +14,11 @@
 * **relabel**: soft labels from the teacher, on the fly or stored per crop (``ddfast.methods.relabel``).
 
 Paper defaults (CIFAR recipe): lr 0.25, r_bn 0.01, first_bn_multiplier 10, 1000 iterations, jitter 4,
-N(0, 1) initialisation (``init="noise"``; ``init="real"`` starts from the runner's random real subset).
-On images of 16 px or less (digits) the CPU defaults recover for 200 iterations at lr 0.05 with a
-1-pixel roll and crops of at least half the image. Evaluation: ``DistillOutput.soft_label_fn`` is
+N(0, 1) initialisation (``init="noise"``; ``init="real"`` starts from the runner's random real subset,
+``init="herding"`` from real images picked per class by herding in the teacher's embedding).
+On images of 16 px or less (digits) the CPU defaults start from the herding picks and recover for 200
+iterations at lr 0.01 with a 1-pixel roll and crops of at least half the image
+(``small_image_defaults`` says why, with the measurements). Evaluation: ``DistillOutput.soft_label_fn`` is
 the teacher's ``softmax(logits / temperature)`` on every augmented minibatch (``ddfast.evaluate``).
 """
 from __future__ import annotations
@@ -201,19 +203,75 @@ def real_init(x_real: torch.Tensor, y_real: torch.Tensor, classes: Sequence[int]
     return per_class.transpose(0, 1).contiguous()
 
 
+@torch.no_grad()
+def herding_order(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy herding (Welling 2009, the coreset baseline of DC/DM): indices of ``k`` rows whose
+    running mean stays closest to the mean of all rows; each pick minimises
+    ‖μ − (Σ chosen + f_j) / (t + 1)‖²."""
+    mu = features.mean(0)
+    total = torch.zeros_like(mu)
+    taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    order = []
+    for t in range(k):
+        dist = ((mu - (total + features) / (t + 1)) ** 2).sum(1).masked_fill(taken, float("inf"))
+        j = int(dist.argmin())
+        order.append(j)
+        taken[j] = True
+        total = total + features[j]
+    return torch.tensor(order, dtype=torch.long, device=features.device)
+
+
+@torch.no_grad()
+def herding_init(teacher: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, classes: Sequence[int],
+                 ipc: int) -> torch.Tensor:
+    """(ipc, len(classes), C, H, W) real images chosen per class by herding in the teacher's embedding
+    (``ddfast.models.embed``, eval mode): batch i holds every class's i-th pick."""
+    from ..models import embed
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        per_class = []
+        for c in classes:
+            idx = (y_real == c).nonzero().flatten()
+            if idx.numel() < ipc:
+                raise ValueError(f"class {c} has {idx.numel()} real images, fewer than ipc={ipc}")
+            feats = torch.cat([embed(teacher, x_real[idx[i:i + 512]]) for i in range(0, idx.numel(), 512)])
+            per_class.append(x_real[idx[herding_order(feats.double(), ipc)]])
+    finally:
+        teacher.train(was_training)
+    return torch.stack(per_class).transpose(0, 1).contiguous()
+
+
+INITS = ("noise", "real", "herding")
+
+
+def initial_images(init: str, teacher: nn.Module, x_real, y_real, classes: Sequence[int], ipc: int,
+                   seed: int) -> Optional[torch.Tensor]:
+    """The starting batches (ipc, classes, ...) for ``init`` "real" or "herding"; None for "noise"."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "real":
+        return real_init(x_real, y_real, classes, ipc, seed)
+    if init == "herding":
+        return herding_init(teacher, x_real, y_real, classes, ipc)
+    return None
+
+
 def recover(teacher: nn.Module, num_classes: int, ipc: int, image_shape, *, init: str = "noise",
             x_real: Optional[torch.Tensor] = None, y_real: Optional[torch.Tensor] = None, seed: int = 0,
             teacher_for_batch=None, progress: bool = False, **kw) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
-    """Recover ``ipc`` batches of one image per class. ``init``: "noise" (SRe2L: N(0, 1)) or "real"
-    (random real images; DWA/INFER). ``teacher_for_batch(ipc_id, x_init, y)``, if given, returns the
+    """Recover ``ipc`` batches of one image per class. ``init``: "noise" (SRe2L: N(0, 1)), "real"
+    (the runner's random real subset) or "herding" (real images chosen by herding in the teacher's
+    embedding, ``herding_init``). ``teacher_for_batch(ipc_id, x_init, y)``, if given, returns the
     model to recover batch ``ipc_id`` against (DWA's perturbed teacher). Returns (images, labels, log)."""
-    if init not in ("noise", "real"):
-        raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     device = next(teacher.parameters()).device
     targets = torch.arange(num_classes, device=device)
-    inits = real_init(x_real, y_real, range(num_classes), ipc, seed) if init == "real" else None
+    inits = initial_images(init, teacher, x_real, y_real, range(num_classes), ipc, seed)
     images, log, curves = [], {"loss_first": [], "loss_last": []}, []
     for ipc_id in range(ipc):
         s = batch_seed(seed, ipc_id)
@@ -223,6 +281,8 @@ def recover(teacher: nn.Module, num_classes: int, ipc: int, image_shape, *, init
             x0 = torch.randn((num_classes, *image_shape), generator=torch.Generator().manual_seed(s)).to(device)
         model = teacher_for_batch(ipc_id, x0, targets) if teacher_for_batch else teacher
         x, losses = recover_batch(model, targets, x0, seed=s, **kw)
+        if inits is not None:  # how far recover moved the real images (relative L2)
+            log.setdefault("relative_change", []).append(float((x - x0).norm() / x0.norm().clamp_min(1e-12)))
         images.append(x)
         curves.append(losses)
         if losses:
@@ -271,12 +331,15 @@ def pixel_clip_range(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def small_image_defaults(dataset) -> Dict:
-    """CPU defaults on digits-sized data (≤ 16 px): a shorter, gentler recover (200 iterations at
-    lr 0.05, which students of the recovered digits measured better with than SRe2L's 500 × 0.25;
-    README) and the roll scaled to the image (SRe2L: 4 px at 32 px)."""
+    """CPU defaults on digits-sized data (≤ 16 px): real images chosen by herding in the teacher's
+    embedding as the starting point, a short, gentle recover (200 iterations at lr 0.01) and the
+    roll scaled to the image (SRe2L: 4 px at 32 px). Measured on digits at ipc 1 (README): from N(0, 1)
+    noise (the paper's init) the students reach 33 %, far below a random real subset (75.6 %); from
+    the herding picks, lr 0.05 / 0.02 / 0.01 give 75.9 / 81.2 / 82.6 % against 82.3 % for the picks
+    unrecovered — on 8×8 digits the recover step moves images away from what helps a student."""
     if min(dataset.im_size) > 16:
         return {}
-    return dict(iterations=200, lr=0.05, jitter=max(1, round(4 * min(dataset.im_size) / 32)))
+    return dict(iterations=200, lr=0.01, init="herding", jitter=max(1, round(4 * min(dataset.im_size) / 32)))
 
 
 def teacher_hparams(dataset) -> Dict:
