@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["ddfast", "ddfast.ops", "ddfast.compat", "ddfast.examples", "ddfast.kernels", "ddfast.bench", "ddfast.bench.cases",
             "ddfast.csrc"]
 PACKAGE_DIR = {"ddfast": "ddfast", "ddfast.kernels": "kernels", "ddfast.bench": "bench", "ddfast.csrc": "csrc"}
-PACKAGE_DATA = {"ddfast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.h"], "ddfast.bench": ["results/*.json"]}
+PACKAGE_DATA = {"ddfast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"], "ddfast.bench": ["results/*.json"]}
 
 
 def _extensions():

@@ -13,6 +13,16 @@ forward  1. ``_partials_kernel``: per segment and group, <r,s>, ‖r‖², ‖s�
 backward ``_backward_kernel``: one grid over the same table writes go·(A·s − B·r) per segment
          (rank-1 tensors under "ours" get zeros).
 Accumulation in fp32 (fp64 for fp64 inputs).
+
+Vector loads: the pointers come from an int64 table, so Triton knows nothing of their alignment
+and would emit scalar loads. When the host sees every address 16-byte aligned and every column
+count a multiple of VEC = 16 bytes / element size (so every segment start, length and group stride
+is), the kernels are launched with ALIGNED=True, which states that alignment to the compiler
+(``tl.multiple_of`` on the segment pointers and lengths): 128-bit loads. Otherwise (ALIGNED=False)
+each program checks its own segment at run time and takes the hinted loop when the segment is
+aligned, the plain one when not (DC's ConvNet: the 27-column first layer is read element by
+element, the other layers in vectors). The hints sit only on values computed inside the checked
+branch: a hint is an attribute of the operation that defines a value, valid at every use.
 """
 from __future__ import annotations
 
@@ -49,14 +59,60 @@ def _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid):
 
 
 @triton.jit
+def _segment_ptr(addr_ptr, k, base, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    # loaded and hinted here, in the caller's branch: the hint covers only this new value
+    ptr = tl.load(addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # bytes: the address and base·element size were checked
+    return ptr
+
+
+@triton.jit
+def _vector_length(length, VEC: tl.constexpr):
+    """``length`` (a multiple of VEC, checked by the caller) as a new value hinted as one: masks
+    ``offs < length`` are then constant over VEC lanes, whole vectors in or out. (A hint set on a
+    function argument is dropped, and one on a value used elsewhere would hold there too.)"""
+    return tl.multiple_of(length // VEC * VEC, VEC)
+
+
+@triton.jit
+def _aligned_at(addr_ptr, k, base, VEC: tl.constexpr):
+    """Whether tensor k's data address plus ``base`` elements is 16-byte aligned (VEC elements = 16 B)."""
+    return (tl.load(addr_ptr + k) + base * (16 // VEC)) % 16 == 0
+
+
+@triton.jit
 def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, partial_ptr, num_groups,
-                     METRIC: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     METRIC: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     ALIGNED: tl.constexpr, VEC: tl.constexpr):
     sid = tl.program_id(0)
     gid = tl.program_id(1)
     k, base, length, row = _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid)
-    syn = tl.load(addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
-    real = tl.load(addr_ptr + num_tensors + k).to(tl.pointer_type(DTYPE)) + base
     length = tl.where(row >= 0, length, 0)  # rank-1 tensors under "ours": no contribution
+    if ALIGNED:  # the host checked every segment
+        dot, nr, ns = _segment_sums(_segment_ptr(addr_ptr, k, base, DTYPE, True),
+                                    _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, True),
+                                    _vector_length(length, VEC), METRIC, ACC, BLOCK)
+    elif (_aligned_at(addr_ptr, k, base, VEC) & _aligned_at(addr_ptr, num_tensors + k, base, VEC)
+          & (length % VEC == 0)):
+        dot, nr, ns = _segment_sums(_segment_ptr(addr_ptr, k, base, DTYPE, True),
+                                    _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, True),
+                                    _vector_length(length, VEC), METRIC, ACC, BLOCK)
+    else:
+        dot, nr, ns = _segment_sums(_segment_ptr(addr_ptr, k, base, DTYPE, False),
+                                    _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, False),
+                                    length, METRIC, ACC, BLOCK)
+    out = partial_ptr + gid * num_segs + sid
+    plane = num_groups * num_segs
+    tl.store(out, tl.sum(dot, axis=0))
+    if METRIC != 1:
+        tl.store(out + plane, tl.sum(nr, axis=0))
+        tl.store(out + 2 * plane, tl.sum(ns, axis=0))
+
+
+@triton.jit
+def _segment_sums(syn, real, length, METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Lane-wise <r,s>, ‖r‖², ‖s‖² (or Σ(s−r)² in the first) over ``length`` elements."""
     dot = tl.zeros((BLOCK,), dtype=ACC)
     nr = tl.zeros((BLOCK,), dtype=ACC)
     ns = tl.zeros((BLOCK,), dtype=ACC)
@@ -71,12 +127,7 @@ def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, parti
             dot += s * r
             nr += r * r
             ns += s * s
-    out = partial_ptr + gid * num_segs + sid
-    plane = num_groups * num_segs
-    tl.store(out, tl.sum(dot, axis=0))
-    if METRIC != 1:
-        tl.store(out + plane, tl.sum(nr, axis=0))
-        tl.store(out + 2 * plane, tl.sum(ns, axis=0))
+    return dot, nr, ns
 
 
 @triton.jit
@@ -154,19 +205,39 @@ def _fold_kernel(partial_ptr, num_segs, row_ptr, num_rows, max_row_segs, loss_pt
 @triton.jit
 def _backward_kernel(grad_ptr, grad_stride, addr_ptr, num_tensors, out_addr_ptr, seg_ptr, num_segs, gnumel_ptr,
                      coef_ptr, num_rows, num_groups,
-                     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                     VEC: tl.constexpr):
     sid = tl.program_id(0)
     gid = tl.program_id(1)
     k, base, length, row = _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid)
-    syn = tl.load(addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
-    real = tl.load(addr_ptr + num_tensors + k).to(tl.pointer_type(DTYPE)) + base
-    out = tl.load(out_addr_ptr + k).to(tl.pointer_type(DTYPE)) + base
     active = row >= 0
     safe_row = tl.where(active, row, 0)
     go = tl.load(grad_ptr + gid * grad_stride).to(ACC)
     coef_a = tl.where(active, go * tl.load(coef_ptr + gid * num_rows + safe_row), 0.0)
     coef_b = tl.where(active, go * tl.load(coef_ptr + num_groups * num_rows + gid * num_rows + safe_row), 0.0)
     read_length = tl.where(active, length, 0)  # rank-1 tensors under "ours": write zeros, read nothing
+    if ALIGNED:  # the host checked every segment
+        _segment_update(_segment_ptr(addr_ptr, k, base, DTYPE, True),
+                        _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, True),
+                        _segment_ptr(out_addr_ptr, k, base, DTYPE, True), _vector_length(length, VEC),
+                        _vector_length(read_length, VEC), coef_a, coef_b, DTYPE, ACC, BLOCK)
+    elif (_aligned_at(addr_ptr, k, base, VEC) & _aligned_at(addr_ptr, num_tensors + k, base, VEC)
+          & _aligned_at(out_addr_ptr, k, base, VEC) & (length % VEC == 0)):
+        _segment_update(_segment_ptr(addr_ptr, k, base, DTYPE, True),
+                        _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, True),
+                        _segment_ptr(out_addr_ptr, k, base, DTYPE, True), _vector_length(length, VEC),
+                        _vector_length(read_length, VEC), coef_a, coef_b, DTYPE, ACC, BLOCK)
+    else:
+        _segment_update(_segment_ptr(addr_ptr, k, base, DTYPE, False),
+                        _segment_ptr(addr_ptr, num_tensors + k, base, DTYPE, False),
+                        _segment_ptr(out_addr_ptr, k, base, DTYPE, False), length, read_length, coef_a, coef_b,
+                        DTYPE, ACC, BLOCK)
+
+
+@triton.jit
+def _segment_update(syn, real, out, length, read_length, coef_a, coef_b, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """out = coef_a·s − coef_b·r over ``length`` elements, reading the first ``read_length``."""
     for c in range(0, length, BLOCK):
         offs = c + tl.arange(0, BLOCK)
         mask = offs < length
@@ -186,16 +257,20 @@ def _rows_cols(shape):
 @functools.lru_cache(maxsize=128)
 def _tables(shapes: Tuple[Tuple[int, ...], ...], metric: str, grouped: bool, device: str):
     """Segment table [4, S] (tensor, offset, length, row), row table [2, R] (first segment, count),
-    per-group element counts [K], max segments of one row, longest segment."""
+    per-group element counts [K], max segments of one row, longest segment, groups, and the gcd of
+    every column count (it divides every segment offset, length and group stride: SEG is a
+    multiple of any vector width)."""
     groups = shapes[0][0] if grouped else 1
     segs, row_first, row_count, gnumel = [], [], [], []
     num_rows = 0
+    unit = SEG
     for k, full in enumerate(shapes):
         shape = full[1:] if grouped else full
         numel = math.prod(shape)
         gnumel.append(numel)
         rc = _rows_cols(shape) if metric == "ours" else (1, numel)
         rows, cols = rc if rc is not None else (1, numel)
+        unit = math.gcd(unit, cols)
         nseg = -(-cols // SEG)
         i = torch.arange(rows, dtype=torch.int64).repeat_interleave(nseg)
         j = torch.arange(nseg, dtype=torch.int64).repeat(rows)
@@ -222,24 +297,26 @@ def _tables(shapes: Tuple[Tuple[int, ...], ...], metric: str, grouped: bool, dev
     block = min(MAX_BLOCK, triton.next_power_of_2(int(seg[2].max())))
     dev = torch.device(device)
     return (seg.contiguous().to(dev), rows_t.contiguous().to(dev), torch.tensor(gnumel, dtype=torch.int64).to(dev),
-            max(num_rows, 1) if metric == "ours" else 1, max_row_segs, block, groups)
+            max(num_rows, 1) if metric == "ours" else 1, max_row_segs, block, groups, unit)
 
 
 _ADDRESS_CACHE_SIZE = 8
-_address_cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_address_cache: "collections.OrderedDict[tuple, Tuple[torch.Tensor, bool]]" = collections.OrderedDict()
 
 
-def _addresses(*lists: List[torch.Tensor], device, extra=()) -> torch.Tensor:
-    """The data addresses (and ``extra`` int64 words) as an int64 tensor on ``device``, with no host
-    sync: a table seen recently (same addresses: a loop that reuses its buffers) is reused; a new one
-    is written into pinned host memory and copied asynchronously (on CUDA), never a pageable copy."""
-    values = tuple(t.data_ptr() for lst in lists for t in lst) + tuple(extra)
+def _addresses(*lists: List[torch.Tensor], device, extra=()) -> Tuple[torch.Tensor, bool]:
+    """(the data addresses (and ``extra`` int64 words) as an int64 tensor on ``device``, whether every
+    data address is 16-byte aligned), with no host sync: a table seen recently (same addresses: a
+    loop that reuses its buffers) is reused; a new one is written into pinned host memory and copied
+    asynchronously (on CUDA), never a pageable copy."""
+    pointers = tuple(t.data_ptr() for lst in lists for t in lst)
+    values = pointers + tuple(extra)
     device = torch.device(device)
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, values)
-    table = _address_cache.get(key)
-    if table is not None:
+    cached = _address_cache.get(key)
+    if cached is not None:
         _address_cache.move_to_end(key)
-        return table
+        return cached
     host = torch.frombuffer(array.array("q", values), dtype=torch.int64)  # a view of the Python array
     if device.type == "cuda":
         pinned = torch.empty(len(values), dtype=torch.int64, pin_memory=True)
@@ -247,10 +324,18 @@ def _addresses(*lists: List[torch.Tensor], device, extra=()) -> torch.Tensor:
         table = pinned.to(device, non_blocking=True)  # the host allocator keeps `pinned` until the copy ran
     else:
         table = host.clone()
-    _address_cache[key] = table
+    entry = (table, all(p % 16 == 0 for p in pointers))
+    _address_cache[key] = entry
     if len(_address_cache) > _ADDRESS_CACHE_SIZE:
         _address_cache.popitem(last=False)
-    return table
+    return entry
+
+
+def vector_path(dtype: torch.dtype, unit: int, aligned: bool) -> Tuple[bool, int]:
+    """(ALIGNED, VEC) of a launch: VEC elements make 16 bytes; the vector path needs 16-byte aligned
+    addresses and every column count a multiple of VEC (``unit``: their gcd, from ``_tables``)."""
+    vec = 16 // dtype.itemsize
+    return aligned and unit % vec == 0, vec
 
 
 def _float64_bits(x: float) -> int:
@@ -262,16 +347,19 @@ def gradient_match_forward(g_syn: List[torch.Tensor], g_real: List[torch.Tensor]
     """(loss: () or (G,) in the input dtype, coefs [2, G, R] in the accumulation dtype); contiguous inputs."""
     s0 = g_syn[0]
     shapes = tuple(tuple(s.shape) for s in g_syn)
-    seg, rows, gnumel, num_rows, max_row_segs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
+    seg, rows, gnumel, num_rows, max_row_segs, block, groups, unit = _tables(shapes, metric, grouped,
+                                                                            str(s0.device))
     acc_tl, acc_torch = acc_dtypes(s0.dtype)
     num_segs = seg.shape[1]
     code = METRIC_CODE[metric]
     partials = torch.empty((1 if code == 1 else 3) * groups * num_segs, device=s0.device, dtype=acc_torch)
     coefs = torch.empty((2, groups, num_rows), device=s0.device, dtype=acc_torch)
     loss = torch.empty(() if reduction == "sum" else (groups,), device=s0.device, dtype=s0.dtype)
-    addr = _addresses(g_syn, g_real, device=s0.device, extra=(_float64_bits(eps),))
+    addr, aligned = _addresses(g_syn, g_real, device=s0.device, extra=(_float64_bits(eps),))
+    aligned, vec = vector_path(s0.dtype, unit, aligned)
     _partials_kernel[(num_segs, groups)](addr, len(g_syn), seg, num_segs, gnumel, partials, groups,
-                                         METRIC=code, DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block)
+                                         METRIC=code, DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block,
+                                         ALIGNED=aligned, VEC=vec)
     _fold_kernel[(1,)](partials, num_segs, rows, rows.shape[1], max_row_segs, loss, coefs, groups, addr[2 * len(g_syn):],
                        METRIC=code, SUM=reduction == "sum", ACC=acc_tl, BLOCK=_FOLD_BLOCK)
     return loss, coefs
@@ -281,13 +369,15 @@ def gradient_match_backward(grad: torch.Tensor, g_syn: List[torch.Tensor], g_rea
                             coefs: torch.Tensor, metric: str, grouped: bool) -> List[torch.Tensor]:
     s0 = g_syn[0]
     shapes = tuple(tuple(s.shape) for s in g_syn)
-    seg, _rows, gnumel, num_rows, _mrs, block, groups = _tables(shapes, metric, grouped, str(s0.device))
+    seg, _rows, gnumel, num_rows, _mrs, block, groups, unit = _tables(shapes, metric, grouped, str(s0.device))
     acc_tl, _ = acc_dtypes(s0.dtype)
     grads = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in g_syn]
     grad = grad.contiguous()
-    addr = _addresses(g_syn, g_real, grads, device=s0.device)  # one host-to-device copy for all three lists
+    addr, aligned = _addresses(g_syn, g_real, grads, device=s0.device)  # one host-to-device copy for all three
+    aligned, vec = vector_path(s0.dtype, unit, aligned)
     out_addr = addr[2 * len(g_syn):]
     _backward_kernel[(seg.shape[1], groups)](grad, 1 if grad.dim() else 0, addr, len(g_syn), out_addr, seg,
                                              seg.shape[1], gnumel, coefs.contiguous(), num_rows, groups,
-                                             DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block)
+                                             DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block,
+                                             ALIGNED=aligned, VEC=vec)
     return grads

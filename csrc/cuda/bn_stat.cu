@@ -62,12 +62,22 @@ __global__ void __launch_bounds__(kThreads) partial_stats_kernel(const T* __rest
   const int64_t hi = lo + chunk < m ? lo + chunk : m;
   const Acc shift = to_acc(x[c * s]);
   Acc sum = 0, sumsq = 0, cnt = 0;
-  for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads) {
-    const int64_t ni = e / s, si = e - ni * s;
+  // e = ni·s + si (0 ≤ si < s) is advanced by kThreads = step_n·s + step_s with one carry: the
+  // divisions run once per thread, not per element (a 64-bit division per element spilled)
+  int64_t e = lo + threadIdx.x;
+  int64_t ni = e / s, si = e - ni * s;
+  const int64_t step_n = kThreads / s, step_s = kThreads - step_n * s;
+  for (; e < hi; e += kThreads) {
     const Acc d = to_acc(x[(ni * c_dim + c) * s + si]) - shift;
     sum += d;
     sumsq += d * d;
     cnt += Acc(1);
+    ni += step_n;
+    si += step_s;
+    if (si >= s) {
+      si -= s;
+      ++ni;
+    }
   }
   Stats<Acc> st{cnt, Acc(0), Acc(0)};
   if (cnt > Acc(0)) {
@@ -84,12 +94,14 @@ __global__ void __launch_bounds__(kThreads) partial_stats_kernel(const T* __rest
   }
 }
 
-template <typename T, typename Acc>
+// Index: uint32_t when total + the grid stride fits (the launcher checks), so the per-element
+// channel index is a 32-bit division, not a 64-bit one; int64_t otherwise.
+template <typename T, typename Acc, typename Index>
 __global__ void backward_kernel(const T* __restrict__ x, const Acc* __restrict__ a, const Acc* __restrict__ b,
-                                const Acc* __restrict__ mean, int64_t c_dim, int64_t s, int64_t total,
+                                const Acc* __restrict__ mean, Index c_dim, Index s, Index total,
                                 T* __restrict__ out) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t c = (i / s) % c_dim;
+  for (Index i = blockIdx.x * (Index)blockDim.x + threadIdx.x; i < total; i += (Index)gridDim.x * blockDim.x) {
+    const Index c = (i / s) % c_dim;
     out[i] = from_acc<T, Acc>(a[c] + b[c] * (to_acc(x[i]) - mean[c]));
   }
 }
@@ -186,9 +198,15 @@ void backward_impl(const void* x, const void* a, const void* b, const void* mean
   if (total == 0) return;
   int64_t blocks = (total + kThreads - 1) / kThreads;
   blocks = blocks > 65535 ? 65535 : blocks;
-  backward_kernel<T, Acc><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const Acc*>(a), static_cast<const Acc*>(b), static_cast<const Acc*>(mean),
-      c, s, total, static_cast<T*>(out));
+  const auto* xt = static_cast<const T*>(x);
+  const auto *at = static_cast<const Acc*>(a), *bt = static_cast<const Acc*>(b), *mt = static_cast<const Acc*>(mean);
+  if (total + blocks * kThreads <= static_cast<int64_t>(UINT32_MAX))  // i + stride never wraps
+    backward_kernel<T, Acc, uint32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        xt, at, bt, mt, static_cast<uint32_t>(c), static_cast<uint32_t>(s), static_cast<uint32_t>(total),
+        static_cast<T*>(out));
+  else
+    backward_kernel<T, Acc, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        xt, at, bt, mt, c, s, total, static_cast<T*>(out));
 }
 
 }  // namespace

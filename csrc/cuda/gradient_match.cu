@@ -2,11 +2,15 @@
 // Forward: partials_kernel (grid segments × groups) reduces <r,s>, ‖r‖², ‖s‖² (or Σ(s−r)²) per
 // segment; fold_kernel (one block, deterministic) re-joins segments into DC rows / groups, writes
 // the distances and the closed-form gradient coefficients. Backward: one grid writes go·(A·s − B·r).
+// A segment is read (and written) as a scalar head up to a 16-byte boundary, 128-bit vectors and a
+// scalar tail when its pointers share one misalignment (vec16.cuh), else element by element.
+// Segments hold at most kGradientMatchSegment elements: 32-bit indices within one.
 #include "gradient_match.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "cuda_common.cuh"
+#include "vec16.cuh"
 
 namespace ddfast {
 namespace {
@@ -26,24 +30,37 @@ __device__ __forceinline__ Segment load_segment(const GradientMatchTable& t, int
   return s;
 }
 
+template <typename Acc, int Metric>
+__device__ __forceinline__ void accumulate(Acc s, Acc r, Acc& dot, Acc& nr, Acc& ns) {
+  if (Metric == 1) {
+    dot += (s - r) * (s - r);
+  } else {
+    dot += s * r;
+    nr += r * r;
+    ns += s * s;
+  }
+}
+
 template <typename T, typename Acc, int Metric>
 __global__ void partials_kernel(GradientMatchTable t, Acc* __restrict__ partials) {
+  constexpr int V = Vec16<T>::kSize;
   const int64_t sid = blockIdx.x, gid = blockIdx.y;
   const Segment sg = load_segment(t, sid, gid);
   const T* syn = reinterpret_cast<const T*>(t.addr[sg.k]) + sg.base;
   const T* real = reinterpret_cast<const T*>(t.addr[t.num_tensors + sg.k]) + sg.base;
-  const int64_t length = sg.row >= 0 ? sg.length : 0;  // rank-1 tensors under "ours" add nothing
+  const int length = sg.row >= 0 ? static_cast<int>(sg.length) : 0;  // rank-1 tensors under "ours" add nothing
+  const int head = vec16_head(length, syn, real);
+  const int nvec = (length - head) / V;
   Acc dot = 0, nr = 0, ns = 0;
-  for (int64_t i = threadIdx.x; i < length; i += blockDim.x) {
-    const Acc s = to_acc(syn[i]), r = to_acc(real[i]);
-    if (Metric == 1) {
-      dot += (s - r) * (s - r);
-    } else {
-      dot += s * r;
-      nr += r * r;
-      ns += s * s;
-    }
+  for (int i = threadIdx.x; i < head; i += blockDim.x)
+    accumulate<Acc, Metric>(to_acc(ldg(syn + i)), to_acc(ldg(real + i)), dot, nr, ns);
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Vec16<T> s = load16(syn + head + i * V), r = load16(real + head + i * V);
+#pragma unroll
+    for (int j = 0; j < V; ++j) accumulate<Acc, Metric>(to_acc(s.v[j]), to_acc(r.v[j]), dot, nr, ns);
   }
+  for (int i = head + nvec * V + threadIdx.x; i < length; i += blockDim.x)
+    accumulate<Acc, Metric>(to_acc(ldg(syn + i)), to_acc(ldg(real + i)), dot, nr, ns);
   const int64_t plane = t.groups * t.num_segs, at = gid * t.num_segs + sid;
   dot = block_sum(dot);
   if (Metric != 1) {
@@ -125,20 +142,35 @@ __global__ void fold_kernel(GradientMatchTable t, const Acc* __restrict__ partia
 template <typename T, typename Acc>
 __global__ void backward_kernel(GradientMatchTable t, const T* __restrict__ grad, int64_t grad_stride,
                                 const Acc* __restrict__ coefs) {
+  constexpr int V = Vec16<T>::kSize;
   const int64_t sid = blockIdx.x, gid = blockIdx.y;
   const Segment sg = load_segment(t, sid, gid);
   const T* syn = reinterpret_cast<const T*>(t.addr[sg.k]) + sg.base;
   const T* real = reinterpret_cast<const T*>(t.addr[t.num_tensors + sg.k]) + sg.base;
   T* out = reinterpret_cast<T*>(t.addr[2 * t.num_tensors + sg.k]) + sg.base;
+  __builtin_assume(__isGlobal(out));  // a device tensor: global stores, not generic ones
+  const int length = static_cast<int>(sg.length);
   if (sg.row < 0) {  // rank-1 tensor under "ours": no contribution, zero gradient
-    for (int64_t i = threadIdx.x; i < sg.length; i += blockDim.x) out[i] = from_acc<T, Acc>(Acc(0));
+    for (int i = threadIdx.x; i < length; i += blockDim.x) out[i] = from_acc<T, Acc>(Acc(0));
     return;
   }
   const Acc go = to_acc(grad[gid * grad_stride]);
   const Acc a = go * coefs[gid * t.coef_rows + sg.row];
   const Acc b = go * coefs[t.groups * t.coef_rows + gid * t.coef_rows + sg.row];
-  for (int64_t i = threadIdx.x; i < sg.length; i += blockDim.x)
-    out[i] = from_acc<T, Acc>(a * to_acc(syn[i]) - b * to_acc(real[i]));
+  const int head = vec16_head(length, syn, real, static_cast<const T*>(out));
+  const int nvec = (length - head) / V;
+  for (int i = threadIdx.x; i < head; i += blockDim.x)
+    out[i] = from_acc<T, Acc>(a * to_acc(ldg(syn + i)) - b * to_acc(ldg(real + i)));
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const int at = head + i * V;
+    const Vec16<T> s = load16(syn + at), r = load16(real + at);
+    Vec16<T> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<T, Acc>(a * to_acc(s.v[j]) - b * to_acc(r.v[j]));
+    store16(out + at, o);
+  }
+  for (int i = head + nvec * V + threadIdx.x; i < length; i += blockDim.x)
+    out[i] = from_acc<T, Acc>(a * to_acc(ldg(syn + i)) - b * to_acc(ldg(real + i)));
 }
 
 template <typename T, typename Acc, int Metric>

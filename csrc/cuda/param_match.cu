@@ -1,11 +1,14 @@
 // MTT trajectory loss ||s - t||^2 / ||a - t||^2: one pass over the three vectors.
 // Forward: grid-stride partial sums per block (accumulation type), then one block folds the
 // partials and writes the ratio (deterministic: no atomics). Backward: one elementwise pass.
+// Both passes read (and write) a scalar head up to a 16-byte boundary, 128-bit vectors and a
+// scalar tail when the pointers share one misalignment (vec16.cuh), else element by element.
 #include "param_match.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "cuda_common.cuh"
+#include "vec16.cuh"
 
 namespace ddfast {
 namespace {
@@ -13,16 +16,29 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
 
+template <typename Acc>
+__device__ __forceinline__ void accumulate(Acc sv, Acc av, Acc tv, Acc& num, Acc& den) {
+  const Acc ds = sv - tv, da = av - tv;
+  num += ds * ds;
+  den += da * da;
+}
+
 template <typename T, typename Acc>
 __global__ void partial_sums_kernel(const T* __restrict__ s, const T* __restrict__ a, const T* __restrict__ t,
                                     int64_t n, Acc* __restrict__ partials) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t head = vec16_head(n, s, a, t), nvec = (n - head) / V;
   Acc num = 0, den = 0;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const Acc tv = to_acc(t[i]);
-    const Acc ds = to_acc(s[i]) - tv, da = to_acc(a[i]) - tv;
-    num += ds * ds;
-    den += da * da;
+  for (int64_t i = first; i < head; i += stride) accumulate(to_acc(s[i]), to_acc(a[i]), to_acc(t[i]), num, den);
+  for (int64_t i = first; i < nvec; i += stride) {
+    const int64_t at = head + i * V;
+    const Vec16<T> sv = load16(s + at), av = load16(a + at), tv = load16(t + at);
+#pragma unroll
+    for (int j = 0; j < V; ++j) accumulate(to_acc(sv.v[j]), to_acc(av.v[j]), to_acc(tv.v[j]), num, den);
   }
+  for (int64_t i = head + nvec * V + first; i < n; i += stride)
+    accumulate(to_acc(s[i]), to_acc(a[i]), to_acc(t[i]), num, den);
   num = block_sum(num);
   den = block_sum(den);
   if (threadIdx.x == 0) {
@@ -49,17 +65,21 @@ __global__ void finish_kernel(const Acc* __restrict__ partials, int blocks, T* _
 template <typename T, typename Acc>
 __global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ s, const T* __restrict__ t,
                                 const Acc* __restrict__ den, int64_t n, T* __restrict__ out) {
+  constexpr int V = Vec16<T>::kSize;
   const Acc scale = Acc(2) * to_acc(g[0]) / den[0];
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+  const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t head = vec16_head(n, s, t, static_cast<const T*>(out)), nvec = (n - head) / V;
+  for (int64_t i = first; i < head; i += stride) out[i] = from_acc<T>(scale * (to_acc(s[i]) - to_acc(t[i])));
+  for (int64_t i = first; i < nvec; i += stride) {
+    const int64_t at = head + i * V;
+    const Vec16<T> sv = load16(s + at), tv = load16(t + at);
+    Vec16<T> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<T>(scale * (to_acc(sv.v[j]) - to_acc(tv.v[j])));
+    store16(out + at, o);
+  }
+  for (int64_t i = head + nvec * V + first; i < n; i += stride)
     out[i] = from_acc<T>(scale * (to_acc(s[i]) - to_acc(t[i])));
-}
-template <>
-__global__ void backward_kernel<double, double>(const double* __restrict__ g, const double* __restrict__ s,
-                                                const double* __restrict__ t, const double* __restrict__ den,
-                                                int64_t n, double* __restrict__ out) {
-  const double scale = 2.0 * g[0] / den[0];
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = scale * (s[i] - t[i]);
 }
 
 int blocks_for(int64_t n) {
