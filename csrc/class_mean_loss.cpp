@@ -101,6 +101,8 @@ at::Tensor class_mean_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
   at::Tensor g = diff.to(acc).contiguous();
   at::Tensor coef = (2.0 * grad_loss.to(acc) / count_syn.clamp_min(1).to(acc)).contiguous();
   at::Tensor lab = y_syn.contiguous();
+  TORCH_CHECK(lab.numel() <= 2147483647, "labels: the CUDA backward handles at most 2^31 - 1 samples, got ",
+              lab.numel());  // one block row per sample
   at::Tensor out = at::empty({lab.numel(), diff.size(1)}, diff.options().dtype(dtype));
   class_mean_loss_backward_cuda(g.data_ptr(), coef.data_ptr(), lab.data_ptr<int64_t>(), diff.size(0), lab.numel(),
                                 diff.size(1), dtype_code(out), out.data_ptr(), c10::cuda::getCurrentCUDAStream());

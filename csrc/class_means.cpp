@@ -66,6 +66,8 @@ at::Tensor class_means_bwd_cuda(const at::Tensor& grad_means, const at::Tensor& 
   at::Tensor g = grad_means.to(acc).contiguous();
   at::Tensor coef = (1.0 / counts.clamp_min(1).to(acc)).contiguous();
   at::Tensor lab = labels.contiguous();
+  TORCH_CHECK(lab.numel() <= 2147483647, "labels: the CUDA backward handles at most 2^31 - 1 samples, got ",
+              lab.numel());  // one block row per sample
   at::Tensor out = at::empty({lab.numel(), grad_means.size(1)}, grad_means.options());
   class_means_backward_cuda(g.data_ptr(), coef.data_ptr(), lab.data_ptr<int64_t>(), grad_means.size(0), lab.numel(),
                             grad_means.size(1), dtype_code(grad_means), out.data_ptr(), c10::cuda::getCurrentCUDAStream());

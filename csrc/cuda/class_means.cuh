@@ -149,6 +149,7 @@ template <typename T, typename Acc>
 void launch_gather(const void* g, const void* coef, const int64_t* labels, int64_t num_classes, int64_t n, int64_t d,
                    void* out, cudaStream_t stream) {
   if (n * d == 0) return;
+  // one block row per sample: gridDim.x is at most 2^31 - 1 (the C++ callers check n)
   const dim3 grid(static_cast<unsigned>(n), gather_column_blocks(d));
   gather_scale_kernel<T, Acc><<<grid, 256, 0, stream>>>(
       static_cast<const Acc*>(g), static_cast<const Acc*>(coef), labels, num_classes, n, d, static_cast<T*>(out));

@@ -12,6 +12,8 @@
 #include "cuda_common.cuh"
 #include "vec16.cuh"
 
+static_assert(ddfast::kGradientMatchSegment <= 2147483647, "segment lengths are cast to int in the kernels");
+
 namespace ddfast {
 namespace {
 
