@@ -43,15 +43,19 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # Conv weight gradients: one dense kernel per class from this many samples per class up (each is
-# big enough already), below it one class-grouped kernel instead of G tiny launches (CUDA). On CPU
-# always per class: the grouped kernel measured slower at every ConvNet-3 layer (10 classes x 64
-# samples, 3->128 @32px 175 vs 159 ms, 128->128 @16px 294 vs 272, @8px 76 vs 45).
+# big enough already), below it one class-grouped kernel instead of G tiny launches (and, on the
+# synthetic side, instead of G double-backward convolutions per input). The same rule on every
+# device, so the bench's CPU op counts are the CUDA launch structure. CPU, one thread: at 64 slots
+# the grouped kernel measured slower at every ConvNet-3 layer (10 classes x 64 samples, 3->128
+# @32px 175 vs 159 ms, 128->128 @16px 294 vs 272, @8px 76 vs 45); below it, a whole DC step
+# measured 47 vs 52 ms (w32, 16 px, 1 synthetic + 8 real per class) and 2.4 vs 2.2 s (w64, 32 px,
+# 10 + 32 per class, past the size where CPU "auto" leaves "segmented").
 _LOOP_MIN_SLOTS = 64
 
 
 def conv_weight_grad_per_class(n: int, device: torch.device) -> bool:
     """True: one dense weight-gradient kernel per class; False: one class-grouped kernel."""
-    return n >= _LOOP_MIN_SLOTS or device.type == "cpu"
+    return n >= _LOOP_MIN_SLOTS
 
 
 class NotSegmentable(Exception):
@@ -106,9 +110,12 @@ class _Conv:
         if "weight" not in roles:
             return out
         if conv_weight_grad_per_class(n, h.device):
-            gw = torch.stack([torch.ops.aten.convolution_backward(go[g * n:(g + 1) * n], h[g * n:(g + 1) * n],
-                                                                  p["weight"], *args, 1, [False, True, False])[1]
-                              for g in range(G)])
+            # unbind: one view op per side instead of one slice per class (and one stack, not G
+            # slice_backward + adds, in the double backward)
+            per_class = zip(go.unflatten(0, (G, n)).unbind(0), h.unflatten(0, (G, n)).unbind(0))
+            gw = torch.stack([torch.ops.aten.convolution_backward(go_g, h_g, p["weight"], *args, 1,
+                                                                  [False, True, False])[1]
+                              for go_g, h_g in per_class])
         else:  # few slots per class: one class-grouped weight gradient instead of G tiny ones; class g's
             # slots become input channels [g*C, (g+1)*C) and output channels [g*O, (g+1)*O)
             hg = h.unflatten(0, (G, n)).transpose(0, 1).flatten(1, 2)
@@ -145,9 +152,11 @@ class _AffineNorm:
     """A per-sample normalisation with its affine map z = x̂·γ + β, run fused; x̂ is recomputed from
     the saved input for the per-class γ gradient Σ go·x̂ (cheaper than an unfused affine)."""
 
-    def __init__(self, m, prefix: str, normalize: Callable, trailing: int):
-        # normalize(h, weight, bias): the fused layer; normalize(h, None, None) gives x̂
-        self.m, self.normalize, self.trailing = m, normalize, trailing
+    def __init__(self, m, prefix: str, normalize: Callable, trailing: int, groups: Optional[Callable] = None):
+        # normalize(h, weight, bias): the fused layer; normalize(h, None, None) gives x̂.
+        # groups(h): the statistics groups per sample of a group/instance norm (LayerNorm: its
+        # trailing dims; BatchNorm: None, its eval map is pointwise already)
+        self.m, self.normalize, self.trailing, self.groups = m, normalize, trailing, groups
         self.params = {}
         if getattr(m, "weight", None) is not None:
             self.params["weight"] = prefix + "weight"
@@ -156,6 +165,30 @@ class _AffineNorm:
 
     def forward(self, h, p):
         return self.normalize(h, p.get("weight"), p.get("bias")), h
+
+    def forward_graph(self, h, p):
+        """The same layer where the data backward keeps its graph (synthetic side): from var_mean
+        and pointwise ops, whose backward and double backward dispatch fewer ops than the fused
+        norm's differentiable backward (ConvNet-3 instance norm, fwd + both backwards: about 125
+        vs 190 ops per layer)."""
+        if self.groups is None and not self.trailing:
+            return self.forward(h, p)
+        if self.trailing:
+            hv = h.reshape(tuple(h.shape[:h.dim() - self.trailing]) + (-1,))
+            affine = lambda t: t  # noqa: E731  (γ/β have the normalized shape: they broadcast)
+        else:
+            hv = h.reshape(h.shape[0], self.groups(h), -1)
+            affine = lambda t: t.reshape((-1,) + (1,) * (h.dim() - 2))  # noqa: E731  per channel (dim 1)
+        var, mean = torch.var_mean(hv, dim=-1, correction=0, keepdim=True)
+        z = ((hv - mean) * torch.rsqrt(var + self.m.eps)).reshape(h.shape)
+        weight, bias = p.get("weight"), p.get("bias")
+        if weight is not None and bias is not None:
+            z = torch.addcmul(affine(bias), z, affine(weight))
+        elif weight is not None:
+            z = z * affine(weight)
+        elif bias is not None:
+            z = z + affine(bias)
+        return z, h
 
     def _flat(self, t):
         """(N, P, K): P the parameter's elements, K the positions summed over."""
@@ -183,7 +216,8 @@ def _step_for(m: nn.Module, prefix: str):
     if isinstance(m, nn.Linear):
         return _Linear(m, prefix)
     if isinstance(m, nn.GroupNorm):
-        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.group_norm(h, m.num_groups, w, b, m.eps), 0)
+        return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.group_norm(h, m.num_groups, w, b, m.eps), 0,
+                           lambda h, m=m: m.num_groups)
     if isinstance(m, nn.LayerNorm):
         shape = tuple(m.normalized_shape)
         return _AffineNorm(m, prefix, lambda h, w, b, m=m, s=shape: F.layer_norm(h, s, w, b, m.eps), len(shape))
@@ -196,7 +230,8 @@ def _step_for(m: nn.Module, prefix: str):
         if m.track_running_stats:
             raise NotSegmentable(f"{name}: InstanceNorm with running statistics")
         return _AffineNorm(m, prefix, lambda h, w, b, m=m: F.instance_norm(_batched(m, h), weight=w, bias=b,
-                                                                           eps=m.eps), 0)
+                                                                           eps=m.eps), 0,
+                           lambda h, m=m: _batched(m, h).shape[1])
     if isinstance(m, nn.Flatten):
         if m.start_dim < 1:  # 0 merges samples; negative dims depend on the input rank
             raise NotSegmentable(f"{name}: Flatten must start at a dim >= 1")
@@ -357,13 +392,15 @@ def _params_of(step, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {role: state[full] for role, full in step.params.items()}
 
 
-def _forward(plan, state, x, wanted=None):
+def _forward(plan, state, x, wanted=None, graph=False):
     """Interpreted forward; returns logits and, per step with a parameter in ``wanted`` (all steps
-    with parameters when None), (step, z, saved, roles)."""
+    with parameters when None), (step, z, saved, roles). ``graph``: the data backward will keep its
+    graph (steps may then pick a form with a cheaper double backward)."""
     records = []
     h = x
     for step in plan:
-        h, saved = step.forward(h, _params_of(step, state))
+        forward = step.forward_graph if graph and hasattr(step, "forward_graph") else step.forward
+        h, saved = forward(h, _params_of(step, state))
         roles = [role for role, full in step.params.items() if wanted is None or full in wanted]
         if roles:
             records.append((step, h, saved, roles))
@@ -487,7 +524,7 @@ def class_grads(plan, state: Dict[str, torch.Tensor], names: Sequence[str], x: t
     is in ``names`` are not recorded: no layer-output gradient and no graph for them."""
     if not x.requires_grad:  # a root for the data backward; the engine stops at the layer outputs
         x = x.detach().requires_grad_(True)
-    logits, records = _forward(plan, state, x, set(names))
+    logits, records = _forward(plan, state, x, set(names), graph=create_graph)
     if logits.dim() != 2:
         raise ValueError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
     loss = (weight * F.cross_entropy(logits, labels, reduction="none")).sum()

@@ -157,6 +157,9 @@ class _Slots(NamedTuple):
     index: torch.Tensor
     counts: torch.Tensor       # (G,) int64 on the device
     count_list: List[int]      # the same on the host
+    labels: torch.Tensor       # (G * n_max,) the class of every slot, class-major
+    identity: bool             # index is arange(N): the input is class-major already, no padding
+    weights: Dict[torch.dtype, torch.Tensor]  # _slot_weight per dtype, filled on first use
 
 
 def _class_slots(y: torch.Tensor, classes: torch.Tensor) -> _Slots:
@@ -169,13 +172,19 @@ def _class_slots(y: torch.Tensor, classes: torch.Tensor) -> _Slots:
     index = torch.full((classes.shape[0], n_max), n, dtype=torch.long, device=y.device)
     rows, cols = member.nonzero(as_tuple=True)
     index[rows, rank[rows, cols]] = cols
-    return _Slots(index, counts, count_list)
+    # DC's batches (per-class real batches concatenated, synthetic sets built class by class) are
+    # class-major with equal counts: then each side is used as is, no padded gather per call
+    identity = index.numel() == n and bool((index.reshape(-1) == torch.arange(n, device=y.device)).all())
+    labels = classes.repeat_interleave(n_max)
+    return _Slots(index, counts, count_list, labels, identity, {})
 
 
 def _slot_weight(slots: _Slots, n: int, dtype: torch.dtype) -> torch.Tensor:
     """(G, n_max): 1/n_c for real samples, 0 for padding (index n), so the weighted CE sum of a row
-    is that class's CE mean."""
-    return (slots.index < n).to(dtype) / slots.counts.unsqueeze(1).to(dtype)
+    is that class's CE mean. Computed once per layout and dtype (``n`` is the layout's own N)."""
+    if dtype not in slots.weights:
+        slots.weights[dtype] = (slots.index < n).to(dtype) / slots.counts.unsqueeze(1).to(dtype)
+    return slots.weights[dtype]
 
 
 class _ClassLayout(NamedTuple):
@@ -261,9 +270,10 @@ class GradientMatcher:
     per-class gradients are computed in that type (fp32 inputs only; "loop"/"vmap" under
     ``torch.autocast``, "segmented" on cast images and weights) and returned in the inputs' dtype;
     the synthetic side and the match stay in full precision. Measured on CPU (ConvNet-3 w32, 4
-    classes, 8 real + 2 synthetic images per class, 16 px, fp32, metric "ours", random images, ``tests/test_real_precision.py``): the loss changes by relative 2-3e-4
-    and the image gradient by relative L2 8.0e-2 (bf16) or 2.5e-2 (fp16), alike for every strategy.
-    It halves the real side's bytes on a GPU (untimed: no GPU measurement yet).
+    classes, 8 real + 2 synthetic images per class, 16 px, fp32, metric "ours", random images,
+    ``tests/test_real_precision.py``): the loss changes by relative 2-3e-4 and the image gradient
+    by relative L2 8.0e-2 (bf16) or 2.5e-2 (fp16), alike for every strategy. It halves the real
+    side's bytes on a GPU (untimed: no GPU measurement yet).
     After a call, ``last_strategy`` says which strategy ran and ``segmented_reason`` why the model
     does not qualify for "segmented" (None when it does).
     """
@@ -358,15 +368,16 @@ class GradientMatcher:
         from ._segmented_grads import class_grads, segment_bounds
 
         def grads(x, slots: _Slots, create_graph, chunk, state):
-            index, weight = slots.index, _slot_weight(slots, x.shape[0], x.dtype)
+            index, weight = slots.index, _slot_weight(slots, x.shape[0], x.dtype).reshape(-1)
             G, n = index.shape
-            padded = _with_zero_sample(x)  # once; each chunk gathers its slots from it
-            labels = layout.cls.unsqueeze(1).expand_as(index)
-            parts = []
-            for a, b in segment_bounds(G, n, chunk):
-                parts.append(class_grads(plan, state, names, padded[index[a:b].reshape(-1)],
-                                         labels[a:b].reshape(-1), weight[a:b].reshape(-1), b - a, n, create_graph))
-            return parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
+            # class-major input: used as is; else the slots are gathered from x and a zero sample
+            samples = x if slots.identity else _with_zero_sample(x)[index.reshape(-1)]
+            bounds = segment_bounds(G, n, chunk)
+            if len(bounds) == 1:
+                return class_grads(plan, state, names, samples, slots.labels, weight, G, n, create_graph)
+            parts = [class_grads(plan, state, names, samples[a * n:b * n], slots.labels[a * n:b * n],
+                                 weight[a * n:b * n], b - a, n, create_graph) for a, b in bounds]
+            return [torch.cat(p) for p in zip(*parts)]
 
         # the segmented pass calls aten backward ops directly, which autocast does not reach: cast
         # the real images and the weights themselves
