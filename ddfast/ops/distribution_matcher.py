@@ -28,6 +28,7 @@ from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels
 from .class_mean_loss import class_mean_loss
 from .class_means import class_means
 from .dsa import dsa_augment
+from ._cuda_graph import GraphedStep, check_cuda_graph, label_key, module_key, tensor_key
 from ._real_precision import check_real_precision, real_side
 from .mmd import mmd
 
@@ -75,6 +76,10 @@ class DistributionMatcher:
     layer (so the real side costs about (layers + 1) / 2 forwards more), and the running
     statistics are updated once, as one forward of the whole batch updates them. An embedding
     given as a plain function is assumed to treat samples independently.
+    cuda_graph: on CUDA, capture the embeddings and the loss (forward and backward to the
+    augmented synthetic images) once per static configuration and replay them from a CUDA graph;
+    DSA stays eager, before it (its seeds come from the host). CPU or a failed capture: eager, one
+    warning. Not yet run on a GPU (``tests/test_cuda_graph.py``, skipped without one).
     real_precision: None (default: the inputs' precision), "bf16" or "fp16": the real images are
     embedded under ``torch.autocast`` in that type (fp32 inputs only) and their features returned in
     the synthetic side's dtype; the synthetic side stays in full precision. Measured on CPU (DM's
@@ -86,7 +91,8 @@ class DistributionMatcher:
     def __init__(self, embed: Callable, num_classes: Optional[int] = None, *, dsa_strategy: Optional[str] = None,
                  dsa_param=None, align_corners: bool = False, seed_fn: Optional[Callable[[int], Sequence[int]]] = None,
                  loss: str = "mean", mmd_kwargs: Optional[dict] = None, backend: str = "auto",
-                 real_chunk_size: Optional[int] = None, dsa_rng: str = "device", real_precision: Optional[str] = None):
+                 real_chunk_size: Optional[int] = None, dsa_rng: str = "device", real_precision: Optional[str] = None,
+                 cuda_graph: bool = False):
         if not callable(embed):
             raise TypeError(f"embed must be callable (an nn.Module or function), got {type(embed).__name__}")
         self.embed = embed
@@ -106,6 +112,8 @@ class DistributionMatcher:
             raise ValueError("real_chunk_size works with loss='mean' only (mmd needs every real feature)")
         self.real_chunk_size = real_chunk_size
         self.real_precision = check_real_precision(real_precision)
+        self.cuda_graph = check_cuda_graph(cuda_graph)
+        self._graph = GraphedStep("DistributionMatcher")
 
     def _augment(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return dsa_augment(x, y, self.dsa_strategy, seeds, align_corners=self.align_corners, param=self.dsa_param,
@@ -126,6 +134,13 @@ class DistributionMatcher:
             with torch.no_grad():
                 x_real = self._augment(x_real, y_real, seeds)
             x_syn = self._augment(x_syn, y_syn, seeds)
+        if self.cuda_graph:  # DSA (host seeds) stays eager; the embeddings and the loss are replayed
+            key = (tensor_key(x_real, x_syn), label_key(y_real, y_syn), module_key(self.embed), num_classes)
+            return self._graph(lambda xr, xs: self._embed_and_match(xr, y_real, xs, y_syn, num_classes), key,
+                               (x_real.detach(), x_syn))
+        return self._embed_and_match(x_real, y_real, x_syn, y_syn, num_classes)
+
+    def _embed_and_match(self, x_real, y_real, x_syn, y_syn, num_classes):
         with torch.no_grad(), real_side(x_real.device, self.real_precision):
             if self.real_chunk_size is not None and x_real.shape[0] > self.real_chunk_size:
                 f_real, y_real = self._real_class_means(x_real, y_real, num_classes)

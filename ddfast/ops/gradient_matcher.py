@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .._checks import check_choice, check_finite, check_float_tensor, check_labels, check_same_device, \
     check_same_dtype
+from ._cuda_graph import GraphedStep, check_cuda_graph, label_key, module_key, tensor_key
 from ._real_precision import check_real_precision, lowered_dtype, real_side
 
 METRICS = ("ours", "mse", "cos")
@@ -274,13 +275,20 @@ class GradientMatcher:
     ``tests/test_real_precision.py``): the loss changes by relative 2-3e-4 and the image gradient
     by relative L2 8.0e-2 (bf16) or 2.5e-2 (fp16), alike for every strategy. It halves the real
     side's bytes on a GPU (untimed: no GPU measurement yet).
+    ``cuda_graph=True``: on CUDA, the step after the input checks (both sides' per-class gradients
+    and the match, forward and backward to ``x_syn``) is captured once per static configuration
+    (shapes, label tensors, parameter storage, module modes) and replayed from a CUDA graph
+    (``ddfast/ops/_cuda_graph.py``); on CPU, or when capture fails, it runs eagerly with one
+    warning. Parameters may be updated in place between calls (DC's network training); a new
+    network or new label tensors capture again. Not yet run on a GPU (``tests/test_cuda_graph.py``
+    holds the CUDA checks, skipped without one).
     After a call, ``last_strategy`` says which strategy ran and ``segmented_reason`` why the model
     does not qualify for "segmented" (None when it does).
     """
 
     def __init__(self, model: nn.Module, metric: str = "ours", eps: float = 1e-6, *, strategy: str = "auto",
                  backend: str = "auto", bn_images_per_class: int = 16, real_chunk_size: Optional[int] = 2048,
-                 real_precision: Optional[str] = None):
+                 real_precision: Optional[str] = None, cuda_graph: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -297,6 +305,8 @@ class GradientMatcher:
             raise ValueError(f"real_chunk_size must be a positive int or None, got {real_chunk_size!r}")
         self.real_chunk_size = real_chunk_size
         self.real_precision = check_real_precision(real_precision)
+        self.cuda_graph = check_cuda_graph(cuda_graph)
+        self._graph = GraphedStep("GradientMatcher")
         self.last_strategy: Optional[str] = None  # what the last call ran ("auto" resolved)
         self.segmented_reason: Optional[str] = None  # why the model cannot take "segmented", if known
 
@@ -325,6 +335,14 @@ class GradientMatcher:
         if not layout.classes:  # every class skipped: an empty sum, still connected to x_syn
             return x_syn.reshape(-1)[:0].sum()
         _freeze_batchnorm(self.model, x_real, layout, self.bn_images_per_class)
+        if self.cuda_graph:  # the checks, the layout and DC's BatchNorm switch stay eager (side effects)
+            key = (tensor_key(x_real, x_syn), label_key(y_real, y_syn), module_key(self.model), tuple(names))
+            return self._graph(lambda xr, xs: self._step(names, layout, xr, xs), key, (x_real, x_syn))
+        return self._step(names, layout, x_real, x_syn)
+
+    def _step(self, names: List[str], layout: "_ClassLayout", x_real: torch.Tensor,
+              x_syn: torch.Tensor) -> torch.Tensor:
+        """Per-class gradients of both sides and their grouped distance (no host sync once warm)."""
         strategy, plan, state = self.strategy, None, None
         if strategy in ("auto", "segmented"):
             state = {n: p.detach() for n, p in self.model.named_parameters()}

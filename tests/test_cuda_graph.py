@@ -1,0 +1,114 @@
+"""cuda_graph=True on GradientMatcher / DistributionMatcher.
+
+CPU: the option runs eagerly with one warning and gives the eager numbers. CUDA (skipped without a
+GPU): replays equal eager steps, in-place parameter updates are seen, a new configuration captures
+again."""
+import warnings
+
+import pytest
+import torch
+
+from ddfast import DistributionMatcher, GradientMatcher
+from ddfast.ops._cuda_graph import GraphedStep
+from ddfast.ops.gradient_matcher import ConvNet
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _data(device="cpu", classes=3, n_real=6, n_syn=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_real = torch.randn(classes * n_real, 3, size, size, generator=g).to(device)
+    y_real = torch.arange(classes).repeat_interleave(n_real).to(device)
+    x_syn = torch.randn(classes * n_syn, 3, size, size, generator=g).to(device)
+    y_syn = torch.arange(classes).repeat_interleave(n_syn).to(device)
+    return x_real, y_real, x_syn, y_syn
+
+
+def _net(device="cpu"):
+    torch.manual_seed(0)
+    return ConvNet(3, 3, width=8, depth=2, im_size=(8, 8)).to(device)
+
+
+def _loss_grad(matcher, x_real, y_real, x_syn, y_syn):
+    x = x_syn.detach().clone().requires_grad_()
+    loss = matcher(x_real, y_real, x, y_syn)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_cpu_falls_back_with_one_warning_and_equal_numbers():
+    data = _data()
+    net = _net()
+    ref = _loss_grad(GradientMatcher(net), *data)
+    matcher = GradientMatcher(net, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="need CUDA tensors"):
+        got = _loss_grad(matcher, *data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per matcher
+        again = _loss_grad(matcher, *data)
+    for a, b in ((got, ref), (again, ref)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    assert matcher._graph.captures == 0 and matcher._graph.fallback_reason is not None
+
+
+def test_distribution_matcher_cpu_fallback():
+    x_real, y_real, x_syn, y_syn = _data()
+    net = _net()
+    embed = lambda x: net.features(x).flatten(1)  # noqa: E731
+    ref = _loss_grad(DistributionMatcher(embed, 3), x_real, y_real, x_syn, y_syn)
+    with pytest.warns(RuntimeWarning, match="cuda_graph"):
+        got = _loss_grad(DistributionMatcher(embed, 3, cuda_graph=True), x_real, y_real, x_syn, y_syn)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+
+
+def test_bad_cuda_graph_argument():
+    with pytest.raises(TypeError, match="cuda_graph"):
+        GradientMatcher(_net(), cuda_graph="yes")
+    with pytest.raises(TypeError, match="cuda_graph"):
+        DistributionMatcher(lambda x: x, 3, cuda_graph=1)
+
+
+def test_graphed_step_on_cpu_runs_eagerly():
+    step = GraphedStep("Test")
+    x = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="CUDA tensors"):
+        assert step(lambda t: t * 2, ("k",), (x,)).tolist() == [2.0, 2.0, 2.0]
+    assert step.captures == 0
+
+
+@cuda
+def test_gradient_matcher_replays_equal_eager_steps_with_in_place_updates():
+    data = _data("cuda")
+    net_a, net_b = _net("cuda"), _net("cuda")
+    eager, graphed = GradientMatcher(net_a), GradientMatcher(net_b, cuda_graph=True)
+    opt_a = torch.optim.SGD(net_a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(net_b.parameters(), lr=0.1)
+    for step in range(4):
+        ref = _loss_grad(eager, *data)
+        got = _loss_grad(graphed, *data)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):  # DC trains the network in place between steps
+            opt.zero_grad()
+            net(data[0]).logsumexp(1).mean().backward()
+            opt.step()
+    assert graphed._graph.captures == 1 and graphed._graph.replays == 4
+    x_real, y_real, x_syn, y_syn = data
+    _loss_grad(graphed, x_real, y_real, torch.cat([x_syn, x_syn]), torch.cat([y_syn, y_syn]))
+    assert graphed._graph.captures == 2  # a new configuration captures again
+
+
+@cuda
+def test_distribution_matcher_replays_equal_eager_steps():
+    x_real, y_real, x_syn, y_syn = _data("cuda")
+    net = _net("cuda")
+    embed = lambda x: net.features(x).flatten(1)  # noqa: E731
+    eager, graphed = DistributionMatcher(embed, 3), DistributionMatcher(embed, 3, cuda_graph=True)
+    for _ in range(3):
+        ref = _loss_grad(eager, x_real, y_real, x_syn, y_syn)
+        got = _loss_grad(graphed, x_real, y_real, x_syn, y_syn)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
+    assert graphed._graph.captures == 1 and graphed._graph.replays == 3
