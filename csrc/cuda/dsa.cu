@@ -75,14 +75,18 @@ __global__ void color_mean_kernel(const T* __restrict__ x, const int32_t* __rest
   }
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Index>
 __global__ void forward_kernel(const T* __restrict__ x, const int32_t* __restrict__ ip, const Acc* __restrict__ fp,
                                const Acc* __restrict__ base, const Acc* __restrict__ means, int64_t N, int64_t C,
                                int64_t H, int64_t W, bool align_corners, T* __restrict__ y) {
   const int64_t HW = H * W;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < N * HW;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = idx / HW, q = idx % HW, i = q / W, j = q % W;
+  const Index hw = static_cast<Index>(HW), w = static_cast<Index>(W), total = static_cast<Index>(N * HW);
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<Index>(gridDim.x) * blockDim.x) {
+    // Index is uint32_t whenever N·H·W fits (the launcher picks it): 32-bit divisions, no 64-bit
+    // division call per element; the offsets below stay 64-bit
+    const Index n_ = idx / hw, q_ = idx - n_ * hw, i_ = q_ / w;
+    const int64_t n = n_, q = q_, i = i_, j = static_cast<int64_t>(q_ - i_ * w);
     const int32_t* p = ip + n * 5;
     const Acc* f = fp + n * 6;
     const T* img = x + n * C * HW;
@@ -140,14 +144,18 @@ __global__ void grad_sum_kernel(const T* __restrict__ g, const int32_t* __restri
   }
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Index>
 __global__ void backward_kernel(const T* __restrict__ g, const int32_t* __restrict__ ip, const Acc* __restrict__ fp,
                                 const Acc* __restrict__ base, const Acc* __restrict__ sums, int64_t N, int64_t C,
                                 int64_t H, int64_t W, bool align_corners, Acc* __restrict__ gx) {
   const int64_t HW = H * W;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < N * HW;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = idx / HW, q = idx % HW, i = q / W, j = q % W;
+  const Index hw = static_cast<Index>(HW), w = static_cast<Index>(W), total = static_cast<Index>(N * HW);
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<Index>(gridDim.x) * blockDim.x) {
+    // Index is uint32_t whenever N·H·W fits (the launcher picks it): 32-bit divisions, no 64-bit
+    // division call per element; the offsets below stay 64-bit
+    const Index n_ = idx / hw, q_ = idx - n_ * hw, i_ = q_ / w;
+    const int64_t n = n_, q = q_, i = i_, j = static_cast<int64_t>(q_ - i_ * w);
     const int32_t* p = ip + n * 5;
     const Acc* f = fp + n * 6;
     const T* gimg = g + n * C * HW;
@@ -191,6 +199,9 @@ int grid_for(int64_t work) {
   return static_cast<int>(b < 1 ? 1 : (b > 65535 ? 65535 : b));
 }
 
+// the uint32_t index loop stays exact while idx + the grid stride (< 2^24) cannot wrap past 2^32
+bool fits_32_bits(int64_t total) { return total <= 2147483647; }
+
 int image_blocks(int64_t n) { return static_cast<int>(n < 1 ? 1 : (n > 65535 ? 65535 : n)); }
 
 template <typename T, typename Acc>
@@ -199,9 +210,14 @@ void forward_impl(const void* x, const void* ip, const void* fp, const void* bas
   color_mean_kernel<T, Acc><<<image_blocks(N), kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp), N, C, H * W,
       static_cast<Acc*>(means));
-  forward_kernel<T, Acc><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-      static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align, static_cast<T*>(y));
+  if (fits_32_bits(N * H * W))
+    forward_kernel<T, Acc, uint32_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+        static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align, static_cast<T*>(y));
+  else
+    forward_kernel<T, Acc, int64_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+        static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align, static_cast<T*>(y));
 }
 
 template <typename T, typename Acc>
@@ -209,9 +225,14 @@ void backward_impl(const void* g, const void* ip, const void* fp, const void* ba
                    int64_t W, bool align, void* sums, void* gx, cudaStream_t stream) {
   grad_sum_kernel<T, Acc><<<image_blocks(N), kThreads, 0, stream>>>(
       static_cast<const T*>(g), static_cast<const int32_t*>(ip), N, C * H * W, static_cast<Acc*>(sums));
-  backward_kernel<T, Acc><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-      static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-      static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align, static_cast<Acc*>(gx));
+  if (fits_32_bits(N * H * W))
+    backward_kernel<T, Acc, uint32_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
+        static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+        static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align, static_cast<Acc*>(gx));
+  else
+    backward_kernel<T, Acc, int64_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
+        static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+        static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align, static_cast<Acc*>(gx));
 }
 
 }  // namespace

@@ -456,7 +456,10 @@ def _full(grads: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
 # Loop vs segmented ms, by first-layer activations of the whole real batch: 0.66M 58 vs 33,
 # 1.5M 71 vs 73, 2.6M 147 vs 125, 5.2M 174 vs 185 (w32) and 267 vs 205 (w128), 10.5M 299 vs 372,
 # 21M 567 vs 960. Past a few million elements the dense big-batch passes fall out of cache and the
-# per-class loop wins; on CPU "auto" switches there.
+# per-class loop wins; on CPU "auto" switches there. Re-measured after the dispatched-ops rework
+# (2-core AMD EPYC, one thread, 2026-11-25), loop vs segmented ms: 0.66M 93 vs 48, 1.5M 126 vs 113,
+# 2.6M 161 vs 144, 5.2M 269 vs 229 (w32) and 450 vs 447 (w128), 10.5M 701 vs 910, 21M 1370 vs 1853:
+# the same crossover.
 _CPU_SEGMENTED_MAX_ACTIVATIONS = 6_000_000
 
 
