@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--kernels", action="store_true",
                          help="add the sm_90 kernel report (registers, spills, ...) to the JSON")
     sub.add_parser("distill-digits", help="distil scikit-learn's digits with DM or DC and evaluate", add_help=False)
-    sub.add_parser("distill", help="distil a dataset with dc|dsa|dm|cafe|mtt|tesla and evaluate it", add_help=False)
+    sub.add_parser("distill", help="distil a dataset with dc|dsa|dm|cafe|mtt|tesla|sre2l|dwa|infer and evaluate it",
+                   add_help=False)
     sub.add_parser("evaluate", help="train M fresh networks on a saved synthetic set (mean ± std)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]

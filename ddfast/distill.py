@@ -231,7 +231,8 @@ def save_plot(path: str, images: torch.Tensor, labels: torch.Tensor, losses: Lis
 def build_parser(prog: str = "ddfast distill") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Distil a dataset with a DD method and evaluate it")
     p.add_argument("--dataset", default="digits", help="'digits', a .npz file or an ImageFolder directory")
-    p.add_argument("--method", default="dm", help="dc, dsa, dm, cafe, mtt, tesla (and registered pipeline methods)")
+    p.add_argument("--method", default="dm",
+                   help="dc, dsa, dm, cafe, mtt, tesla, sre2l, dwa, infer (and any registered method)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: the method's)")
     p.add_argument("--seed", type=int, default=0)
