@@ -16,6 +16,7 @@ class Case:
     op: Optional[str] = None                             # ddfast op whose backends are timed (None: composite step)
     backends: Tuple[str, ...] = ("triton", "compiled")   # ddfast backends to time; ("auto",) for composite steps
     variants: Tuple[str, ...] = ()                       # named alternatives of a composite step, each its own provider
+    cuda_variants: Tuple[str, ...] = ()                  # variants timed on CUDA devices only (e.g. CUDA graphs)
     grad_inputs: Tuple[str, ...] = ()                    # inputs whose .grad is compared with the reference
     default: bool = False                                # part of the default (quick) run; else only --full
     bytes_moved: Optional[Callable[[Dict], float]] = None  # minimal fwd+bwd DRAM traffic, for GB/s

@@ -150,7 +150,8 @@ def providers_for(case: Case, device: torch.device) -> Dict[str, Callable]:
             continue
         name = _backend.provider_name(backend, device)
         provs[name] = lambda inputs, b=backend: case.fused(b, **inputs)
-    for variant in case.variants:  # e.g. GradientMatcher strategies: fused(variant, **inputs)
+    cuda_only = case.cuda_variants if device.type == "cuda" else ()
+    for variant in case.variants + cuda_only:  # e.g. GradientMatcher strategies: fused(variant, **inputs)
         provs[variant] = lambda inputs, v=variant: case.fused(v, **inputs)
     return provs
 

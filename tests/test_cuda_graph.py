@@ -112,3 +112,17 @@ def test_distribution_matcher_replays_equal_eager_steps():
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
     assert graphed._graph.captures == 1 and graphed._graph.replays == 3
+
+
+@cuda
+def test_graph_leaves_callers_tensors_and_earlier_losses_alone():
+    x_real, y_real, x_syn, y_syn = _data("cuda")
+    matcher = GradientMatcher(_net("cuda"), cuda_graph=True)
+    first = x_syn.clone().requires_grad_()
+    second = (x_syn * 0.5).requires_grad_()
+    kept = first.detach().clone()
+    loss1 = matcher(x_real, y_real, first, y_syn)
+    value1 = loss1.detach().clone()
+    matcher(x_real, y_real, second, y_syn)
+    assert torch.equal(first.detach(), kept)  # the graph copies into its own input buffers
+    assert torch.equal(loss1.detach(), value1)  # an earlier output is not rewritten by a replay

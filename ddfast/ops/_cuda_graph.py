@@ -73,12 +73,16 @@ class GraphedStep:
             return self._eager(fn, args, "no input requires grad (the graph holds forward and backward)")
         if key != self.key:
             self.graphed, self.key = None, None
+            # the graph owns its input buffers: every call copies into them (given the caller's own
+            # tensors, a later call would overwrite the first call's inputs in place)
+            static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             try:
-                self.graphed = torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True)
+                self.graphed = torch.cuda.make_graphed_callables(fn, static, allow_unused_input=True)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back, said once
                 return self._eager(fn, args, f"capture failed ({type(exc).__name__}: {exc})")
             self.key = key
             self.captures += 1
         self.replays += 1
         self.fallback_reason = None
-        return self.graphed(*args)
+        # the graph's outputs live in its static memory, rewritten by the next replay: hand out a copy
+        return self.graphed(*args).clone()

@@ -26,7 +26,8 @@ def real_side(device: torch.device, real_precision: Optional[str]):
     """Context for the real side's passes: autocast to ``real_precision`` on ``device``, or nothing."""
     if real_precision is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=REAL_PRECISIONS[real_precision])
+    # no weight-cast cache: CUDA graph capture (cuda_graph=True) does not support it
+    return torch.autocast(device_type=device.type, dtype=REAL_PRECISIONS[real_precision], cache_enabled=False)
 
 
 def lowered_dtype(dtype: torch.dtype, real_precision: Optional[str]) -> Optional[torch.dtype]:
