@@ -95,6 +95,16 @@ def _bn_finalize_kernel(count_ptr, mean_p_ptr, m2_p_ptr, rm_ptr, rv_ptr, mean_pt
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, cmask):
+    """(μ_c − running_mean_c, σ²_c − running_var_c) in fp64 for the channels ``ch``."""
+    dm = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+        tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+    dv = tl.load(var_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
+        tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+    return dm, dv
+
+
 @triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr
 def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, b_ptr, C, M,
                             BLOCK_C: tl.constexpr):
@@ -105,10 +115,7 @@ def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, 
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         cmask = ch < C
-        dm = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
-            tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
-        dv = tl.load(var_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
-            tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        dm, dv = _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, cmask)
         sq_mean += dm * dm
         sq_var += dv * dv
     norm_mean = tl.sqrt(tl.sum(sq_mean, axis=0))
@@ -120,10 +127,7 @@ def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, 
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         cmask = ch < C
-        dm = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
-            tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
-        dv = tl.load(var_ptr + ch, mask=cmask, other=0.0).to(tl.float64) - \
-            tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+        dm, dv = _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, cmask)
         tl.store(a_ptr + ch, (scale_mean * dm).to(a_ptr.dtype.element_ty), mask=cmask)
         tl.store(b_ptr + ch, (scale_var * dv).to(b_ptr.dtype.element_ty), mask=cmask)
 

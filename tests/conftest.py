@@ -67,3 +67,51 @@ def _reset_backend():
     ddfast.set_backend(None)
     yield
     ddfast.set_backend(None)
+
+
+def peak_alloc_bytes(fn) -> int:
+    """Peak of the CPU allocator's live bytes while fn runs (torch profiler, allocations in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def compile_sm90_as_given(launches: list) -> list:
+    """sm_90 compile rows of recorded launches, exactly as given (``kernel_report compile-given``), in a
+    subprocess: the interpreter this test process runs under cannot compile."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(launches, f)
+        f.flush()
+        res = subprocess.run([sys.executable, "-m", "ddfast.kernel_report", "compile-given", f.name], env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(launches)
+    return rows
+
+
+def assert_close_fp32(got, want, device, exact=None):
+    """SPEC tolerances with atol in units of the images' scale, or, given ``exact`` (the same draws
+    applied in float64), that ``got`` is as close to it as the fp32 reference ``want`` is: color
+    subtracts channel and image means whose fp32 sums (torch's cascade vs the kernels' fp64/block
+    sums) differ by ~1e-7 of the operands, and the bilinear ops amplify that near 0."""
+    scale = max(1.0, float(want.detach().abs().max()))
+    if exact is not None:
+        ref_error = float((want.double() - exact).abs().max())
+        assert float((got.double() - exact).abs().max()) <= 1.5 * ref_error + 1e-6 * scale
+        return
+    t = tol(device, torch.float32)
+    torch.testing.assert_close(got, want, rtol=t["rtol"], atol=t["atol"] * scale)

@@ -16,25 +16,11 @@ import torch.nn.functional as F
 from ddfast.compat import dc, mtt
 from ddfast.ops import dsa
 
-from conftest import require_backend, tol
+from conftest import assert_close_fp32, require_backend
 
 OP = "dsa"
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
-
-
-def assert_close_fp32(got, want, device, exact=None):
-    """SPEC tolerances with atol in units of the images' scale, or, given ``exact`` (the same draws
-    applied in float64), that ``got`` is as close to it as the fp32 reference ``want`` is: color
-    subtracts channel and image means whose fp32 sums (torch's cascade vs the kernels' fp64/block
-    sums) differ by ~1e-7 of the operands, and the bilinear ops amplify that near 0."""
-    scale = max(1.0, float(want.detach().abs().max()))
-    if exact is not None:
-        ref_error = float((want.double() - exact).abs().max())
-        assert float((got.double() - exact).abs().max()) <= 1.5 * ref_error + 1e-6 * scale
-        return
-    t = tol(device, torch.float32)
-    torch.testing.assert_close(got, want, rtol=t["rtol"], atol=t["atol"] * scale)
 
 def _reference_diff_augment(x, strategy, seed, param, align_corners):
     param.batchmode = seed != -1

@@ -10,7 +10,7 @@ import torch
 import ddfast
 from ddfast.ops.mmd import median_bandwidths, mmd_reference
 
-from conftest import require_backend, tol
+from conftest import compile_sm90_as_given, peak_alloc_bytes, require_backend, tol
 
 OP = "mmd"
 
@@ -301,19 +301,6 @@ def test_forward_backward_make_no_host_sync(backend_kind, estimator, labeled):
     assert syncs.count == 0, syncs.events
 
 
-def _peak_alloc_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while fn runs (torch profiler, allocations in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def test_extra_memory_grows_linearly(backend_kind):
     """Doubling N = M doubles the fused paths' extra memory (fwd + bwd); the reference's N×M kernel
     matrices quadruple it, which shows the measurement can tell the two apart."""
@@ -327,30 +314,12 @@ def test_extra_memory_grows_linearly(backend_kind):
         def step():
             ddfast.mmd(x, y, bandwidths=[1.0, 2.0], backend=backend).backward()
         step()
-        peaks.append(_peak_alloc_bytes(step))
+        peaks.append(peak_alloc_bytes(step))
     ratio = peaks[1] / peaks[0]
     if backend == "torch":
         assert ratio > 3.3, peaks
     else:
         assert ratio < 2.6, peaks
-
-
-# compiled in a subprocess (the interpreter cannot compile) by kernel_report's compiler, with its disk cache
-_SM90_COMPILE = """
-import json, sys
-from ddfast import kernel_report as kr
-rows = []
-for launch in json.load(open(sys.argv[1])):
-    fn = kr.jit_functions()[launch["module"]][launch["kernel"]]
-    key, spec = kr._spec_key(fn, launch)
-    row = kr._cache_get(key)
-    if row is None:
-        row = kr._compile_one((launch["module"], launch["kernel"], {**launch, "spec": spec}, key))
-        if row["error"] is None and row["regs"] is not None:
-            kr._cache_put(key, row)
-    rows.append(row)
-print(json.dumps(rows))
-"""
 
 
 def _sm90_launches(z_dtype: str, precision: str, kernels):
@@ -387,27 +356,13 @@ def test_triton_kernels_compile_for_sm90_with_tensor_cores():
     """Compile (not run) the kernels for an H100 as the launcher issues them (block sizes and warps):
     no register spills, in the fp32 FMA products ("ieee", which spilled at 4 warps) too, and
     tensor-core instructions (wgmma/mma) in the tf32 and bf16 modes."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     pytest.importorskip("triton")
     tiles = ["_mmd_fwd_kernel", "_mmd_grad_tile_kernel"]
     launches = (_sm90_launches("float32", "ieee", tiles)
                 + _sm90_launches("float32", "tf32", tiles + ["_mmd_gemm_kernel"])
                 + _sm90_launches("float32", "bf16", ["_mmd_fwd_kernel"])
                 + _sm90_launches("bfloat16", "ieee", tiles))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(launches, f)
-        f.flush()
-        res = subprocess.run([sys.executable, "-c", _SM90_COMPILE, f.name], env=env, capture_output=True, text=True,
-                             timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = compile_sm90_as_given(launches)
     assert len(rows) == len(launches)
     for launch, row in zip(launches, rows):
         fma_only = launch["dtype"] == "float32" and launch["kwargs"]["PRECISION"]["value"] == "ieee"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import ddfast
 from ddfast.ops.supcon_nce import supcon_nce_reference
 
-from conftest import require_backend, tol
+from conftest import compile_sm90_as_given, peak_alloc_bytes, require_backend, tol
 
 OP = "supcon_nce"
 
@@ -324,19 +324,6 @@ def test_forward_backward_make_no_host_sync(backend_kind, variant):
     assert syncs.count == 0, syncs.events
 
 
-def _peak_alloc_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while fn runs (torch profiler, allocations in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def test_extra_memory_grows_linearly(backend_kind):
     """Doubling n_syn and n_real doubles the fused paths' extra memory (fwd + bwd); the reference's
     logit matrix quadruples it, which shows the measurement can tell the two apart."""
@@ -350,30 +337,12 @@ def test_extra_memory_grows_linearly(backend_kind):
         def step():
             ddfast.supcon_nce(f_syn, y_syn, f_real, y_real, backend=backend).backward()
         step()
-        peaks.append(_peak_alloc_bytes(step))
+        peaks.append(peak_alloc_bytes(step))
     ratio = peaks[1] / peaks[0]
     if backend == "torch":
         assert ratio > 3.0, peaks
     else:
         assert ratio < 2.6, peaks
-
-
-# compiled in a subprocess (the interpreter cannot compile) by kernel_report's compiler, with its disk cache
-_SM90_COMPILE = """
-import json, sys
-from ddfast import kernel_report as kr
-rows = []
-for launch in json.load(open(sys.argv[1])):
-    fn = kr.jit_functions()[launch["module"]][launch["kernel"]]
-    key, spec = kr._spec_key(fn, launch)
-    row = kr._cache_get(key)
-    if row is None:
-        row = kr._compile_one((launch["module"], launch["kernel"], {**launch, "spec": spec}, key))
-        if row["error"] is None and row["regs"] is not None:
-            kr._cache_put(key, row)
-    rows.append(row)
-print(json.dumps(rows))
-"""
 
 
 def _sm90_launch(kernel, args, precision, tiles, **flags):
@@ -390,12 +359,6 @@ def test_triton_kernels_compile_for_sm90_with_tensor_cores():
     """Compile (not run) the kernels for an H100 at the GPU tile sizes: tensor-core instructions
     (wgmma/mma) in the tf32 and bf16 modes, no register spills (the fp32 ieee forward included,
     logits stored for the gradient-in-forward path)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     from ddfast.kernels.supcon_nce import Tiling
 
     pytest.importorskip("triton")
@@ -416,15 +379,7 @@ def test_triton_kernels_compile_for_sm90_with_tensor_cores():
                                                   256, 65536, 2048, 8192, 256 * 2048], "tf32",  # split K
                                  dict(BLOCK_M=t.block_m, BLOCK_K=t.gemm_k, BLOCK_D=t.gemm_d), ACCUMULATE=False,
                                  CORRECT=True))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(launches, f)
-        f.flush()
-        res = subprocess.run([sys.executable, "-c", _SM90_COMPILE, f.name], env=env, capture_output=True, text=True,
-                             timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = compile_sm90_as_given(launches)
     for launch, row in zip(launches, rows):
         precision = launch["kwargs"]["PRECISION"]["value"]
         assert row["error"] is None and row["spills"] == 0, row

@@ -202,6 +202,15 @@ int grid_for(int64_t work) {
 // the uint32_t index loop stays exact while idx + the grid stride (< 2^24) cannot wrap past 2^32
 bool fits_32_bits(int64_t total) { return total <= 2147483647; }
 
+// one thread per pixel of N·H·W: the 32-bit index instantiation when it fits, else the 64-bit one
+template <typename Kernel32, typename Kernel64, typename... Args>
+void launch_per_pixel(Kernel32 kernel32, Kernel64 kernel64, int64_t total, cudaStream_t stream, Args... args) {
+  if (fits_32_bits(total))
+    kernel32<<<grid_for(total), kThreads, 0, stream>>>(args...);
+  else
+    kernel64<<<grid_for(total), kThreads, 0, stream>>>(args...);
+}
+
 int image_blocks(int64_t n) { return static_cast<int>(n < 1 ? 1 : (n > 65535 ? 65535 : n)); }
 
 template <typename T, typename Acc>
@@ -210,14 +219,10 @@ void forward_impl(const void* x, const void* ip, const void* fp, const void* bas
   color_mean_kernel<T, Acc><<<image_blocks(N), kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp), N, C, H * W,
       static_cast<Acc*>(means));
-  if (fits_32_bits(N * H * W))
-    forward_kernel<T, Acc, uint32_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-        static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align, static_cast<T*>(y));
-  else
-    forward_kernel<T, Acc, int64_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-        static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align, static_cast<T*>(y));
+  launch_per_pixel(forward_kernel<T, Acc, uint32_t>, forward_kernel<T, Acc, int64_t>, N * H * W, stream,
+                   static_cast<const T*>(x), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+                   static_cast<const Acc*>(base), static_cast<const Acc*>(means), N, C, H, W, align,
+                   static_cast<T*>(y));
 }
 
 template <typename T, typename Acc>
@@ -225,14 +230,10 @@ void backward_impl(const void* g, const void* ip, const void* fp, const void* ba
                    int64_t W, bool align, void* sums, void* gx, cudaStream_t stream) {
   grad_sum_kernel<T, Acc><<<image_blocks(N), kThreads, 0, stream>>>(
       static_cast<const T*>(g), static_cast<const int32_t*>(ip), N, C * H * W, static_cast<Acc*>(sums));
-  if (fits_32_bits(N * H * W))
-    backward_kernel<T, Acc, uint32_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-        static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-        static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align, static_cast<Acc*>(gx));
-  else
-    backward_kernel<T, Acc, int64_t><<<grid_for(N * H * W), kThreads, 0, stream>>>(
-        static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
-        static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align, static_cast<Acc*>(gx));
+  launch_per_pixel(backward_kernel<T, Acc, uint32_t>, backward_kernel<T, Acc, int64_t>, N * H * W, stream,
+                   static_cast<const T*>(g), static_cast<const int32_t*>(ip), static_cast<const Acc*>(fp),
+                   static_cast<const Acc*>(base), static_cast<const Acc*>(sums), N, C, H, W, align,
+                   static_cast<Acc*>(gx));
 }
 
 }  // namespace

@@ -275,6 +275,19 @@ class IterativeMethod:
             addon.step()
         return total.detach()
 
+    def augment_pair(self, x_real, y_real, x_syn, y_syn, *keys):
+        """DSA (``hp["dsa_strategy"]``; unchanged without one) of a real and a synthetic batch, one
+        seed per class shared by both sides (DSA's Siamese rule), drawn from (seed, *keys); the real
+        side carries no graph."""
+        strategy = self.hp.get("dsa_strategy")
+        if not strategy:
+            return x_real, x_syn
+        seeds = class_seeds(self.seed, self.num_classes, *keys)
+        rng = self.hp.get("dsa_rng", "fast")
+        with torch.no_grad():
+            x_real = augment_classes(x_real, y_real, strategy, seeds, rng=rng)
+        return x_real, augment_classes(x_syn, y_syn, strategy, seeds, rng=rng)
+
     def real_batch(self, real: RealData, n_per_class: int, *keys):
         """A real batch of every class, class c drawn with ``generator(seed, *keys, c, "real")``."""
         return real.get_batch(n_per_class, lambda c: generator(self.seed, *keys, c, "real"))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..data import Dataset, RealData
 from ..ops.class_mean_loss import class_mean_loss
 from ..ops.class_means import class_means
-from ._common import IterativeMethod, SyntheticSet, augment_classes, class_seeds, generator, train_epochs
+from ._common import IterativeMethod, SyntheticSet, generator, train_epochs
 from .dc import DC
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid)
@@ -86,11 +86,7 @@ class CAFE(IterativeMethod):
         for ol in range(hp["outer_loop"]):
             x_real, y_real = self.real_batch(real, hp["batch_real"], iteration, ol)
             x_syn, y_syn = syn.images(), syn.labels
-            if strategy:
-                seeds = class_seeds(self.seed, self.num_classes, iteration, ol)
-                with torch.no_grad():
-                    x_real = augment_classes(x_real, y_real, strategy, seeds, rng=hp.get("dsa_rng", "fast"))
-                x_syn = augment_classes(x_syn, y_syn, strategy, seeds, rng=hp.get("dsa_rng", "fast"))
+            x_real, x_syn = self.augment_pair(x_real, y_real, x_syn, y_syn, iteration, ol)
             loss = cafe_loss(net, x_real, y_real, x_syn, y_syn, self.num_classes, weights, hp["beta"])
             total = total + self.update(loss, syn, net, x_syn, y_syn, x_real, y_real)
             if ol == hp["outer_loop"] - 1:

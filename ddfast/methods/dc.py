@@ -20,7 +20,7 @@ import torch
 
 from ..data import Dataset, RealData
 from ..ops.gradient_matcher import GradientMatcher
-from ._common import DSA_STRATEGY, IterativeMethod, SyntheticSet, augment_classes, class_seeds, generator, train_epochs
+from ._common import DSA_STRATEGY, IterativeMethod, SyntheticSet, generator, train_epochs
 
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 
@@ -62,11 +62,7 @@ class DC(IterativeMethod):
         for ol in range(hp["outer_loop"]):
             x_real, y_real = self.real_batch(real, hp["batch_real"], iteration, ol)
             x_syn, y_syn = syn.images(), syn.labels
-            if strategy:
-                seeds = class_seeds(self.seed, self.num_classes, iteration, ol)
-                with torch.no_grad():
-                    x_real = augment_classes(x_real, y_real, strategy, seeds, rng=hp["dsa_rng"])
-                x_syn = augment_classes(x_syn, y_syn, strategy, seeds, rng=hp["dsa_rng"])
+            x_real, x_syn = self.augment_pair(x_real, y_real, x_syn, y_syn, iteration, ol)
             loss = matcher(x_real, y_real, x_syn, y_syn)
             total = total + self.update(loss, syn, net, x_syn, y_syn, x_real, y_real)
             if ol == hp["outer_loop"] - 1:

@@ -16,7 +16,7 @@ import torch
 from ..data import Dataset, RealData
 from ..models import embed
 from ..ops.distribution_matcher import DistributionMatcher
-from ._common import DSA_STRATEGY, IterativeMethod, SyntheticSet, augment_classes, class_seeds
+from ._common import DSA_STRATEGY, IterativeMethod, SyntheticSet
 from .dc import scaled_common
 
 
@@ -33,15 +33,10 @@ class DM(IterativeMethod):
         for p in net.parameters():
             p.requires_grad_(False)
         net.train()
-        strategy = self.hp.get("dsa_strategy")
         matcher = DistributionMatcher(lambda x: embed(net, x), self.num_classes,
                                       real_precision=self.hp.get("real_precision"))
         x_real, y_real = self.real_batch(real, self.hp["batch_real"], iteration)
         x_syn, y_syn = syn.images(), syn.labels
-        if strategy:  # DM's per-class seeds, shared by the class's real and synthetic images
-            seeds = class_seeds(self.seed, self.num_classes, iteration)
-            with torch.no_grad():
-                x_real = augment_classes(x_real, y_real, strategy, seeds, rng=self.hp["dsa_rng"])
-            x_syn = augment_classes(x_syn, y_syn, strategy, seeds, rng=self.hp["dsa_rng"])
+        x_real, x_syn = self.augment_pair(x_real, y_real, x_syn, y_syn, iteration)  # DM's per-class seeds
         loss = matcher(x_real, y_real, x_syn, y_syn)
         return self.update(loss, syn, net, x_syn, y_syn, x_real, y_real)
