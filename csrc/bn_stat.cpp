@@ -1,7 +1,8 @@
 // bn_stat: SRe2L's BatchNorm statistic loss ‖μ − running_mean‖₂ + ‖σ²_biased − running_var‖₂ over
 // the channels of x viewed as (N, C, S) (ops ddfast::bn_stat_fwd/_bwd). Forward reads x once
 // (per channel: sums shifted by the channel's first value, fp64 on CPU); backward is one
-// elementwise pass grad_x = a_c + b_c (x − μ_c). The CUDA kernels live in cuda/bn_stat.cu.
+// elementwise pass grad_x = a_c + b_c (x − μ_c). The CUDA kernels live in cuda/bn_stat.cu: one
+// launch each way (the forward's counters are zeroed by a memset on the stream).
 #include "ddfast_common.h"
 
 #ifdef DDFAST_WITH_CUDA
@@ -131,21 +132,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cuda(const at::Tensor
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
   TORCH_CHECK(n * s > 0, "bn_stat: x has no elements per channel");
   const auto acc = acc_type(x.scalar_type());
-  const int64_t splits = bn_stat_num_splits(n, s);
-  at::Tensor count = at::empty({c, splits}, x.options().dtype(acc));
-  at::Tensor pmean = at::empty({c, splits}, x.options().dtype(acc));
-  at::Tensor pm2 = at::empty({c, splits}, x.options().dtype(acc));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  bn_stat_forward_cuda(x.data_ptr(), n, c, s, splits, dtype_code(x), count.data_ptr(), pmean.data_ptr(),
-                       pm2.data_ptr(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // the epilogue merges the splits and computes the norms on the device (no host sync, one launch)
-  at::Tensor rm_acc = rm.to(acc).contiguous(), rv_acc = rv.to(acc).contiguous();
   at::Tensor mean = at::empty({c}, x.options().dtype(acc));
   at::Tensor var = at::empty({c}, x.options().dtype(acc));
+  if (c == 0) return {at::zeros({}, x.options().dtype(acc)), mean, var};
   at::Tensor loss = at::empty({}, x.options().dtype(acc));
-  bn_stat_finalize_cuda(count.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), rm_acc.data_ptr(), rv_acc.data_ptr(), c,
-                        splits, acc == at::kDouble, mean.data_ptr(), var.data_ptr(), loss.data_ptr(), stream);
+  const int64_t splits = bn_stat_num_splits(n, s);
+  const BnStatWorkspace layout = bn_stat_workspace(c, splits, acc == at::kDouble);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(layout.bytes)}, x.options().dtype(at::kByte));
+  at::Tensor rm_acc = rm.to(acc).contiguous(), rv_acc = rv.to(acc).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  // The arrival counters start from zeros written by a memset on the stream (in a CUDA graph, a
+  // memset node, not a kernel): every call is independent of what earlier calls, other streams or
+  // graphs left behind, and no device buffer has to outlive the call.
+  auto* counters = static_cast<unsigned char*>(workspace.data_ptr()) + layout.counters_offset;
+  C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, layout.bytes - layout.counters_offset, stream));
+  // one launch: partial statistics, Chan's merge per channel and the loss in last-block epilogues
+  bn_stat_forward_cuda(x.data_ptr(), n, c, s, splits, dtype_code(x), rm_acc.data_ptr(), rv_acc.data_ptr(),
+                       workspace.data_ptr(), mean.data_ptr(), var.data_ptr(), loss.data_ptr(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, mean, var};
 }
@@ -155,19 +158,15 @@ at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const a
   check_shapes(x, rm, rv);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
-  // the launcher reads a, b and mean as the accumulation dtype of x (coefficients returns mean's dtype)
+  // the kernel reads the gradient, the statistics and the running statistics in the accumulation
+  // dtype of x (no copies when they already are: the forward's outputs, fp32 BatchNorm buffers)
   const auto acc = acc_type(x.scalar_type());
   at::Tensor mu = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
   at::Tensor rm_acc = rm.to(acc).contiguous(), rv_acc = rv.to(acc).contiguous(), g = grad.to(acc).contiguous();
-  at::Tensor a = at::empty({c}, x.options().dtype(acc));
-  at::Tensor b = at::empty({c}, x.options().dtype(acc));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  bn_stat_coefficients_cuda(g.data_ptr(), mu.data_ptr(), var_acc.data_ptr(), rm_acc.data_ptr(), rv_acc.data_ptr(), c,
-                            n * s, acc == at::kDouble, a.data_ptr(), b.data_ptr(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor out = at::empty_like(x);
-  bn_stat_backward_cuda(x.data_ptr(), a.data_ptr(), b.data_ptr(), mu.data_ptr(), n, c, s, dtype_code(x), out.data_ptr(),
-                        stream);
+  // one launch: every block takes the norms and the coefficients itself, then its share of x
+  bn_stat_backward_cuda(g.data_ptr(), x.data_ptr(), mu.data_ptr(), var_acc.data_ptr(), rm_acc.data_ptr(),
+                        rv_acc.data_ptr(), n, c, s, dtype_code(x), out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -2,7 +2,8 @@
 // gradients (ops ddfast::gradient_match_fwd/_bwd). Both kernels walk one segment table covering
 // every tensor and group (multi-tensor apply): the CPU kernel here runs at::parallel_for over
 // (group, segment) with one segment per DC row; the CUDA kernels (cuda/gradient_match.cu) split
-// long rows into kGradientMatchSegment columns and fold them back.
+// long rows into kGradientMatchSegment columns, one warp per segment, and fold them back in the
+// last block of each group (one forward launch, one backward launch).
 #include "ddfast_common.h"
 
 #ifdef DDFAST_WITH_CUDA
@@ -14,6 +15,7 @@
 
 #include <cmath>
 #include <deque>
+#include <map>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -340,6 +342,32 @@ DeviceTable device_table(const Layout& L, const std::vector<at::Tensor>& syn, co
   return d;
 }
 
+// Arrival counters of the last-block epilogue: n zeros (unsigned 32-bit) that every forward launch
+// leaves at zero (the folding blocks reset the counters they completed). So one buffer per device
+// and stream is zeroed once and reused: launches on one stream run in order, and a step pays no
+// memset node. While the stream is being captured into a CUDA graph the zeros are a fresh buffer
+// whose memset is captured with the kernel, so a graph never shares the cached buffer with eager
+// launches or with another graph replayed on another stream.
+at::Tensor arrival_counters(int64_t n, const at::Device& device) {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  const auto options = at::TensorOptions().dtype(at::kInt).device(device);
+  auto fresh = [&](int64_t size) {
+    at::Tensor zeros = at::empty({size}, options);
+    C10_CUDA_CHECK(cudaMemsetAsync(zeros.data_ptr(), 0, size * sizeof(int32_t), stream.stream()));
+    return zeros;
+  };
+  if (capture != cudaStreamCaptureStatusNone) return fresh(n);
+  static std::mutex mutex;
+  // never destroyed: freeing device memory from a static destructor can outlive the CUDA context
+  static auto* buffers = new std::map<std::pair<int64_t, int64_t>, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buf = (*buffers)[{device.index(), stream.id()}];
+  if (!buf.defined() || buf.numel() < n) buf = fresh(std::max<int64_t>(n, 64));
+  return buf;
+}
+
 std::tuple<at::Tensor, at::Tensor> gradient_match_fwd_cuda(at::TensorList g_syn, at::TensorList g_real,
                                                            c10::string_view metric_name, double eps, bool grouped,
                                                            c10::string_view reduction) {
@@ -351,14 +379,18 @@ std::tuple<at::Tensor, at::Tensor> gradient_match_fwd_cuda(at::TensorList g_syn,
   const bool sum_groups = std::string(reduction) == "sum";
   const auto acc = acc_type(syn[0].scalar_type());
   DeviceTable d = device_table(L, syn, real, {});
-  at::Tensor partials = at::empty({3 * L.groups * L.num_segs()}, syn[0].options().dtype(acc));
+  // the partial planes (1 for mse, else 3), then G slots for the group distances of reduction "sum"
+  const int64_t planes = metric == 1 ? 1 : 3;
+  at::Tensor partials = at::empty({(planes * L.num_segs() + 1) * L.groups}, syn[0].options().dtype(acc));
+  at::Tensor counters = arrival_counters(L.groups + 1, syn[0].device());
   // "ours" with only rank-1 tensors: the fold writes no coefficient (no row), so zero them as the CPU path
   at::Tensor coefs = metric == 0 && L.num_rows == 0
                          ? at::zeros({2, L.groups, L.coef_rows}, syn[0].options().dtype(acc))
                          : at::empty({2, L.groups, L.coef_rows}, syn[0].options().dtype(acc));
   at::Tensor loss = sum_groups ? at::empty({}, syn[0].options()) : at::empty({L.groups}, syn[0].options());
   gradient_match_forward_cuda(d.table, metric, dtype_code(syn[0]), eps, sum_groups, partials.data_ptr(),
-                              loss.data_ptr(), coefs.data_ptr(), c10::cuda::getCurrentCUDAStream());
+                              static_cast<unsigned*>(counters.data_ptr()), loss.data_ptr(), coefs.data_ptr(),
+                              c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, coefs};
 }

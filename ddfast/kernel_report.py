@@ -46,7 +46,7 @@ _REPORT_VERSION = "3"  # bump when the parsed fields change: invalidates the cac
 
 # Kernels on the hot path of a DD step: a register spill there fails the gate.
 HOT_TRITON = {
-    "bn_stat": {"_bn_partial_kernel", "_bn_backward_kernel"},
+    "bn_stat": {"_bn_forward_kernel", "_bn_backward_kernel"},
     "class_means": {"_segment_mean_kernel", "_gather_scale_kernel"},
     "dsa": {"_dsa_fwd_kernel", "_dsa_bwd_kernel", "_color_mean_kernel", "_grad_sum_kernel"},
     "gradient_match": {"_partials_kernel", "_backward_kernel"},
@@ -55,7 +55,7 @@ HOT_TRITON = {
     "supcon_nce": None,
 }
 HOT_CUDA = {
-    "bn_stat": {"partial_stats_kernel", "backward_kernel"},
+    "bn_stat": {"forward_kernel", "backward_kernel"},
     "class_mean_loss": None,  # None: every kernel of the file
     "class_means": None,
     "dsa": {"forward_kernel", "backward_kernel", "color_mean_kernel", "grad_sum_kernel"},
@@ -220,9 +220,12 @@ def _op_calls(dtype):
         fr, fs = rand(9, 5), rand(6, 5, grad=True)
         backward(ddfast.class_mean_loss(fr, labels(9, 3), fs, labels(6, 3), num_classes=3, backend="triton"))
 
-    def bn():
-        x = rand(3, 4, 5, 5, grad=True)
-        backward(ddfast.bn_stat_loss(x, torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype), backend="triton"))
+    def bn():  # small rows (several per backward tile); then 2 splits per channel and rows > a tile
+        for shape in ((3, 4, 5, 5), (2, 2, 48, 48)):
+            x = rand(*shape, grad=True)
+            c = shape[1]
+            backward(ddfast.bn_stat_loss(x, torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype),
+                                         backend="triton"))
 
     def param_match():
         s = rand(300, grad=True)

@@ -35,3 +35,26 @@ def dot_precision(z: torch.Tensor) -> str:
     """tl.dot precision: exact fp32 products unless the user opted into TF32 the torch way (CUDA)."""
     tf32 = z.is_cuda and z.dtype == torch.float32 and fp32_matmul_allows_tf32()
     return "tf32" if tf32 else "ieee"
+
+
+_arrival_counters = {}
+
+
+def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` int32 zeros for last-program epilogues (each program of a group bumps its counter with an
+    acq_rel atomic; the one that sees ``count − 1`` folds the group and puts the counter back to 0).
+
+    Reused per (device, stream), so a step adds no fill launch: launches on one stream run in order,
+    and every launch that uses the counters leaves them at zero. While a CUDA graph is being captured
+    the zeros are a fresh tensor (its fill is recorded into the graph), so the cached buffer never
+    lives in a graph's memory pool. CPU (the interpreter): a fresh tensor each call."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).stream_id)
+    buf = _arrival_counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _arrival_counters[key] = buf
+    return buf[:n]

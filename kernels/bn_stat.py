@@ -1,26 +1,82 @@
-"""Triton kernels for bn_stat_loss (SRe2L's BatchNorm statistic matching).
+"""Triton kernels for bn_stat_loss (SRe2L's BatchNorm statistic matching): one launch each way.
 
-Forward: x viewed as (N, C, S); program (c, split) reads its slice of channel c once, tile by
-tile, and keeps (count, mean, M2) merged with Chan's parallel update (each tile's mean and M2 are
-exact in registers), so the variance never suffers from E[x²] − E[x]² cancellation; fp32
-accumulation (fp64 for fp64). A one-program epilogue kernel merges the (C, SPLIT) partials
-(Chan's formula in fp64), writes μ and σ² and the two norms (fp64 sums, fixed order: deterministic).
-Backward: a one-program kernel folds the norms, 1/M and the incoming gradient into a_c, b_c, then
-one elementwise pass ``grad_x = a_c + b_c (x − μ_c)``. Two launches each way, no host sync.
+Forward (``_bn_forward_kernel``, grid (C, splits)): x viewed as (N, C, S); program (c, split) reads
+its slice of channel c once, tile by tile, and keeps (count, mean, M2) merged with Chan's parallel
+update (each tile's mean and M2 are exact in registers), so the variance never suffers from
+E[x²] − E[x]² cancellation; fp32 accumulation (fp64 for fp64). It stores its partial and bumps
+channel c's arrival counter; the last split of c to arrive merges c's partials (Chan's formula in
+fp64), writes μ_c, σ²_c and the squared deviations (μ_c − rm_c)², (σ²_c − rv_c)² (fp64, from the
+statistics as stored), then bumps a global counter; the last channel to finish sums the squared
+deviations in channel order (fixed order: deterministic) and writes
+loss = sqrt(Σ(μ − rm)²) + sqrt(Σ(σ² − rv)²). Counters come from ``arrival_counters`` and are left
+at zero (each folding program resets its own).
+Backward (``_bn_backward_kernel``, a capped grid over tiles of rows (n, c) × spatial columns):
+every program first takes the two norms in fp64 (C values, the same order in every program), then
+writes ``grad_x = a_c + b_c (x − μ_c)`` with a_c = g (μ_c − rm_c)/(‖μ − rm‖ M),
+b_c = 2 g (σ²_c − rv_c)/(‖σ² − rv‖ M) (fp64, rounded to the accumulation dtype; a zero norm gives
+0), computed once per row of the tile. No host sync, no workspace kernel.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes
+from ._common import acc_dtypes, arrival_counters
 
 BLOCK = 1024
 MAX_SPLIT = 64
+_BLOCK_C = 128
+_CPU_PROGRAMS = 3  # the interpreter: a few programs, so the grid-stride loop runs several tiles each
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _bn_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, S, M, chunk, num_splits,
-                       BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _merge_channel(part_ptr, sq_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, c, C, num_splits,
+                   BLOCK_SPLIT: tl.constexpr):
+    """Chan's merge of channel c's split partials in fp64 → μ_c, σ²_c (stored in the acc dtype) and
+    the squared deviations from the running statistics (fp64, from the stored values, like the
+    reference's fp32 tensors). Reads through L2 (.cg): the partials were written by other programs."""
+    sp = tl.arange(0, BLOCK_SPLIT)
+    smask = sp < num_splits
+    offs = c * num_splits + sp
+    plane = C * num_splits
+    cnt = tl.load(part_ptr + offs, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float64)
+    mu_p = tl.load(part_ptr + plane + offs, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float64)
+    m2_p = tl.load(part_ptr + 2 * plane + offs, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float64)
+    total = tl.sum(cnt, axis=0)
+    mu = tl.sum(cnt * mu_p, axis=0) / total
+    dev = tl.where(smask, mu_p - mu, 0.0)
+    var = (tl.sum(m2_p, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / total
+    mean_c = mu.to(mean_ptr.dtype.element_ty)
+    var_c = var.to(var_ptr.dtype.element_ty)
+    tl.store(mean_ptr + c, mean_c)
+    tl.store(var_ptr + c, var_c)
+    dm = mean_c.to(tl.float64) - tl.load(rm_ptr + c).to(tl.float64)
+    dv = var_c.to(tl.float64) - tl.load(rv_ptr + c).to(tl.float64)
+    tl.store(sq_ptr + c, dm * dm)
+    tl.store(sq_ptr + C + c, dv * dv)
+
+
+@triton.jit
+def _loss_from_squares(sq_ptr, loss_ptr, C, BLOCK_C: tl.constexpr):
+    """sqrt(Σ_c (μ_c − rm_c)²) + sqrt(Σ_c (σ²_c − rv_c)²), fp64 sums in a fixed channel order."""
+    sq_mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sq_var = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        sq_mean += tl.load(sq_ptr + ch, mask=cmask, other=0.0, cache_modifier=".cg")
+        sq_var += tl.load(sq_ptr + C + ch, mask=cmask, other=0.0, cache_modifier=".cg")
+    loss = tl.sqrt(tl.sum(sq_mean, axis=0)) + tl.sqrt(tl.sum(sq_var, axis=0))
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, loss_ptr,
+                       C, S, M, chunk, num_splits,
+                       BLOCK: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr):
     c = tl.program_id(0)
     sp = tl.program_id(1)
     lo = sp.to(tl.int64) * chunk
@@ -43,56 +99,22 @@ def _bn_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, S, M, chunk, num_s
         mean_acc = mean_acc + delta * (n_t / n_new)
         m2_acc = m2_acc + m2_t + delta * delta * (n_acc * n_t / n_new)
         n_acc = n_new
+    # partial (count, mean, M2) of (c, sp): planes of (C, num_splits) in part_ptr
     out = c * num_splits + sp
-    tl.store(count_ptr + out, n_acc)
-    tl.store(mean_ptr + out, mean_acc)
-    tl.store(m2_ptr + out, m2_acc)
-
-
-@triton.jit
-def _bn_backward_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, out_ptr, C, S, total,
-                        BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < total
-    c = (idx // S) % C
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
-    a = tl.load(a_ptr + c, mask=mask, other=0.0)
-    b = tl.load(b_ptr + c, mask=mask, other=0.0)
-    mu = tl.load(mean_ptr + c, mask=mask, other=0.0)
-    tl.store(out_ptr + idx, (a + b * (x - mu)).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bn_finalize_kernel(count_ptr, mean_p_ptr, m2_p_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, loss_ptr, C, num_splits,
-                        BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
-    """One program: per channel block, Chan's merge of the splits in fp64, then Σ(μ − rm)², Σ(σ² − rv)²."""
-    sq_mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    sq_var = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    sp = tl.arange(0, BLOCK_SPLIT)
-    for c0 in range(0, C, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        cmask = ch < C
-        mask = cmask[:, None] & (sp[None, :] < num_splits)
-        offs = ch[:, None] * num_splits + sp[None, :]
-        cnt = tl.load(count_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        mu_p = tl.load(mean_p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        m2_p = tl.load(m2_p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        total = tl.sum(cnt, axis=1)
-        total = tl.where(cmask, total, 1.0)
-        mu = tl.sum(cnt * mu_p, axis=1) / total
-        dev = tl.where(mask, mu_p - mu[:, None], 0.0)
-        var = (tl.sum(m2_p, axis=1) + tl.sum(cnt * dev * dev, axis=1)) / total
-        tl.store(mean_ptr + ch, mu.to(mean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(var_ptr + ch, var.to(var_ptr.dtype.element_ty), mask=cmask)
-        # the norms use the statistics as stored (acc dtype), like the reference's fp32 tensors
-        dm = tl.where(cmask, mu.to(mean_ptr.dtype.element_ty).to(tl.float64)
-                      - tl.load(rm_ptr + ch, mask=cmask, other=0.0).to(tl.float64), 0.0)
-        dv = tl.where(cmask, var.to(var_ptr.dtype.element_ty).to(tl.float64)
-                      - tl.load(rv_ptr + ch, mask=cmask, other=0.0).to(tl.float64), 0.0)
-        sq_mean += dm * dm
-        sq_var += dv * dv
-    loss = tl.sqrt(tl.sum(sq_mean, axis=0)) + tl.sqrt(tl.sum(sq_var, axis=0))
-    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    plane = C * num_splits
+    tl.store(part_ptr + out, n_acc)
+    tl.store(part_ptr + plane + out, mean_acc)
+    tl.store(part_ptr + 2 * plane + out, m2_acc)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    arrived = tl.atomic_add(counter_ptr + c, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:  # the last split of channel c: every partial of c is visible
+        tl.store(counter_ptr + c, 0)  # no other program touches it again in this launch
+        _merge_channel(part_ptr, sq_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, c, C, num_splits, BLOCK_SPLIT)
+        tl.debug_barrier()
+        finished = tl.atomic_add(counter_ptr + C, 1, sem="acq_rel", scope="gpu")
+        if finished == C - 1:  # the last channel: every squared deviation is visible
+            tl.store(counter_ptr + C, 0)
+            _loss_from_squares(sq_ptr, loss_ptr, C, BLOCK_C)
 
 
 @triton.jit
@@ -105,11 +127,10 @@ def _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, cmask):
     return dm, dv
 
 
-@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr
-def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, b_ptr, C, M,
-                            BLOCK_C: tl.constexpr):
-    """One program: the norms (fp64), then a_c = g (μ_c − rm_c) / (‖·‖ M), b_c = 2 g (σ²_c − rv_c) / (‖·‖ M);
-    a zero norm gives zero coefficients (as torch.norm's backward)."""
+@triton.jit
+def _norm_scales(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, M, BLOCK_C: tl.constexpr):
+    """g / (‖μ − rm‖ M) and 2 g / (‖σ² − rv‖ M) in fp64 (fixed channel order); 0 for a zero norm
+    (as torch.norm's backward)."""
     sq_mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
     sq_var = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
@@ -121,50 +142,93 @@ def _bn_coefficients_kernel(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, a_ptr, 
     norm_mean = tl.sqrt(tl.sum(sq_mean, axis=0))
     norm_var = tl.sqrt(tl.sum(sq_var, axis=0))
     g = tl.load(grad_ptr).to(tl.float64)
-    M = M.to(tl.float64)
-    scale_mean = tl.where(norm_mean > 0, g / (tl.where(norm_mean > 0, norm_mean, 1.0) * M), 0.0)
-    scale_var = tl.where(norm_var > 0, 2.0 * g / (tl.where(norm_var > 0, norm_var, 1.0) * M), 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        cmask = ch < C
-        dm, dv = _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, cmask)
-        tl.store(a_ptr + ch, (scale_mean * dm).to(a_ptr.dtype.element_ty), mask=cmask)
-        tl.store(b_ptr + ch, (scale_var * dv).to(b_ptr.dtype.element_ty), mask=cmask)
+    m = M.to(tl.float64)
+    scale_mean = tl.where(norm_mean > 0, g / (tl.where(norm_mean > 0, norm_mean, 1.0) * m), 0.0)
+    scale_var = tl.where(norm_var > 0, 2.0 * g / (tl.where(norm_var > 0, norm_var, 1.0) * m), 0.0)
+    return scale_mean, scale_var
 
 
-_BLOCK_C = 128
+@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr
+def _bn_backward_kernel(grad_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, out_ptr, C, S, M, rows,
+                        num_col_tiles, num_tiles,
+                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """Tile t = rows [rt·BLOCK_R, +BLOCK_R) of (N·C, S) × columns [ct·BLOCK_S, +BLOCK_S); program p
+    runs tiles p, p + programs, ... (grid-stride)."""
+    scale_mean, scale_var = _norm_scales(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, M, BLOCK_C)
+    for t in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        rt = t // num_col_tiles
+        ct = t - rt * num_col_tiles
+        r = rt.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        s = ct * BLOCK_S + tl.arange(0, BLOCK_S)
+        rmask = r < rows
+        ch = r % C
+        dm, dv = _deviations(mean_ptr, var_ptr, rm_ptr, rv_ptr, ch, rmask)
+        a = (scale_mean * dm).to(ACC_DTYPE)  # a_c, b_c rounded to the acc dtype, then applied in it
+        b = (scale_var * dv).to(ACC_DTYPE)
+        mu = tl.load(mean_ptr + ch, mask=rmask, other=0.0).to(ACC_DTYPE)
+        offs = r[:, None] * S + s[None, :]
+        mask = rmask[:, None] & (s < S)[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        grad = a[:, None] + b[:, None] * (x - mu[:, None])
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor):
-    """x (N, C, S) contiguous → (loss, mean (C,), var (C,)) in the accumulation dtype."""
+def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    counters: Optional[torch.Tensor] = None):
+    """x (N, C, S) contiguous → (loss, mean (C,), var (C,)) in the accumulation dtype; one launch.
+    ``counters``: C + 1 int32 zeros (default: ``arrival_counters``), left at zero."""
     n, c, s = x.shape
     m = n * s
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     splits = max(1, min(MAX_SPLIT, triton.cdiv(m, 4 * BLOCK)))
     chunk = triton.cdiv(triton.cdiv(m, splits), BLOCK) * BLOCK
     splits = triton.cdiv(m, chunk)
-    count = torch.empty((c, splits), device=x.device, dtype=acc_torch)
-    mean = torch.empty_like(count)
-    m2 = torch.empty_like(count)
-    _bn_partial_kernel[(c, splits)](x, count, mean, m2, c, s, m, chunk, splits, BLOCK=BLOCK, ACC_DTYPE=acc_tl)
+    partials = torch.empty((3, c, splits), device=x.device, dtype=acc_torch)  # count, mean, M2
+    squares = torch.empty((2, c), device=x.device, dtype=torch.float64)
+    if counters is None:
+        counters = arrival_counters(c + 1, x.device)
     mu = torch.empty(c, device=x.device, dtype=acc_torch)
     var = torch.empty_like(mu)
     loss = torch.empty((), device=x.device, dtype=acc_torch)
-    _bn_finalize_kernel[(1,)](count, mean, m2, running_mean, running_var, mu, var, loss, c, splits,
-                              BLOCK_C=_BLOCK_C, BLOCK_SPLIT=triton.next_power_of_2(splits))
+    if c == 0:  # no program would write the loss: both norms are empty
+        return loss.zero_(), mu, var
+    _bn_forward_kernel[(c, splits)](x, partials, squares, counters, running_mean, running_var, mu, var, loss,
+                                    c, s, m, chunk, splits, BLOCK=BLOCK,
+                                    BLOCK_SPLIT=triton.next_power_of_2(splits), BLOCK_C=_BLOCK_C,
+                                    ACC_DTYPE=acc_tl)
     return loss, mu, var
+
+
+_sm_counts = {}
+
+
+def _max_programs(device: torch.device) -> int:
+    """Grid cap of the backward: a few programs per SM (cached per device); a few on CPU."""
+    if device.type != "cuda":
+        return _CPU_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS_PER_SM * _sm_counts[index]
+
+
+def backward_tiles(n: int, c: int, s: int):
+    """(BLOCK_R, BLOCK_S, row tiles, column tiles): BLOCK_R·BLOCK_S = BLOCK elements per tile, the
+    columns a power of two ≥ S up to BLOCK (so a tile covers whole rows when S is small)."""
+    block_s = min(triton.next_power_of_2(s), BLOCK)
+    block_r = BLOCK // block_s
+    return block_r, block_s, triton.cdiv(n * c, block_r), triton.cdiv(s, block_s)
 
 
 def bn_stat_backward(grad, x, running_mean, running_var, mean, var):
     n, c, s = x.shape
     acc_tl, _ = acc_dtypes(x.dtype)
-    mean = mean.contiguous()
-    a = torch.empty_like(mean)
-    b = torch.empty_like(mean)
-    _bn_coefficients_kernel[(1,)](grad, mean, var.contiguous(), running_mean, running_var, a, b, c, n * s,
-                                  BLOCK_C=_BLOCK_C)
+    block_r, block_s, row_tiles, col_tiles = backward_tiles(n, c, s)
+    num_tiles = row_tiles * col_tiles
     out = torch.empty_like(x)
-    total = x.numel()
-    _bn_backward_kernel[(triton.cdiv(total, BLOCK),)](x, a, b, mean, out, c, s, total,
-                                                     BLOCK=BLOCK, ACC_DTYPE=acc_tl)
+    programs = max(1, min(num_tiles, _max_programs(x.device)))
+    _bn_backward_kernel[(programs,)](grad, x, mean.contiguous(), var.contiguous(), running_mean, running_var, out,
+                                     c, s, n * s, n * c, col_tiles, num_tiles,
+                                     BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_C=_BLOCK_C, ACC_DTYPE=acc_tl)
     return out

@@ -6,10 +6,16 @@ table (tensor, offset, length, row) — the same for every group, cached per sha
 table of data addresses (int64, cast to pointers inside the kernel) let ONE grid (segments ×
 groups) cover every tensor and group:
 
-forward  1. ``_partials_kernel``: per segment and group, <r,s>, ‖r‖², ‖s‖² (or Σ(s−r)² for mse).
-         2. ``_fold_kernel`` (one program, deterministic: no atomics): folds the segments of each
-            row (ours) or group (cos/mse), writes the distance per group or its sum, and the
-            coefficients A, B of the closed-form gradient.
+forward  ONE launch, ``_partials_kernel`` (grid segments × groups): each program writes <r,s>, ‖r‖²,
+         ‖s‖² (or Σ(s−r)² for mse) of its segment, then bumps its group's arrival counter (an
+         acq_rel atomic). The program that arrives last folds the group in its epilogue: the
+         segments of each row in parallel across its lanes (ours) or all segments of the group
+         (cos/mse), in a fixed order; it writes the coefficients A, B of the closed-form gradient
+         and the group's distance (reduction "none"), or stores the distance in a small workspace
+         and bumps a second counter: the last group to finish sums the G distances in the order
+         g = 0..G−1 (reduction "sum"). Every sum has a fixed order, so results are bitwise equal
+         across calls whatever order the programs run in. The folders put the counters back to 0
+         (``_common.arrival_counters``: reused per stream, no fill launch).
 backward ``_backward_kernel``: one grid over the same table writes go·(A·s − B·r) per segment
          (rank-1 tensors under "ours" get zeros).
 Accumulation in fp32 (fp64 for fp64 inputs).
@@ -37,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes
+from ._common import acc_dtypes, arrival_counters
 
 SEG = 8192          # columns per segment: long rows (ResNet 512 × 4608) are split, the fold re-joins them
 MAX_BLOCK = 1024    # elements per inner iteration
@@ -83,8 +89,9 @@ def _aligned_at(addr_ptr, k, base, VEC: tl.constexpr):
 
 @triton.jit
 def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, partial_ptr, num_groups,
-                     METRIC: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                     ALIGNED: tl.constexpr, VEC: tl.constexpr):
+                     row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr, cnt_ptr,
+                     METRIC: tl.constexpr, SUM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr, FOLD_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
     sid = tl.program_id(0)
     gid = tl.program_id(1)
     k, base, length, row = _segment(seg_ptr, num_segs, gnumel_ptr, sid, gid)
@@ -108,6 +115,13 @@ def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, parti
     if METRIC != 1:
         tl.store(out + plane, tl.sum(nr, axis=0))
         tl.store(out + 2 * plane, tl.sum(ns, axis=0))
+    # last-program epilogue: the barrier orders every thread's stores before the release atomic
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + gid, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_segs - 1:  # every segment of group gid is written: fold it here
+        tl.store(cnt_ptr + gid, 0)  # nobody else touches it in this launch; the next one needs 0
+        _fold_group(partial_ptr, num_segs, num_groups, gid, row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr,
+                    cnt_ptr, addr_ptr + 2 * num_tensors, METRIC, SUM, ACC, FOLD_BLOCK)
 
 
 @triton.jit
@@ -144,62 +158,75 @@ def _cosine_terms(dot, nr, ns, eps):
 
 
 @triton.jit
-def _fold_kernel(partial_ptr, num_segs, row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr, num_groups, eps_ptr,
-                 METRIC: tl.constexpr, SUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _fold_group(partial_ptr, num_segs, num_groups, g, row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr, cnt_ptr,
+                eps_ptr, METRIC: tl.constexpr, SUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Folds group g's partials (written by other programs: read with .cg, past L1) into its
+    coefficients and distance, in the fixed order of the former one-program fold."""
     # eps travels as float64 bits in the address table: a float kernel argument would be rounded to fp32
     eps = tl.load(eps_ptr).to(tl.float64, bitcast=True).to(ACC)
     plane = num_groups * num_segs
     coef_plane = num_groups * num_rows
-    total = tl.zeros((BLOCK,), dtype=ACC)
     lanes = tl.arange(0, BLOCK)
-    for g in range(0, num_groups):
-        group_partials = partial_ptr + g * num_segs
-        if METRIC == 0:
-            acc = tl.zeros((BLOCK,), dtype=ACC)
-            for r0 in range(0, num_rows, BLOCK):
-                rows = r0 + lanes
-                rmask = rows < num_rows
-                first = tl.load(row_ptr + rows, mask=rmask, other=0)
-                count = tl.load(row_ptr + num_rows + rows, mask=rmask, other=0)
-                dot = tl.zeros((BLOCK,), dtype=ACC)
-                nr = tl.zeros((BLOCK,), dtype=ACC)
-                ns = tl.zeros((BLOCK,), dtype=ACC)
-                for j in range(0, max_row_segs):
-                    m = rmask & (j < count)
-                    dot += tl.load(group_partials + first + j, mask=m, other=0.0)
-                    nr += tl.load(group_partials + plane + first + j, mask=m, other=0.0)
-                    ns += tl.load(group_partials + 2 * plane + first + j, mask=m, other=0.0)
-                term, coef_a, coef_b = _cosine_terms(dot, nr, ns, eps)
-                acc += tl.where(rmask, term, 0.0)
-                tl.store(coef_ptr + g * num_rows + rows, coef_a, mask=rmask)
-                tl.store(coef_ptr + coef_plane + g * num_rows + rows, coef_b, mask=rmask)
-            group_loss = tl.sum(acc, axis=0)
-        else:
+    group_partials = partial_ptr + g * num_segs
+    if METRIC == 0:  # lanes = rows: each lane re-joins its row's segments in order
+        acc = tl.zeros((BLOCK,), dtype=ACC)
+        for r0 in range(0, num_rows, BLOCK):
+            rows = r0 + lanes
+            rmask = rows < num_rows
+            first = tl.load(row_ptr + rows, mask=rmask, other=0)
+            count = tl.load(row_ptr + num_rows + rows, mask=rmask, other=0)
             dot = tl.zeros((BLOCK,), dtype=ACC)
             nr = tl.zeros((BLOCK,), dtype=ACC)
             ns = tl.zeros((BLOCK,), dtype=ACC)
-            for s0 in range(0, num_segs, BLOCK):
-                offs = s0 + lanes
-                m = offs < num_segs
-                dot += tl.load(group_partials + offs, mask=m, other=0.0)
-                if METRIC == 2:
-                    nr += tl.load(group_partials + plane + offs, mask=m, other=0.0)
-                    ns += tl.load(group_partials + 2 * plane + offs, mask=m, other=0.0)
-            if METRIC == 1:
-                group_loss = tl.sum(dot, axis=0)
-                coef_a = tl.full((), 2.0, ACC)
-                coef_b = coef_a
-            else:
-                group_loss, coef_a, coef_b = _cosine_terms(tl.sum(dot, axis=0), tl.sum(nr, axis=0),
-                                                           tl.sum(ns, axis=0), eps)
-            tl.store(coef_ptr + g, coef_a)  # coefs is [2, G, 1] here
-            tl.store(coef_ptr + num_groups + g, coef_b)
-        if SUM:
-            total += tl.where(lanes == 0, group_loss, 0.0)
+            for j in range(0, max_row_segs):
+                m = rmask & (j < count)
+                dot += tl.load(group_partials + first + j, mask=m, other=0.0, cache_modifier=".cg")
+                nr += tl.load(group_partials + plane + first + j, mask=m, other=0.0, cache_modifier=".cg")
+                ns += tl.load(group_partials + 2 * plane + first + j, mask=m, other=0.0, cache_modifier=".cg")
+            term, coef_a, coef_b = _cosine_terms(dot, nr, ns, eps)
+            acc += tl.where(rmask, term, 0.0)
+            tl.store(coef_ptr + g * num_rows + rows, coef_a, mask=rmask)
+            tl.store(coef_ptr + coef_plane + g * num_rows + rows, coef_b, mask=rmask)
+        group_loss = tl.sum(acc, axis=0)
+    else:  # lanes = segments of the group
+        dot = tl.zeros((BLOCK,), dtype=ACC)
+        nr = tl.zeros((BLOCK,), dtype=ACC)
+        ns = tl.zeros((BLOCK,), dtype=ACC)
+        for s0 in range(0, num_segs, BLOCK):
+            offs = s0 + lanes
+            m = offs < num_segs
+            dot += tl.load(group_partials + offs, mask=m, other=0.0, cache_modifier=".cg")
+            if METRIC == 2:
+                nr += tl.load(group_partials + plane + offs, mask=m, other=0.0, cache_modifier=".cg")
+                ns += tl.load(group_partials + 2 * plane + offs, mask=m, other=0.0, cache_modifier=".cg")
+        if METRIC == 1:
+            group_loss = tl.sum(dot, axis=0)
+            coef_a = tl.full((), 2.0, ACC)
+            coef_b = coef_a
         else:
-            tl.store(loss_ptr + g, group_loss.to(loss_ptr.dtype.element_ty))
+            group_loss, coef_a, coef_b = _cosine_terms(tl.sum(dot, axis=0), tl.sum(nr, axis=0),
+                                                       tl.sum(ns, axis=0), eps)
+        tl.store(coef_ptr + g, coef_a)  # coefs is [2, G, 1] here
+        tl.store(coef_ptr + num_groups + g, coef_b)
     if SUM:
-        tl.store(loss_ptr, tl.sum(total, axis=0).to(loss_ptr.dtype.element_ty))
+        _sum_groups(partial_ptr + (1 if METRIC == 1 else 3) * plane, num_groups, g, group_loss, loss_ptr,
+                    cnt_ptr + num_groups, ACC)
+    else:
+        tl.store(loss_ptr + g, group_loss.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _sum_groups(ws_ptr, num_groups, g, group_loss, loss_ptr, cnt_ptr, ACC: tl.constexpr):
+    """Second level of reduction "sum": the last group folder adds the G distances in order 0..G−1."""
+    tl.store(ws_ptr + g, group_loss)
+    tl.debug_barrier()
+    folded = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if folded == num_groups - 1:
+        tl.store(cnt_ptr, 0)
+        total = tl.zeros((), dtype=ACC)  # 0 + d0 + d1 + …: the former fold's order, bit for bit
+        for h in range(0, num_groups):
+            total += tl.load(ws_ptr + h, cache_modifier=".cg")
+        tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -352,16 +379,17 @@ def gradient_match_forward(g_syn: List[torch.Tensor], g_real: List[torch.Tensor]
     acc_tl, acc_torch = acc_dtypes(s0.dtype)
     num_segs = seg.shape[1]
     code = METRIC_CODE[metric]
-    partials = torch.empty((1 if code == 1 else 3) * groups * num_segs, device=s0.device, dtype=acc_torch)
+    # the partial planes, then G slots for the group distances of reduction "sum"
+    partials = torch.empty(((1 if code == 1 else 3) * num_segs + 1) * groups, device=s0.device, dtype=acc_torch)
     coefs = torch.empty((2, groups, num_rows), device=s0.device, dtype=acc_torch)
     loss = torch.empty(() if reduction == "sum" else (groups,), device=s0.device, dtype=s0.dtype)
     addr, aligned = _addresses(g_syn, g_real, device=s0.device, extra=(_float64_bits(eps),))
     aligned, vec = vector_path(s0.dtype, unit, aligned)
+    counters = arrival_counters(groups + 1, s0.device)  # one per group, one for the sum over groups
     _partials_kernel[(num_segs, groups)](addr, len(g_syn), seg, num_segs, gnumel, partials, groups,
-                                         METRIC=code, DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl, BLOCK=block,
-                                         ALIGNED=aligned, VEC=vec)
-    _fold_kernel[(1,)](partials, num_segs, rows, rows.shape[1], max_row_segs, loss, coefs, groups, addr[2 * len(g_syn):],
-                       METRIC=code, SUM=reduction == "sum", ACC=acc_tl, BLOCK=_FOLD_BLOCK)
+                                         rows, rows.shape[1], max_row_segs, loss, coefs, counters,
+                                         METRIC=code, SUM=reduction == "sum", DTYPE=_TL_DTYPE[s0.dtype], ACC=acc_tl,
+                                         BLOCK=block, FOLD_BLOCK=_FOLD_BLOCK, ALIGNED=aligned, VEC=vec)
     return loss, coefs
 
 

@@ -69,6 +69,22 @@ def _reset_backend():
     ddfast.set_backend(None)
 
 
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel (monkeypatched over it): records ``name`` in ``log`` at each launch."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append(self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
 def peak_alloc_bytes(fn) -> int:
     """Peak of the CPU allocator's live bytes while fn runs (torch profiler, allocations in time order)."""
     from torch.profiler import ProfilerActivity, profile

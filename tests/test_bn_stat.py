@@ -6,7 +6,7 @@ from torch import nn
 import ddfast
 from ddfast.ops.bn_stat import bn_stat_loss_reference
 
-from conftest import require_backend, tol
+from conftest import LaunchSpy, require_backend, tol
 
 OP = "bn_stat"
 
@@ -40,7 +40,10 @@ def _compare(x, rm, rv, backend, device, dtype=torch.float32):
     torch.testing.assert_close(x_new.grad, x_ref.grad, **tol(device, dtype))
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 7, 9, 11), (17, 5), (3, 4, 13), (2, 3, 2, 3, 4), (6, 2, 40, 40)])
+# (6, 2, 40, 40): several forward splits per channel (Triton: 3, whose last arrival merges) and more
+# backward tiles than programs; (2, 130, 3): more channels than one block of the loss sum
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 7, 9, 11), (17, 5), (3, 4, 13), (2, 3, 2, 3, 4), (6, 2, 40, 40),
+                                   (2, 130, 3)])
 def test_matches_reference(device, backend_kind, shape):
     backend = require_backend(OP, backend_kind, device)
     _compare(*_inputs(shape, device), backend, device)
@@ -142,6 +145,98 @@ def test_nan_input_is_named(device, backend_kind):
     x[1, 2, 3, 4] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):
         ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+
+
+# --- one launch each way: the last-program epilogue and its arrival counters ---------------------
+
+def test_triton_forward_and_backward_launch_one_kernel_each(monkeypatch, device):
+    from ddfast.kernels import bn_stat as kernels
+
+    backend = require_backend(OP, "triton", device)
+    log = []
+    for name in ("_bn_forward_kernel", "_bn_backward_kernel"):
+        monkeypatch.setattr(kernels, name, LaunchSpy(name, getattr(kernels, name), log))
+    x, rm, rv = _inputs((6, 2, 40, 40), device)  # 3 splits per channel, 24 backward tiles
+    x.requires_grad_(True)
+    loss = ddfast.bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+    assert log == ["_bn_forward_kernel"]
+    loss.backward()
+    assert log == ["_bn_forward_kernel", "_bn_backward_kernel"]
+    torch.testing.assert_close(loss, bn_stat_loss_reference(x.detach(), rm.float(), rv.float()),
+                               **tol(device, torch.float32))
+
+
+def test_triton_counters_return_to_zero_and_results_repeat_bitwise(device):
+    from ddfast.kernels._common import arrival_counters
+    from ddfast.kernels.bn_stat import bn_stat_backward, bn_stat_forward
+
+    require_backend(OP, "triton", device)
+    x, rm, rv = _inputs((1, 3, 20000), device)  # 5 splits per channel arrive at each counter
+    rm, rv = rm.float(), rv.float()
+    counters = torch.zeros(4, dtype=torch.int32, device=device)
+    first = bn_stat_forward(x, rm, rv, counters=counters)
+    assert torch.equal(counters, torch.zeros_like(counters))
+    second = bn_stat_forward(x, rm, rv, counters=counters)
+    assert torch.equal(counters, torch.zeros_like(counters))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    default = bn_stat_forward(x, rm, rv)  # the shared counters (cached per stream on CUDA)
+    assert torch.equal(default[0], first[0])
+    if device == "cuda":  # on CPU arrival_counters hands out fresh zeros, so only CUDA can fail here
+        assert not arrival_counters(4, torch.device(device)).any()
+    stale = torch.ones(4, dtype=torch.int32, device=device)  # counters not reset by a previous call
+    wrong = bn_stat_forward(x, rm, rv, counters=stale)
+    assert not torch.equal(wrong[0], first[0]), "the counters must drive which program folds the loss"
+    tolerance = tol(device, torch.float32)
+    torch.testing.assert_close(first[0], bn_stat_loss_reference(x, rm, rv), **tolerance)
+    torch.testing.assert_close(first[1], x.mean((0, 2)), **tolerance)
+    torch.testing.assert_close(first[2], x.var((0, 2), unbiased=False), **tolerance)
+    grad = torch.tensor(0.75, device=device)
+    g1 = bn_stat_backward(grad, x, rm, rv, first[1], first[2])
+    g2 = bn_stat_backward(grad, x, rm, rv, first[1], first[2])
+    assert torch.equal(g1, g2)
+    xr = x.clone().requires_grad_(True)
+    (0.75 * bn_stat_loss_reference(xr, rm, rv)).backward()
+    torch.testing.assert_close(g1, xr.grad, **tolerance)
+
+
+def test_triton_backward_zero_norms_give_zero_gradient(device):
+    from ddfast.kernels.bn_stat import bn_stat_backward
+
+    require_backend(OP, "triton", device)
+    x, _, _ = _inputs((3, 4, 5), device)
+    mean, var = x.mean((0, 2)), x.var((0, 2), unbiased=False)
+    out = bn_stat_backward(torch.tensor(1.0, device=device), x, mean, var, mean, var)  # stats = running stats
+    assert torch.equal(out, torch.zeros_like(x))
+
+
+# CUDA only: the compiled kernels' vector and scalar paths, the global-memory coefficients (more
+# channels than the shared-memory table holds), and repeatable results
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape, offset", [((4, 3, 8, 8), 0), ((4, 3, 8, 8), 1), ((3, 5, 7, 5), 0),
+                                           ((2, 5000, 3), 0), ((16, 3, 64, 64), 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cuda_paths_match_reference_and_repeat(shape, offset, dtype):
+    backend = require_backend(OP, "compiled", "cuda")
+    x, rm, rv = _inputs(shape, "cuda", dtype=dtype)
+    if offset:  # a view 1 element into a buffer: not 16-byte aligned, the scalar paths
+        x = torch.cat([x.new_zeros(offset), x.flatten()])[offset:].view(shape)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rm, rv = rm.to(acc), rv.to(acc)
+    grads, losses = [], []
+    for _ in range(2):
+        leaf = x.detach().clone().requires_grad_(True) if not offset else x.detach().requires_grad_(True)
+        loss = ddfast.bn_stat_loss(leaf, rm, rv, backend=backend)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(leaf.grad)
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    x32 = x.detach().to(acc).requires_grad_(True)
+    want = bn_stat_loss_reference(x32, rm, rv)
+    want.backward()
+    tolerance = tol("cuda", dtype)
+    torch.testing.assert_close(losses[0], want, **tolerance)
+    torch.testing.assert_close(grads[0].to(acc), x32.grad, **tolerance)
 
 
 # --- BNStatMatcher -----------------------------------------------------------------------------

@@ -52,3 +52,48 @@ def test_cuda_glue_compiles(cpp, tmp_path):
            "-I", os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"), "-I", CUDA_INCLUDE, cpp]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_bn_stat_kernels_have_128_bit_loads():
+    """bn_stat.cu (the compile above, cached): every backward instance and the forward's vector
+    instances (kVec = true: S a multiple of the vector width, x 16-byte aligned) issue LDG.E.128."""
+    result = kernel_report.cuda_file_report(os.path.join(REPO, "csrc", "cuda", "bn_stat.cu"))
+    assert result["returncode"] == 0, result["stderr"][-2000:]
+    rows = [r for r in result["rows"] if r["kernel"] == "backward_kernel" or
+            (r["kernel"] == "forward_kernel" and r["spec"].endswith("true"))]
+    assert len(rows) == 16 + 4, kernel_report.format_table(result["rows"])  # 4 dtypes × (index, table) / × 1
+    assert all(r["ldg128"] for r in rows), kernel_report.format_table(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_gradient_match_forward_is_one_kernel_with_a_last_block_fold(tmp_path):
+    """gradient_match.cu (sm_90 SASS): the forward is one kernel (no fold kernel) whose epilogue holds
+    the last-block pattern (a GPU-scope fence, a global atomic, strong L1-bypassing reads of the
+    other blocks' partials) and warp-shuffle sums; the backward, one warp per segment, has no
+    block-wide barrier; both issue 16-byte loads in every instantiation."""
+    cuobjdump = kernel_report._tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found")
+    obj = str(tmp_path / "gradient_match.o")
+    res = subprocess.run(kernel_report.nvcc_command(os.path.join(REPO, "csrc", "cuda", "gradient_match.cu"), obj),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, timeout=600).stdout
+    functions = {}
+    for chunk in sass.split("Function : ")[1:]:
+        name, body = chunk.split("\n", 1)
+        functions[kernel_report._short_name(kernel_report._demangle([name.strip()])[name.strip()])[0] + "/" +
+                  name.strip()] = body
+    kinds = {key.split("/")[0] for key in functions}
+    assert kinds == {"partials_kernel", "backward_kernel"}, kinds
+    for key, body in functions.items():
+        assert "LDG.E.128" in body, key
+        if key.startswith("partials_kernel"):
+            for op in ("MEMBAR.SC.GPU", "ATOMG.E.ADD", "SHFL.BFLY"):
+                assert op in body, (key, op)
+            assert "STRONG.GPU" in "".join(l for l in body.splitlines() if "LDG" in l), key  # __ldcg
+        else:
+            assert "BAR.SYNC" not in body, key
+    assert len(functions) == 4 * 3 + 4  # (float, double, half, bfloat16) × 3 metrics forward, × 1 backward

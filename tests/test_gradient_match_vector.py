@@ -135,9 +135,12 @@ def test_aligned_specialisation_compiles_to_128_bit_loads():
     launches = []
     for aligned in (False, True):
         flag = {"ALIGNED": {"value": aligned}}
+        i32 = {"tensor": "int32", "align": 0}
         launches.append({"module": "gradient_match", "kernel": "_partials_kernel", "dtype": "float32",
-                         "args": [i64, {"value": 3}, i64, {"value": 10}, i64, f32, {"value": 1}],
-                         "kwargs": {**kw, **flag, "METRIC": {"value": 0}}})
+                         "args": [i64, {"value": 3}, i64, {"value": 10}, i64, f32, {"value": 1}, i64, {"value": 9},
+                                  {"value": 2}, f32, f32, i32],
+                         "kwargs": {**kw, **flag, "METRIC": {"value": 0}, "SUM": {"value": True},
+                                    "FOLD_BLOCK": {"value": 256}}})
         launches.append({"module": "gradient_match", "kernel": "_backward_kernel", "dtype": "float32",
                          "args": [f32, {"value": 0}, i64, {"value": 3}, i64, i64, {"value": 10}, i64, f32,
                                   {"value": 9}, {"value": 1}],

@@ -221,3 +221,25 @@ def test_herding_init_picks_per_class_in_teacher_embedding():
             assert torch.equal(batches[i, c], x[idx[order[i]]])
     with pytest.raises(ValueError, match="ipc"):
         sre2l.herding_init(teacher, x, y, range(3), 11)
+
+
+def test_small_image_defaults_depend_on_ipc():
+    """digits-sized data: herding picks at lr 0.01 below ipc 10, the random real subset at lr 0.003
+    from ipc 10 (measured, README); INFER keeps herding bases; large images keep the papers' inits."""
+    from types import SimpleNamespace
+
+    from ddfast.methods.dwa import DWA
+    from ddfast.methods.infer import INFER
+
+    small = SimpleNamespace(im_size=(8, 8), num_classes=10)
+    assert {k: sre2l.small_image_defaults(small, 1)[k] for k in ("init", "lr")} == {"init": "herding", "lr": 0.01}
+    assert {k: sre2l.small_image_defaults(small, 10)[k] for k in ("init", "lr")} == {"init": "real", "lr": 0.003}
+    assert sre2l.small_image_defaults(SimpleNamespace(im_size=(32, 32), num_classes=10), 10) == {}
+    for ipc, init in ((1, "herding"), (10, "real"), (50, "real")):
+        assert sre2l.SRe2L.default_hparams(small, ipc)["init"] == init
+        assert DWA.default_hparams(small, ipc)["init"] == init
+        assert INFER.default_hparams(small, ipc)["init"] == "herding"
+    assert DWA.default_hparams(SimpleNamespace(im_size=(32, 32), num_classes=10), 10)["init"] == "real"
+    assert [DWA.default_hparams(small, ipc)["rho"] for ipc in (1, 10)] == [15e-3, 0.15]
+    assert DWA.default_hparams(SimpleNamespace(im_size=(32, 32), num_classes=10), 10)["rho"] == 15e-3
+    assert sre2l.SRe2L.default_hparams(SimpleNamespace(im_size=(32, 32), num_classes=10), 10)["init"] == "noise"

@@ -5,7 +5,7 @@
 
 namespace ddfast {
 
-// Columns per segment: a longer DC row is split over several blocks and re-joined by the fold.
+// Columns per segment: a longer DC row is split over several warps and re-joined by the fold.
 constexpr int64_t kGradientMatchSegment = 8192;
 
 // Device table (int64), one array per field, built by csrc/gradient_match.cpp:
@@ -22,11 +22,13 @@ struct GradientMatchTable {
   int64_t num_tensors, num_segs, num_rows, coef_rows, groups;
 };
 
-// metric: 0 ours, 1 mse, 2 cos. `partials` holds 3·G·S accumulators (accumulation dtype: fp64 for
-// fp64 inputs, else fp32). Writes the (G,) distances (sum_groups=false) or their sum to `loss`
-// (input dtype) and the gradient coefficients [2, G, coef_rows] to `coefs` (accumulation dtype).
+// metric: 0 ours, 1 mse, 2 cos. `partials` holds (P·S + 1)·G accumulators, P = 1 for mse, else 3
+// (accumulation dtype: fp64 for fp64 inputs, else fp32): the partial planes, then G group distances.
+// `counters` holds G + 1 unsigned zeros, left at zero by the launch. One launch: writes the (G,)
+// distances (sum_groups=false) or their sum to `loss` (input dtype) and the gradient coefficients
+// [2, G, coef_rows] to `coefs` (accumulation dtype).
 void gradient_match_forward_cuda(const GradientMatchTable& table, int metric, int dtype, double eps, bool sum_groups,
-                                 void* partials, void* loss, void* coefs, cudaStream_t stream);
+                                 void* partials, unsigned* counters, void* loss, void* coefs, cudaStream_t stream);
 // grad_syn = go[g·grad_stride] · (A·s − B·r) for every segment and group (grad_stride 0: scalar go).
 void gradient_match_backward_cuda(const GradientMatchTable& table, int dtype, const void* grad, int64_t grad_stride,
                                   const void* coefs, cudaStream_t stream);

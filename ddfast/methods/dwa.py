@@ -10,7 +10,8 @@ the same modes. DWA gives each batch its own teacher: starting from the squeezed
 ``rho = ρ / steps``; the gradient norm runs over all parameters together). The batch is then
 recovered exactly as SRe2L does, from the same real images, against the perturbed teacher; the
 teacher is restored (a fresh copy) for the next batch. DWA's code defaults: ρ = 15e-3, 12 steps,
-real-image initialisation; the real samples are the batch's initial images.
+real-image initialisation; the real samples are the batch's initial images. On digits-sized images at
+ipc ≥ 10 the default is ρ = 0.15 (measured: README).
 DWA's code also weights the variance term of the BN loss (``r_var``); ddfast's ``BNStatMatcher``
 uses SRe2L's unweighted sum (the paper's formula), so that knob is not exposed.
 """
@@ -72,9 +73,15 @@ class DWA(SRe2L):
 
     @classmethod
     def default_hparams(cls, dataset, ipc: int = 10):
+        from .sre2l import LARGE_IPC, small_image_defaults
+
         hp = SRe2L.default_hparams(dataset, ipc)
-        # DWA starts from real images: random ones (its code) or, on small images, the herding picks
+        # DWA starts from real images: random ones (its code) or, on small images below ipc 10, the herding picks
         hp.update(init="herding" if hp.get("init") == "herding" else "real", rho=15e-3, steps=12)
+        if small_image_defaults(dataset, ipc) and ipc >= LARGE_IPC:
+            # measured on digits, ipc 10, seeds 0-2 (README): ρ = 0.15 raises the within-class diversity
+            # above SRe2L's (+0.9 to +3.5 %) at no loss of accuracy; the paper's 15e-3 changes it by ±0.1 %
+            hp["rho"] = 0.15
         return hp
 
     @classmethod

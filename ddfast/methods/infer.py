@@ -151,8 +151,8 @@ class INFER:
         hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, mixup_alpha=0.8, init="real")
         hp.update(teacher_hparams(dataset))
         small = small_image_defaults(dataset)
-        if small:  # the compensators keep SRe2L's CPU rate (measured: README); the base images: herding
-            small["lr"] = 0.05
+        if small:  # the compensators at lr 0.05 from herding base images, at every ipc (measured: README;
+            small["lr"] = 0.05  # at ipc 10 random real bases give 94.1 % against 95.6 % from herding)
         hp.update(small)
         try:
             infer_budget(ipc, dataset.num_classes, hp["num_archs"])
