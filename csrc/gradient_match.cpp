@@ -308,6 +308,14 @@ at::Tensor upload_table(const std::vector<int64_t>& host, const at::Device& devi
   at::Tensor pinned = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(host.begin(), host.end(), pinned.data_ptr<int64_t>());
   at::Tensor storage = pinned.to(device, /*non_blocking=*/true);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // a graph replays this copy from `pinned`: its host block must never be handed out again
+    // (whatever this torch's host allocator does under capture). A few hundred bytes per capture.
+    static auto* captured_sources = new std::vector<at::Tensor>();
+    captured_sources->push_back(pinned);
+  }
   cache.push_front(CachedTable{host, device.index(), stream_id, storage});
   if (cache.size() > kCacheSize) cache.pop_back();
   return storage;

@@ -329,6 +329,7 @@ def _tables(shapes: Tuple[Tuple[int, ...], ...], metric: str, grouped: bool, dev
 
 _ADDRESS_CACHE_SIZE = 8
 _address_cache: "collections.OrderedDict[tuple, Tuple[torch.Tensor, bool]]" = collections.OrderedDict()
+_captured_sources: List[torch.Tensor] = []  # pinned sources of copies recorded into CUDA graphs
 
 
 def _addresses(*lists: List[torch.Tensor], device, extra=()) -> Tuple[torch.Tensor, bool]:
@@ -349,6 +350,10 @@ def _addresses(*lists: List[torch.Tensor], device, extra=()) -> Tuple[torch.Tens
         pinned = torch.empty(len(values), dtype=torch.int64, pin_memory=True)
         pinned.copy_(host)
         table = pinned.to(device, non_blocking=True)  # the host allocator keeps `pinned` until the copy ran
+        if torch.cuda.is_current_stream_capturing():
+            # a graph replays this copy from `pinned`: its host block must never be handed out again
+            # (whatever this torch's host allocator does under capture); a few hundred bytes per capture
+            _captured_sources.append(pinned)
     else:
         table = host.clone()
     entry = (table, all(p % 16 == 0 for p in pointers))
