@@ -1,5 +1,8 @@
 """Launcher helpers shared by the Triton kernel modules."""
+import functools
+
 import torch
+import triton
 import triton.language as tl
 
 
@@ -58,3 +61,31 @@ def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
         buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
         _arrival_counters[key] = buf
     return buf[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, cpu: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device); ``cpu`` elsewhere (the
+    interpreter: a small number of programs, so grid-stride loops and merges still run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, arrivals):
+    """Last-program epilogues: after this program's stores, bump ``*counter_ptr`` (acq_rel, GPU scope;
+    the barrier puts every thread's stores before the release). True in the program that completes
+    ``arrivals``; it resets the counter to 0 for the next launch, and sees every other program's
+    stores (read them with cache_modifier=".cg")."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == arrivals - 1
+    if last:
+        tl.store(counter_ptr, 0)  # nobody else touches it again in this launch
+    return last

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes, arrival_counters
+from ._common import acc_dtypes, arrival_counters, last_to_arrive, sm_count
 
 BLOCK = 1024
 MAX_SPLIT = 64
@@ -105,15 +105,9 @@ def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mea
     tl.store(part_ptr + out, n_acc)
     tl.store(part_ptr + plane + out, mean_acc)
     tl.store(part_ptr + 2 * plane + out, m2_acc)
-    tl.debug_barrier()  # every thread's stores precede the release below
-    arrived = tl.atomic_add(counter_ptr + c, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:  # the last split of channel c: every partial of c is visible
-        tl.store(counter_ptr + c, 0)  # no other program touches it again in this launch
+    if last_to_arrive(counter_ptr + c, num_splits):  # the last split of channel c: every partial of c is visible
         _merge_channel(part_ptr, sq_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, c, C, num_splits, BLOCK_SPLIT)
-        tl.debug_barrier()
-        finished = tl.atomic_add(counter_ptr + C, 1, sem="acq_rel", scope="gpu")
-        if finished == C - 1:  # the last channel: every squared deviation is visible
-            tl.store(counter_ptr + C, 0)
+        if last_to_arrive(counter_ptr + C, C):  # the last channel: every squared deviation is visible
             _loss_from_squares(sq_ptr, loss_ptr, C, BLOCK_C)
 
 
@@ -200,17 +194,9 @@ def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     return loss, mu, var
 
 
-_sm_counts = {}
-
-
 def _max_programs(device: torch.device) -> int:
-    """Grid cap of the backward: a few programs per SM (cached per device); a few on CPU."""
-    if device.type != "cuda":
-        return _CPU_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _PROGRAMS_PER_SM * _sm_counts[index]
+    """Grid cap of the backward: a few programs per SM; a few on CPU."""
+    return _PROGRAMS_PER_SM * sm_count(device, cpu=0) if device.type == "cuda" else _CPU_PROGRAMS
 
 
 def backward_tiles(n: int, c: int, s: int):

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes, arrival_counters
+from ._common import acc_dtypes, arrival_counters, last_to_arrive
 
 SEG = 8192          # columns per segment: long rows (ResNet 512 × 4608) are split, the fold re-joins them
 MAX_BLOCK = 1024    # elements per inner iteration
@@ -115,11 +115,7 @@ def _partials_kernel(addr_ptr, num_tensors, seg_ptr, num_segs, gnumel_ptr, parti
     if METRIC != 1:
         tl.store(out + plane, tl.sum(nr, axis=0))
         tl.store(out + 2 * plane, tl.sum(ns, axis=0))
-    # last-program epilogue: the barrier orders every thread's stores before the release atomic
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + gid, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_segs - 1:  # every segment of group gid is written: fold it here
-        tl.store(cnt_ptr + gid, 0)  # nobody else touches it in this launch; the next one needs 0
+    if last_to_arrive(cnt_ptr + gid, num_segs):  # every segment of group gid is written: fold it here
         _fold_group(partial_ptr, num_segs, num_groups, gid, row_ptr, num_rows, max_row_segs, loss_ptr, coef_ptr,
                     cnt_ptr, addr_ptr + 2 * num_tensors, METRIC, SUM, ACC, FOLD_BLOCK)
 
@@ -219,10 +215,7 @@ def _fold_group(partial_ptr, num_segs, num_groups, g, row_ptr, num_rows, max_row
 def _sum_groups(ws_ptr, num_groups, g, group_loss, loss_ptr, cnt_ptr, ACC: tl.constexpr):
     """Second level of reduction "sum": the last group folder adds the G distances in order 0..G−1."""
     tl.store(ws_ptr + g, group_loss)
-    tl.debug_barrier()
-    folded = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if folded == num_groups - 1:
-        tl.store(cnt_ptr, 0)
+    if last_to_arrive(cnt_ptr, num_groups):
         total = tl.zeros((), dtype=ACC)  # 0 + d0 + d1 + …: the former fold's order, bit for bit
         for h in range(0, num_groups):
             total += tl.load(ws_ptr + h, cache_modifier=".cg")

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes
+from ._common import acc_dtypes, sm_count
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 BLOCK_M = 64  # anchor rows per program (every kernel, every dtype)
@@ -227,12 +227,6 @@ def _gemm_kernel(a_ptr, sa_r, sa_k, b_ptr, c_ptr, corr_ptr, out_ptr, n_rows, n_k
 
 # --- launchers ----------------------------------------------------------------------------------
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter (and meta tensors): a few splits, so tests exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 class Tiling:
     """Block sizes (the same on every device, so the interpreter launches what a GPU compiles),
     the forward's column splits and the backward's chunk width (CUDA: a 4M-element workspace;
@@ -253,7 +247,7 @@ class Tiling:
         self.gemm_d = min(d_pow2, 64 if wide else 128)
         col_tiles = triton.cdiv(n_real, self.block_n)
         row_blocks = triton.cdiv(n_syn, self.block_m)
-        want = 4 * _sm_count(device)  # programs to keep every SM busy, whatever n_syn is
+        want = 4 * sm_count(device, cpu=4)  # programs to keep every SM busy, whatever n_syn is
         self.splits = max(1, min(col_tiles, triton.cdiv(want, row_blocks)))
         self.cols_per_split = triton.cdiv(col_tiles, self.splits) * self.block_n
         self.splits = triton.cdiv(n_real, self.cols_per_split)
@@ -331,7 +325,7 @@ def k_splits(n_rows: int, n_k: int, dim: int, t: "Tiling", device: torch.device)
     enough programs to fill the GPU, at least 8 K-blocks each on CUDA (1 in the interpreter, so tests
     cross the slices), partials within SPLIT_K_SCRATCH."""
     tiles = triton.cdiv(n_rows, t.block_m) * triton.cdiv(dim, t.gemm_d)
-    want = triton.cdiv(4 * _sm_count(device), tiles)
+    want = triton.cdiv(4 * sm_count(device, cpu=4), tiles)
     min_blocks = 8 if device.type == "cuda" else 1
     most = triton.cdiv(n_k, min_blocks * t.gemm_k)
     return max(1, min(want, most, SPLIT_K_SCRATCH // max(n_rows * dim, 1)))
