@@ -10,6 +10,7 @@ Install without build isolation so the extension is built against the torch you 
     pip install --no-build-isolation -e .
 Set DDFAST_NO_EXTENSION=1 to skip the ahead-of-time build.
 """
+import copy
 import glob
 import os
 import warnings
@@ -54,7 +55,13 @@ def _extensions():
             exts.append(CppExtension(f"ddfast._C_{op}", sources, **kwargs))
 
     class TolerantBuildExtension(BuildExtension):
-        """Builds every op it can; a failing op is a warning and is compiled on first use instead."""
+        """Builds every op it can, several at once; a failing op is a warning and is compiled on
+        first use instead."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if not self.parallel:  # one op per core unless -j says otherwise
+                self.parallel = max(1, min(len(self.extensions), os.cpu_count() or 1))
 
         def build_extensions(self):
             self._ddfast_failed = set()
@@ -63,8 +70,13 @@ def _extensions():
             self.extensions = [e for e in self.extensions if e.name not in self._ddfast_failed]
 
         def build_extension(self, ext):
+            # torch's ninja build writes build.ninja into build_temp: ops built at once in one folder
+            # overwrote each other's and linked missing objects (seen with -j 8 on an H200 machine).
+            # Each op builds in its own folder, through its own shallow copy of this command.
+            worker = copy.copy(self)
+            worker.build_temp = os.path.join(self.build_temp, ext.name)
             try:
-                super().build_extension(ext)
+                super(TolerantBuildExtension, worker).build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must not fail the install
                 self._ddfast_failed.add(ext.name)
                 warnings.warn(f"ddfast: building {ext.name} failed ({exc}); it will be compiled on first use")

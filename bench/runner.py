@@ -11,6 +11,7 @@ and optional plots.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -121,11 +122,73 @@ def _rel_err(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> float
     return err / max(scale, 1e-30)
 
 
-def check(case: Case, inputs: Dict, ref: tuple, fn: Callable[[], torch.Tensor]) -> tuple:
+def _errors(case: Case, got: tuple, want: tuple) -> List[float]:
+    return [_rel_err(got[0], want[0])] + [_rel_err(got[1][k], want[1][k]) for k in case.grad_inputs]
+
+
+def _to_float64(value):
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value).double()
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.detach().double().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float64(v) for v in value)
+    return value
+
+
+class ExactReference:
+    """The case's reference in float64 on fresh inputs, computed once and only when needed: a
+    provider that misses ``case.tol`` against the fp32 reference is judged against float64 instead.
+    On a GPU the fp32 reference itself can be far from exact: cuDNN's TF32 convolutions (torch's
+    default) and the ill-conditioned DC/DM image gradients put it 5e-2 from float64 (H200), and a
+    provider that sums in another order lands as far, on the other side."""
+
+    def __init__(self, case: Case, device: torch.device, inputs: Dict):
+        self.case, self.device, self.inputs = case, device, inputs
+        self._value: Optional[tuple] = None
+        self.error: Optional[str] = None
+
+    def get(self) -> Optional[tuple]:
+        if self._value is None and self.error is None:
+            try:
+                fresh = self.case.make_inputs(self.device)
+                if not _same_inputs(fresh, self.inputs):  # unseeded inputs, or a provider changed a module
+                    raise ValueError("fresh inputs differ from the checked ones")
+                inputs = {k: _to_float64(v) for k, v in fresh.items()}
+                self._value = _run_step(lambda: self.case.reference(**inputs), inputs, self.case.grad_inputs)
+            except Exception as exc:  # noqa: BLE001 - no float64 judge: the fp32 verdict stands
+                self.error = f"{type(exc).__name__}: {exc}"
+        return self._value
+
+
+def _same_inputs(a: Dict, b: Dict) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.nn.Module):
+            sx, sy = x.state_dict(), y.state_dict()
+            return sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and x.shape == y.shape and torch.equal(x.detach(), y.detach())
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(same, x, y))
+        return x == y
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+FP64_MARGIN = 2.0  # a provider may err against float64 up to this many times the fp32 reference's own error
+
+
+def check(case: Case, inputs: Dict, ref: tuple, fn: Callable[[], torch.Tensor],
+          exact: Optional[ExactReference] = None) -> tuple:
+    """(ok, worst error against the fp32 reference, details). Within ``case.tol`` of the fp32
+    reference is ok; otherwise, with ``exact``, ok when every output errs against float64 at most
+    FP64_MARGIN times as much as the fp32 reference does (or within ``case.tol`` of float64)."""
     got = _run_step(fn, inputs, case.grad_inputs)
-    errs = [_rel_err(got[0], ref[0])] + [_rel_err(got[1][k], ref[1][k]) for k in case.grad_inputs]
-    worst = max(errs)
-    return worst <= case.tol, worst
+    worst = max(_errors(case, got, ref))
+    if worst <= case.tol or exact is None or exact.get() is None:
+        return worst <= case.tol, worst, {}
+    got_errs, ref_errs = _errors(case, got, exact.get()), _errors(case, ref, exact.get())
+    ok = all(g <= max(FP64_MARGIN * r, case.tol) for g, r in zip(got_errs, ref_errs))
+    return ok, worst, {"check_basis": "float64", "err_vs_fp64": max(got_errs), "ref_err_vs_fp64": max(ref_errs)}
 
 
 # --- running ------------------------------------------------------------------------------
@@ -186,16 +249,18 @@ def _measure_counters(row: Dict, step: Callable[[], None], device: torch.device,
 
 
 def _time_provider(case: Case, name: str, role: str, fn: Callable, inputs: Dict, ref: tuple, device: torch.device,
-                   peaks: Dict[str, float], min_repeats: int, min_seconds: float) -> Dict:
+                   peaks: Dict[str, float], min_repeats: int, min_seconds: float,
+                   exact: Optional["ExactReference"] = None) -> Dict:
     row: Dict = {"case": case.name, "provider": name, "role": role, "device": device.type}
     t0 = time.perf_counter()
     if role == "reference":
         row["check"] = "reference"
         _run_step(fn, inputs, case.grad_inputs, collect=False)
     else:
-        ok, err = check(case, inputs, ref, fn)
+        ok, err, details = check(case, inputs, ref, fn, exact)
         row["check"] = "ok" if ok else "MISMATCH"
         row["max_rel_err"] = err
+        row.update(details)
     if name == COMPILED:
         row["compile_s"] = time.perf_counter() - t0  # first call: trace + compile + run
     step = lambda: _run_step(fn, inputs, case.grad_inputs, collect=False)  # noqa: E731
@@ -236,12 +301,13 @@ def run_case(case: Case, device: torch.device, peaks: Dict[str, float], min_repe
     rows = []
     inputs = case.make_inputs(device)
     ref = _run_step(lambda: case.reference(**inputs), inputs, case.grad_inputs)
+    exact = ExactReference(case, device, inputs)
     for name, (role, prov) in all_providers(case, device, compile_reference, compile_backend).items():
         try:
             if name == COMPILED:
                 prov = _compiled_reference(case, compile_backend)
             row = _time_provider(case, name, role, lambda p=prov: p(inputs), inputs, ref, device, peaks,
-                                 min_repeats, min_seconds)
+                                 min_repeats, min_seconds, exact)
         except torch.cuda.OutOfMemoryError as exc:  # one provider's OOM must not stop the run
             row = {"case": case.name, "provider": name, "role": role, "device": device.type,
                    "error": f"out of memory: {str(exc).splitlines()[0]}"}

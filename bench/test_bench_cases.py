@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddfast.bench.cases import select_cases
-from ddfast.bench.runner import _run_step, _sync, check, providers_for
+from ddfast.bench.runner import ExactReference, _run_step, _sync, check, providers_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = os.environ.get("DDFAST_BENCH_FULL") == "1"
@@ -31,7 +31,7 @@ def test_case(benchmark, case, provider):
         fn = ref_fn
     elif provider in case.baselines:
         fn = lambda: case.baselines[provider](**inputs)  # noqa: E731
-        ok, err = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn)
+        ok, err, _ = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn, ExactReference(case, DEVICE, inputs))
         assert ok, f"{case.name}[{provider}] differs from the reference (max rel err {err:.2e})"
     else:
         provs = providers_for(case, DEVICE)
@@ -39,7 +39,7 @@ def test_case(benchmark, case, provider):
             pytest.skip(f"no ddfast provider for {case.name} on {DEVICE.type}")
         name, prov = next(iter(provs.items()))  # the first available, in case.backends order
         fn = lambda: prov(inputs)  # noqa: E731
-        ok, err = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn)
+        ok, err, _ = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn, ExactReference(case, DEVICE, inputs))
         assert ok, f"{case.name}[{name}] differs from the reference (max rel err {err:.2e})"
         benchmark.extra_info["provider"] = name
 

@@ -151,9 +151,22 @@ def status() -> Dict[str, str]:
     return out
 
 
+_cuda_kernels: Dict[str, bool] = {}  # qualified op name -> registered a CUDA kernel (fixed once loaded)
+
+
 def has_cuda_kernel(qualified_name: str) -> bool:
-    """Whether the loaded library registered a CUDA kernel for ``ddfast::name``."""
+    """Whether the loaded library registered a CUDA kernel for ``ddfast::name``. Cached, and a
+    constant to torch.compile: the dispatcher query returns a bool, which Dynamo cannot trace
+    (fullgraph compiles of CUDA ops failed on it; seen on an H200, torch 2.11)."""
+    known = _cuda_kernels.get(qualified_name)
+    if known is None:
+        known = _cuda_kernels[qualified_name] = _query_cuda_kernel(qualified_name)
+    return known
+
+
+@torch.compiler.assume_constant_result
+def _query_cuda_kernel(qualified_name: str) -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name, "CUDA")
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name, "CUDA"))
     except Exception:  # noqa: BLE001
         return False

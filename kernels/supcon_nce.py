@@ -55,11 +55,13 @@ def row_scales(f: torch.Tensor, normalize: bool):
 
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with the requested operand precision (fp32 accumulation for 16-bit operands)."""
+    """acc + a @ b with the requested operand precision (fp32 accumulation for 16-bit operands).
+    out_dtype is acc's: Triton before 3.7 asserts it equals acc's dtype and defaults it to fp32,
+    which rejected the fp64 kernels (seen on an H200 with Triton 3.6)."""
     if PRECISION == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

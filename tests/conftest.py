@@ -69,6 +69,16 @@ def _reset_backend():
     ddfast.set_backend(None)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_value_checks():
+    """Every test starts as a fresh process would: on CUDA the default checks mode is "once", so a
+    NaN test after another test of the same call site and shape would otherwise see no check."""
+    from ddfast import _checks
+
+    _checks._seen_sites.clear()
+    yield
+
+
 class LaunchSpy:
     """Stands in for a @triton.jit kernel (monkeypatched over it): records ``name`` in ``log`` at each launch."""
 

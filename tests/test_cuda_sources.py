@@ -97,3 +97,15 @@ def test_gradient_match_forward_is_one_kernel_with_a_last_block_fold(tmp_path):
         else:
             assert "BAR.SYNC" not in body, key
     assert len(functions) == 4 * 3 + 4  # (float, double, half, bfloat16) × 3 metrics forward, × 1 backward
+
+
+def test_supcon_logits_are_rounded_before_use():
+    """The CUDA backward recomputes each logit and subtracts the forward's lse from it. Written as
+    ``dot * inv_temp``, nvcc fused the product into that subtraction (one fma, no rounding of the
+    logit), so the max logit no longer cancelled its lse: softmax weights off by a few % at
+    |logit| ~ 1e6 (test_low_temperature_large_features_stay_finite on an H200). Every logit must
+    go through logit_rn (__fmul_rn / __dmul_rn, never contracted)."""
+    src = open(os.path.join(REPO, "csrc", "cuda", "supcon_nce.cu")).read()
+    assert "__fmul_rn(dot, inv_temp)" in src and "__dmul_rn(dot, inv_temp)" in src
+    assert "s[i][j] * inv_temp" not in src
+    assert src.count("logit_rn(s[i][j], inv_temp)") == 2  # forward and backward

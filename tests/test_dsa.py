@@ -251,7 +251,7 @@ def test_noncontiguous_and_channels_last(device, backend_kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
     if backend_kind != "compiled":
-        pytest.skip("the torch reference's grid_sample and the Triton interpreter are checked in fp32")
+        pytest.skip("not applicable: the torch reference's grid_sample and the Triton interpreter are checked in fp32")
     backend = require_backend(OP, backend_kind, device)
     x = _images(6, h=12, w=12, device=device)
     groups = torch.arange(6, device=device) % 2
@@ -262,7 +262,7 @@ def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
     x32 = xh.detach().float().requires_grad_(True)
     # same draws as the half call: the color factors are drawn in the input dtype
     stages = dsa.draw_grouped(["color", "crop", "cutout", "flip", "scale", "rotate"], [1, 2], groups, 12, 12,
-                              _param("M"), dtype, "reference")
+                              _param("M"), dtype, "reference", device=device)
     want = dsa.apply_stages(x32, stages, False, "torch")
     want.sum().backward()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=3e-2)

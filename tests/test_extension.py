@@ -103,3 +103,17 @@ def test_lock_of_a_running_build_is_waited_for_then_declared_stale(tmp_path, mon
 def test_csrc_is_found():
     assert os.path.exists(os.path.join(_extension.csrc_dir(), "param_match.cpp"))
     assert torch.__version__.split("+")[0].replace(".", "") in _extension.cache_dir().replace(".", "")
+
+
+def test_has_cuda_kernel_is_a_constant_under_torch_compile(monkeypatch):
+    """The dispatcher query returns a bool, which Dynamo cannot put in a graph: every fullgraph
+    compile of an op on CUDA failed on it (H200, torch 2.11). Uncached and cached, it must trace."""
+    monkeypatch.setattr(_extension, "_cuda_kernels", {})
+
+    def f(x):
+        return x * 2 if _extension.has_cuda_kernel("ddfast::mmd_fwd") else x * 3
+
+    want = f(torch.ones(2))
+    monkeypatch.setattr(_extension, "_cuda_kernels", {})
+    got = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
+    assert torch.equal(got, want)

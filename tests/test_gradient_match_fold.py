@@ -69,7 +69,7 @@ def _grads(shapes, dtype, groups, seed=0):
 def _forward_backward(fn, syn, real, reduction):
     leaves = [s.detach().clone().requires_grad_(True) for s in syn]
     loss = fn(leaves, real)
-    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (loss * weight).sum().backward()
     return loss.detach(), [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
 

@@ -143,8 +143,20 @@ def test_low_temperature_large_features_stay_finite(device, backend_kind, normal
     backend = require_backend(OP, backend_kind, device)
     scale = 1e3 if normalize else 30.0  # unnormalised: logits up to ~1e5
     inputs = _inputs(11, 20, 33, device, scale=scale, classes=3)
-    got, grads = _assert_matches(device, backend, inputs, temperature=0.01, normalize=normalize, variant=variant)
+    kw = dict(temperature=0.01, normalize=normalize, variant=variant)
+    got, grads = _value_and_grads(ddfast.supcon_nce, *inputs, backend=backend, **kw)
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads)
+    # logits of ~1e5 carry fp32 rounding of ~1e-2, which moves near-tied softmax weights: two fp32
+    # summation orders (cuBLAS and the CUDA kernel) then differ by far more than 1e-4 (H200:
+    # 4e0 relative in a gradient entry). Judge against float64, next to the fp32 reference's own error.
+    inputs64 = (inputs[0].double(), inputs[1], inputs[2].double(), inputs[3])
+    exact = _value_and_grads(_reference, *inputs64, **kw)
+    ref32 = _value_and_grads(_reference, *inputs, **kw)
+    for out, want, ref in zip((got, *grads), (exact[0], *exact[1]), (ref32[0], *ref32[1])):
+        scale_w = float(want.abs().max())
+        err = float((out.double() - want).abs().max())
+        ref_err = float((ref.double() - want).abs().max())
+        assert err <= 4 * ref_err + tol(device, torch.float32)["rtol"] * scale_w, (err, ref_err, scale_w)
 
 
 def test_noncontiguous_and_multidim_features(device, backend_kind):
@@ -174,7 +186,7 @@ def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
 @pytest.mark.parametrize("variant", ["infonce", "nce"])
 def test_backward_saves_no_logit_matrix(device, backend_kind, variant):
     if backend_kind == "torch":
-        pytest.skip("the reference materialises the logits by design")
+        pytest.skip("not applicable: the reference materialises the logits by design")
     backend = require_backend(OP, backend_kind, device)
     f_syn, y_syn, f_real, y_real = _inputs(40, 50, 8, device)
     f_syn.requires_grad_(True)
@@ -277,6 +289,10 @@ def test_precision_modes_against_float64(device, backend_kind, precision, varian
                                       variant=variant, precision=precision, backend=backend)
     want, want_grads = _value_and_grads(_reference, f_syn, y_syn, f_real, y_real, variant=variant)
     value_rtol, grad_atol = PRECISION_TOL[precision]
+    if precision == "tf32" and backend == "triton" and device == "cuda":
+        # Triton's tf32 tensor-core products err more than the round-to-nearest emulation: value
+        # error 2.0e-4 (infonce) and 3.4e-4 (nce) measured on an H200 (Triton 3.6); the gradient bound is bf16's
+        value_rtol, grad_atol = 1e-3, PRECISION_TOL["bf16"][1]
     torch.testing.assert_close(got.double(), want, rtol=value_rtol, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g.double(), w, rtol=0, atol=grad_atol * float(w.abs().max()))

@@ -72,10 +72,11 @@ def _junit(path, cases):
 def test_a_skipped_cuda_test_fails_the_tests_step_on_cuda(tmp_path):
     _junit(tmp_path / "tests.xml", [("test_a[cpu-torch]", "passed", ""), ("test_a[cuda-compiled]", "passed", ""),
                                     ("test_b[cuda-triton]", "skipped", "backend unavailable"),
-                                    ("test_c[cpu-triton]", "skipped", "interpreter only")])
+                                    ("test_c[cpu-triton]", "skipped", "interpreter only"),
+                                    ("test_d[cuda-torch]", "skipped", "not applicable: the reference by design")])
     counts = V.parse_junit(str(tmp_path / "tests.xml"))
-    assert (counts["tests"], counts["passed"], counts["skipped"]) == (4, 2, 2)
-    assert (counts["cuda_tests"], counts["cuda_skipped"]) == (2, 1)
+    assert (counts["tests"], counts["passed"], counts["skipped"]) == (5, 2, 3)
+    assert (counts["cuda_tests"], counts["cuda_skipped"]) == (3, 1)  # a skip that does not apply is no failure
     for cuda, want in ((True, V.FAIL), (False, V.PASS)):
         result = {"status": V.PASS}
         V._post_tests(cuda)(result, str(tmp_path))
@@ -91,3 +92,21 @@ def test_sanitizer_steps_cover_the_ops_with_kernels():
     assert "tests/test_gradient_match.py" in files and "tests/test_param_match.py" in files
     shared = V._op_test_files(shared_memory_only=True)
     assert shared and set(shared) <= set(files)
+
+
+def test_cuda_plan_fits_a_gpu_lease(tmp_path):
+    """On a GPU the defaults fit a 15-minute lease (10 minutes per command, machine start included):
+    the CUDA tests only, no CPU-side compile report or compiled-reference bench, all steps' timeouts
+    within the 9.5-minute budget."""
+    args = _args(tmp_path)
+    V.apply_device_defaults(args, cuda=True)
+    steps = {s.name: s for s in V.plan(args, True, str(tmp_path))}
+    assert args.budget_min == 9.5 and args.tests_k == "cuda"
+    assert steps["tests"].cmd[steps["tests"].cmd.index("-k") + 1] == "cuda"
+    assert steps["info-kernels"].skip_reason and steps["bench-compiled"].skip_reason
+    assert "--full" in steps["bench"].cmd and "--kernels" not in steps["bench"].cmd
+    assert "compiled" in args.sanitize_k
+    assert sum(s.timeout_s for s in steps.values() if not s.skip_reason) <= args.budget_min * 60
+    args = _args(tmp_path)
+    V.apply_device_defaults(args, cuda=False)
+    assert (args.budget_min, args.tests_k, args.compile_reference) == (25, None, True)

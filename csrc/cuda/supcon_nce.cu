@@ -34,6 +34,13 @@ __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
 
+// logit = dot * inv_temp, rounded on its own: nvcc would otherwise fuse the product into the
+// backward's exp(v - lse) as one fma, so a recomputed logit no longer equals the rounded one the
+// forward's lse was built from (at |logit| ~ 1e6, 1 ulp = 0.06: softmax weights off by ~6%, seen on
+// an H200). __fmul_rn / __dmul_rn are never contracted.
+__device__ __forceinline__ float logit_rn(float dot, float inv_temp) { return __fmul_rn(dot, inv_temp); }
+__device__ __forceinline__ double logit_rn(double dot, double inv_temp) { return __dmul_rn(dot, inv_temp); }
+
 template <typename Acc> __device__ __forceinline__ Acc neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
 template <> __device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
@@ -124,7 +131,7 @@ forward_kernel(const T* __restrict__ zs, const int64_t* __restrict__ ys, const T
       const int64_t y_col = yr[col];
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
-        const Acc v = s[i][j] * inv_temp;
+        const Acc v = logit_rn(s[i][j], inv_temp);
         const bool pos = y_col == y_row[i];
         if (nce) {
           nce_sum[i] += softplus(pos ? log_c - v : v - log_c);
@@ -217,7 +224,7 @@ backward_kernel(const T* __restrict__ A, const int64_t* __restrict__ ya, const T
         const int64_t row = a0 + ty + 16 * i;
         Acc d = Acc(0);
         if (row < n_a && col_ok) {
-          const Acc v = s[i][j] * inv_temp;
+          const Acc v = logit_rn(s[i][j], inv_temp);
           const bool pos = y_row[i] == y_col;
           const Acc gg = ANCHOR_ROWS ? g_row[i] : g_col;
           if (nce) {
