@@ -164,9 +164,13 @@ def has_cuda_kernel(qualified_name: str) -> bool:
     return known
 
 
-@torch.compiler.assume_constant_result
 def _query_cuda_kernel(qualified_name: str) -> bool:
     try:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name, "CUDA"))
     except Exception:  # noqa: BLE001
         return False
+
+
+# What torch.compiler.assume_constant_result sets, without its import of torch._dynamo (which pulls
+# in Triton: `import ddfast` stays cheap). tests/test_extension.py compiles through it.
+_query_cuda_kernel._dynamo_marked_constant = True
