@@ -281,7 +281,10 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
                       post=_post_tests(cuda), clean=["tests.xml"]))
 
     bench = cli + ["bench", "--no-progress"] + device + (["-k", args.bench_select] if args.bench_select else [])
-    bench += ["--repeats", "2", "--min-seconds", "0.05"] if args.quick else []
+    if args.quick:
+        bench += ["--repeats", "2", "--min-seconds", "0.05"]
+    elif cuda:  # 5 repeats of at least 0.1 s: the issue-13 cases took 110 s so on an H200
+        bench += ["--repeats", "5", "--min-seconds", "0.1"]
     full = ["--full"] if cuda and not args.quick else []
     if full and getattr(args, "kernel_report", False) and _have_module("ddfast.kernel_report"):
         full.append("--kernels")  # the sm_90 kernel report into the bench JSON (cached by info-kernels)

@@ -105,6 +105,7 @@ def test_cuda_plan_fits_a_gpu_lease(tmp_path):
     assert steps["tests"].cmd[steps["tests"].cmd.index("-k") + 1] == "cuda"
     assert steps["info-kernels"].skip_reason and steps["bench-compiled"].skip_reason
     assert "--full" in steps["bench"].cmd and "--kernels" not in steps["bench"].cmd
+    assert steps["bench"].cmd[steps["bench"].cmd.index("--min-seconds") + 1] == "0.1"
     assert "compiled" in args.sanitize_k
     assert sum(s.timeout_s for s in steps.values() if not s.skip_reason) <= args.budget_min * 60
     args = _args(tmp_path)
