@@ -261,14 +261,15 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
     py = sys.executable
     cli = [py, "-m", "ddfast.cli"]
     device = ["--device", "cuda" if cuda else "cpu"]
-    steps = [Step("info", cli + ["info"] + device, 60 if cuda else 120)]
+    size = STEP_SIZES[cuda]
+    steps = [Step("info", cli + ["info"] + device, size["info_s"])]
 
     kernels = Step("info-kernels", cli + ["info", "--kernels"] + device, 300, post=_post_info_kernels)
     if not _have_module("ddfast.kernel_report"):
         kernels.skip_reason = "this build has no `ddfast info --kernels` (ddfast.kernel_report)"
     elif args.quick:
         kernels.skip_reason = "--quick"
-    elif cuda and not getattr(args, "kernel_report", False):
+    elif cuda and not args.kernel_report:
         kernels.skip_reason = "a CPU-side compile check (any machine runs it); --kernel-report runs it here"
     steps.append(kernels)
 
@@ -281,12 +282,9 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
                       post=_post_tests(cuda), clean=["tests.xml"]))
 
     bench = cli + ["bench", "--no-progress"] + device + (["-k", args.bench_select] if args.bench_select else [])
-    if args.quick:
-        bench += ["--repeats", "2", "--min-seconds", "0.05"]
-    elif cuda:  # 5 repeats of at least 0.1 s: the issue-13 cases took 110 s so on an H200
-        bench += ["--repeats", "5", "--min-seconds", "0.1"]
+    bench += ["--repeats", "2", "--min-seconds", "0.05"] if args.quick else size["bench_repeats"]
     full = ["--full"] if cuda and not args.quick else []
-    if full and getattr(args, "kernel_report", False) and _have_module("ddfast.kernel_report"):
+    if full and args.kernel_report and _have_module("ddfast.kernel_report"):
         full.append("--kernels")  # the sm_90 kernel report into the bench JSON (cached by info-kernels)
     steps.append(Step("bench", bench + full + ["--out", os.path.join(out_dir, "bench.json"),
                                                "--plot", os.path.join(out_dir, "plots")],
@@ -300,9 +298,9 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
 
     sanitizer = find_compute_sanitizer()
     sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # so out-of-bounds accesses hit unallocated memory
-    for tool, files, k, timeout in (("memcheck", _op_test_files(), args.sanitize_k, 100 if cuda else 300),
+    for tool, files, k, timeout in (("memcheck", _op_test_files(), args.sanitize_k, size["memcheck_s"]),
                                     ("racecheck", _op_test_files(shared_memory_only=True),
-                                     f"({args.sanitize_k}) and compiled", 60 if cuda else 240)):
+                                     f"({args.sanitize_k}) and compiled", size["racecheck_s"])):
         step = Step(tool, [sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1"]
                     + pytest + ["-x"] + files + ["-k", k], timeout, needs_cuda=True, env=sanitize_env)
         if cuda and sanitizer is None:
@@ -405,14 +403,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="minutes for the whole run (25; 9.5 on CUDA, to fit a 15-minute GPU lease)")
 
 
+# per device (key: CUDA?): option defaults (filled where the command line left them unset) and the
+# fixed sizes of the steps; on CUDA the whole run fits a 15-minute GPU lease (apply_device_defaults)
+OPTION_DEFAULTS = {
+    True: {"jobs": 12, "tests_timeout": 170, "bench_timeout": 180, "budget_min": 9.5, "compile_reference": False},
+    False: {"jobs": 0, "tests_timeout": 600, "bench_timeout": 360, "budget_min": 25, "compile_reference": True},
+}
+STEP_SIZES = {  # seconds; bench_repeats: 5 of at least 0.1 s on CUDA (the issue-13 cases: 110 s on an H200)
+    True: {"info_s": 60, "memcheck_s": 100, "racecheck_s": 60, "bench_repeats": ["--repeats", "5", "--min-seconds", "0.1"]},
+    False: {"info_s": 120, "memcheck_s": 300, "racecheck_s": 240, "bench_repeats": []},
+}
+
+
 def apply_device_defaults(args, cuda: bool) -> None:
     """Fill the options left unset. On CUDA the run is sized for a GPU lease (15 minutes of device
     time, at most 10 per command, machine start included): the CUDA tests only (CI runs the rest),
     no CPU-side compile report, no torch.compile baseline, sanitizers over the compiled kernels;
     measured on an H200 (2026-11-26): CUDA tests 100 s with 12 workers, the issue-13 bench cases 110 s."""
-    lease = {"jobs": 12, "tests_timeout": 170, "bench_timeout": 180, "budget_min": 9.5, "compile_reference": False}
-    local = {"jobs": 0, "tests_timeout": 600, "bench_timeout": 360, "budget_min": 25, "compile_reference": True}
-    for key, value in (lease if cuda else local).items():
+    for key, value in OPTION_DEFAULTS[cuda].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.sanitize_k is None:
