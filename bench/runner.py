@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import counters
-from .case import Case
+from .case import Case, release_persistent
 from .cases import select_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,6 +325,9 @@ def run_case(case: Case, device: torch.device, peaks: Dict[str, float], min_repe
                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         row["size"] = case.size
         rows.append(row)
+    release_persistent()  # the case's CUDA graphs, their pools and models go before the next case
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     _add_speedups(rows)
     return rows
 

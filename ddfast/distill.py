@@ -48,7 +48,8 @@ def _resolve_device(device: Optional[str]) -> torch.device:
 def _eval_settings(hp: dict, eval_dsa: Optional[bool]) -> dict:
     dsa = bool(hp.get("dsa_strategy")) if eval_dsa is None else bool(eval_dsa)
     return {"model": hp.get("model", "convnet"), "net_width": hp.get("net_width"), "net_depth": hp.get("net_depth"),
-            "dsa": dsa, "align_corners": bool(hp.get("align_corners", False))}
+            "dsa": dsa, "align_corners": bool(hp.get("align_corners", False)),
+            "mixup": float(hp.get("eval_mixup", 0.0))}  # INFER: its students train with mixup
 
 
 def _run_iterative(cls, ds, real, ipc, hp, *, seed, device, model, mim4dd, low_rank, iterations, progress):
@@ -140,12 +141,12 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
         ev = _eval_settings(dict(hp, model=model), eval_dsa)
         common = dict(model=ev["model"], net_width=ev["net_width"], net_depth=ev["net_depth"], num_models=eval_models,
                       epochs=eval_epochs, seed=seed, batched=batched, progress=progress, dsa=ev["dsa"],
-                      align_corners=ev["align_corners"])
+                      align_corners=ev["align_corners"], mixup=ev["mixup"])
         t1 = time.perf_counter()
         res = evaluate_fn(images, labels, ds, soft_label_fn=soft_fn, desc="evaluating distilled", **common)
         summary.update(distilled_acc=res.mean, distilled_acc_std=res.std, distilled_accs=res.accuracies,
                        seconds_eval=time.perf_counter() - t1, eval_models=eval_models, eval_epochs=eval_epochs,
-                       eval_dsa=ev["dsa"], eval_batched=res.batched)
+                       eval_dsa=ev["dsa"], eval_mixup=ev["mixup"], eval_batched=res.batched)
         if baselines:
             x_r, y_r = random_subset(ds.x_train, ds.y_train, ipc, seed)
             if soft_fn is None and static_fn is None:
@@ -293,6 +294,8 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--model", default=None, help="network name (default: the distillation's)")
     p.add_argument("--dsa", action="store_true", help="DSA on every training minibatch")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="Beta(α, α) mixup of every minibatch, targets interpolated (INFER's evaluation; 0: off)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batched", dest="batched", action="store_true", default=True, help="all networks at once")
     g.add_argument("--sequential", dest="batched", action="store_false", help="one network after the other")
@@ -310,7 +313,7 @@ def evaluate_main(argv=None) -> int:
     hp = args.get("hparams", {})
     res = evaluate(blob["images"].to(dev), blob["labels"].to(dev), ds, model=a.model or args.get("model", "convnet"),
                    net_width=hp.get("net_width"), net_depth=hp.get("net_depth"), num_models=a.models, epochs=a.epochs,
-                   dsa=a.dsa, seed=a.seed, batched=a.batched, progress=not a.no_progress)
+                   dsa=a.dsa, seed=a.seed, batched=a.batched, progress=not a.no_progress, mixup=a.mixup)
     print(f"{blob.get('method', '?')} synthetic set {tuple(blob['images'].shape)} on {ds.name}: {res}")
     print("  per network: " + ", ".join(f"{x:.2f}" for x in res.accuracies))
     if a.json:

@@ -18,6 +18,10 @@ Labels: (N,) class ids (cross-entropy) or a float (N, C) tensor of target probab
 cross-entropy ``−Σ p log softmax``). ``soft_label_fn(batch) -> probabilities``: called on every
 (augmented) minibatch to produce its targets (knowledge-distillation-style relabelling by a teacher,
 as SRe2L's evaluation does); the labels are then ignored.
+
+``mixup=α > 0``: every minibatch (after DSA and labelling) is mixed with a permutation of itself,
+``λ·x + (1−λ)·x[π]`` with targets ``λ·t + (1−λ)·t[π]`` (class ids become one-hot first), λ ~ Beta(α, α)
+and π drawn from the network's own generator (INFER trains its students so, on static labels).
 """
 from __future__ import annotations
 
@@ -97,8 +101,9 @@ class _Trainer:
     """The training recipe shared by the sequential and the batched paths."""
 
     def __init__(self, x, targets, *, epochs, lr, batch_size, momentum, weight_decay, dsa_strategy, align_corners,
-                 soft_label_fn):
+                 soft_label_fn, mixup=0.0, num_classes=None):
         self.x, self.targets = x, targets
+        self.mixup, self.num_classes = mixup, num_classes
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dsa_strategy, self.align_corners, self.soft_label_fn = dsa_strategy, align_corners, soft_label_fn
@@ -123,7 +128,21 @@ class _Trainer:
                     tb = self.soft_label_fn(xb)
             else:
                 tb = self.targets[idx]
+            if self.mixup > 0:
+                xb, tb = mix_batch(xb, tb, self.mixup, gen, self.num_classes)
             yield xb, tb
+
+
+def mix_batch(x: torch.Tensor, targets: torch.Tensor, alpha: float, gen: torch.Generator, num_classes: int):
+    """Mixup of a minibatch with a permutation of itself; the targets are interpolated like the
+    images (class ids as one-hot). λ ~ Beta(α, α) and π come from ``gen`` alone (no global RNG)."""
+    import numpy as np
+
+    lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if not targets.is_floating_point():
+        targets = F.one_hot(targets, num_classes).to(x.dtype)
+    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
 def _train_sequential(nets, gens, trainer: _Trainer, progress) -> List[float]:
@@ -200,19 +219,22 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
              weight_decay: float = 5e-4, dsa: bool = False, dsa_strategy: str = DSA_STRATEGY,
              align_corners: bool = False, batched: bool = True, seed: int = 0,
              soft_label_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, progress: bool = False,
-             desc: str = "evaluating", return_networks: bool = False):
+             desc: str = "evaluating", return_networks: bool = False, mixup: float = 0.0):
     """Train ``num_models`` fresh networks on (images, labels), test on ``test_set``; an ``EvalResult``.
 
     test_set: a ``ddfast.data.Dataset`` (its test split) or an ``(x_test, y_test)`` pair.
     model: a ``ddfast.models.get_network`` name (with ``net_width``/``net_depth``) or a zero-argument
     callable building the network. dsa: augment every minibatch with ``dsa_strategy``.
-    batched: train all networks at once (module doc). Everything else as DC's ``evaluate_synset``.
+    batched: train all networks at once (module doc). mixup: Beta(α, α) mixup of every minibatch
+    with interpolated targets (0: off; module doc). Everything else as DC's ``evaluate_synset``.
     """
     x_test, y_test, num_classes = _test_split(test_set, labels)
     _check_inputs(images, labels, x_test, y_test, num_classes)
     for name, v in (("num_models", num_models), ("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not mixup >= 0:
+        raise ValueError(f"mixup must be a non-negative Beta concentration α (0: off), got {mixup!r}")
     device, dtype = images.device, images.dtype
     if isinstance(model, str):
         channel, im_size = images.shape[1], tuple(images.shape[2:])
@@ -226,7 +248,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
     trainer = _Trainer(images.detach(), labels.detach().to(dtype) if labels.is_floating_point() else labels,
                        epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
                        dsa_strategy=dsa_strategy if dsa else None, align_corners=align_corners,
-                       soft_label_fn=soft_label_fn)
+                       soft_label_fn=soft_label_fn, mixup=float(mixup), num_classes=num_classes)
     if batched and has_batchnorm(nets[0]):
         warnings.warn("BatchNorm networks cannot be trained under vmap; evaluating them sequentially")
         batched = False

@@ -199,3 +199,25 @@ def test_bench_judges_a_mismatch_against_float64_next_to_the_fp32_references_own
     rows = {r["provider"]: r for r in runner.run_case(_cancellation_case(wrong), torch.device("cpu"),
                                                       {"copy_gbs": 1.0}, 1, 0.0)}
     assert rows["ddfast"]["check"] == "MISMATCH" and rows["ddfast"]["err_vs_fp64"] > 0.3
+
+
+def test_bench_keeps_one_persistent_object_and_drops_it_after_each_case():
+    """A case's CUDA-graph matcher is kept across its timed calls only (an H200 run OOMed from
+    graphs kept since earlier cases)."""
+    from ddfast.bench import case as case_mod
+
+    built = []
+
+    def fused(backend, x):
+        obj = case_mod.persistent(x, lambda: built.append(object()) or built[-1])
+        assert obj is built[-1]
+        return (x * x).sum()
+
+    rows = runner.run_case(_square_case(fused=fused, baselines={}, work_flops=None), torch.device("cpu"),
+                           {"copy_gbs": 1.0}, 2, 0.0)
+    assert rows[-1]["check"] == "ok"
+    assert len(built) == 1  # one object for every call of the case (same owner)
+    assert case_mod._PERSISTENT == {}  # released at the end of the case
+    a, b = torch.zeros(1), torch.zeros(1)
+    first = case_mod.persistent(a, object)
+    assert case_mod.persistent(a, object) is first and case_mod.persistent(b, object) is not first

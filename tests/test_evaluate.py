@@ -81,3 +81,41 @@ def test_bad_input(data64):
         evaluate(x, y, test, **dict(tiny, num_models=0))
     with pytest.raises(TypeError, match="test_set"):
         evaluate(x, y, test[0], **tiny)
+    for bad in (-0.5, float("nan"), True, "0.8"):
+        with pytest.raises(ValueError, match="mixup"):
+            evaluate(x, y, test, mixup=bad, **tiny)
+
+
+def test_mix_batch_interpolates_images_and_targets_from_the_generator_alone():
+    from ddfast.evaluate import mix_batch
+
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    state = torch.get_rng_state()
+    xm, tm = mix_batch(x, y, 0.8, torch.Generator().manual_seed(3), 3)
+    assert torch.equal(torch.get_rng_state(), state)  # no global draw: a user's run is undisturbed
+    again = mix_batch(x, y, 0.8, torch.Generator().manual_seed(3), 3)
+    assert torch.equal(xm, again[0]) and torch.equal(tm, again[1])
+    # the formula, with λ and π drawn from the same generator in the same order
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g))).beta(0.8, 0.8))
+    perm = torch.randperm(6, generator=g)
+    onehot = F.one_hot(y, 3).double()
+    assert 0 < lam < 1
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[perm], rtol=0, atol=0)
+    torch.testing.assert_close(tm, lam * onehot + (1 - lam) * onehot[perm], rtol=0, atol=0)
+    # soft targets stay soft, interpolated the same way
+    soft = torch.softmax(torch.randn(6, 3, dtype=torch.float64), 1)
+    _, ts = mix_batch(x, soft, 0.8, torch.Generator().manual_seed(3), 3)
+    torch.testing.assert_close(ts.sum(1), torch.ones(6, dtype=torch.float64))
+
+
+def test_mixup_evaluation_batched_equals_sequential_and_changes_training(data64):
+    x, y, test = data64
+    a = evaluate(x, y, test, batched=True, mixup=0.8, **SMALL)
+    b = evaluate(x, y, test, batched=False, mixup=0.8, **SMALL)
+    torch.testing.assert_close(torch.tensor(a.train_losses), torch.tensor(b.train_losses), rtol=1e-12, atol=1e-12)
+    plain = evaluate(x, y, test, **SMALL)
+    assert a.train_losses != plain.train_losses  # mixed targets: a different objective

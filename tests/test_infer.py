@@ -94,7 +94,7 @@ def test_distill_scores_the_random_subset_with_the_methods_labels(tmp_path, monk
     from ddfast.evaluate import EvalResult
 
     def fake_evaluate(images, labels, dataset, **kwargs):
-        seen.append((kwargs.get("desc"), labels.dtype, tuple(labels.shape)))
+        seen.append((kwargs.get("desc"), labels.dtype, tuple(labels.shape), kwargs.get("mixup")))
         return EvalResult([50.0], 0.0, False)
 
     monkeypatch.setattr("ddfast.evaluate.evaluate", fake_evaluate)
@@ -105,3 +105,5 @@ def test_distill_scores_the_random_subset_with_the_methods_labels(tmp_path, monk
     random_calls = [s for s in seen if s[0] == "evaluating random real"]
     assert random_calls and random_calls[0][1].is_floating_point and random_calls[0][2][1] == 10
     assert r.summary["random_labels"] == "static teacher labels"
+    # INFER's students train with mixup of the static labels: the distilled set and its baseline alike
+    assert {s[3] for s in seen} == {0.8} and r.summary["eval_mixup"] == 0.8

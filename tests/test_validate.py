@@ -60,6 +60,24 @@ def test_timeout_and_spent_budget_fail_and_passing_steps_pass(tmp_path):
     assert summary["steps"][0]["status"] == V.FAIL and "budget" in summary["steps"][0]["reason"]
 
 
+def test_parallel_parts_run_at_once_and_any_failing_part_fails_the_step(tmp_path):
+    args = _args(tmp_path, "--budget-min", "1")
+    sleep = [sys.executable, "-c", "import time; time.sleep(2); print('sl' + 'ept')"]
+    steps = [V.Step("both-ok", [], 30, parts=[sleep, sleep]),
+             V.Step("one-fails", [], 30, parts=[sleep, [sys.executable, "-c", "import sys; sys.exit(3)"]]),
+             V.Step("one-hangs", [], 3, parts=[sleep, [sys.executable, "-c", "import time; time.sleep(60)"]])]
+    summary = V.validate(args, steps=steps, cuda=False)
+    status = {s["name"]: s for s in summary["steps"]}
+    assert status["both-ok"]["status"] == V.PASS and status["both-ok"]["duration_s"] < 3.9  # not 2 + 2 s
+    log = (tmp_path / "both-ok.log").read_text()
+    assert log.count("slept") == 2 and log.count("# exit status 0") == 2
+    assert status["one-fails"]["status"] == V.FAIL and "exit status 3" in status["one-fails"]["reason"]
+    assert status["one-hangs"]["status"] == V.FAIL and "timed out" in status["one-hangs"]["reason"]
+    assert status["one-hangs"]["duration_s"] < 15
+    assert "slept" in (tmp_path / "one-hangs.log").read_text()
+    assert not list(tmp_path.glob("*.log.*"))  # the parts' logs are merged
+
+
 def _junit(path, cases):
     suite = ET.Element("testsuite")
     for name, outcome, message in cases:
@@ -94,10 +112,11 @@ def test_sanitizer_steps_cover_the_ops_with_kernels():
     assert shared and set(shared) <= set(files)
 
 
-def test_cuda_plan_fits_a_gpu_lease(tmp_path):
+def test_cuda_plan_fits_a_gpu_lease(tmp_path, monkeypatch):
     """On a GPU the defaults fit a 15-minute lease (10 minutes per command, machine start included):
     the CUDA tests only, no CPU-side compile report or compiled-reference bench, all steps' timeouts
     within the 9.5-minute budget."""
+    monkeypatch.setattr(V, "find_compute_sanitizer", lambda: "/usr/local/cuda/bin/compute-sanitizer")
     args = _args(tmp_path)
     V.apply_device_defaults(args, cuda=True)
     steps = {s.name: s for s in V.plan(args, True, str(tmp_path))}
@@ -106,7 +125,12 @@ def test_cuda_plan_fits_a_gpu_lease(tmp_path):
     assert steps["info-kernels"].skip_reason and steps["bench-compiled"].skip_reason
     assert "--full" in steps["bench"].cmd and "--kernels" not in steps["bench"].cmd
     assert steps["bench"].cmd[steps["bench"].cmd.index("--min-seconds") + 1] == "0.1"
-    assert "compiled" in args.sanitize_k
+    assert "compiled" in args.sanitize_k and "not gradcheck" in args.sanitize_k
+    select = steps["bench"].cmd[steps["bench"].cmd.index("-k") + 1]
+    assert select == V.CUDA_BENCH_SELECT and "dc_step" in select
+    for tool in ("memcheck", "racecheck"):  # one sanitizer process per op test file, at once
+        assert len(steps[tool].parts) >= 2 and all(p.count("-k") == 1 and p[-3].startswith("tests/test_")
+                                                   for p in steps[tool].parts)
     assert sum(s.timeout_s for s in steps.values() if not s.skip_reason) <= args.budget_min * 60
     args = _args(tmp_path)
     V.apply_device_defaults(args, cuda=False)

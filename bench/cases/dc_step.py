@@ -17,7 +17,7 @@ import torch
 import ddfast
 from ddfast.ops.gradient_matcher import ConvNet, class_loop_reference
 
-from ..case import Case
+from ..case import Case, persistent
 
 
 def _inputs(num_classes, ipc, real_per_class, width, im):
@@ -35,16 +35,11 @@ def _inputs(num_classes, ipc, real_per_class, width, im):
     return make
 
 
-_GRAPHED = {}  # id(model) -> a persistent cuda_graph matcher: a graph is captured once, then replayed
-
-
 def _fused(strategy, model, **data):
     # provider "ddfast" is strategy "auto"; the variants time each strategy on its own; "graph"
     # (CUDA only) is "segmented" with cuda_graph=True, one matcher kept across the timed calls
     if strategy == "graph":
-        matcher = _GRAPHED.get(id(model))
-        if matcher is None or matcher.model is not model:
-            matcher = _GRAPHED[id(model)] = ddfast.GradientMatcher(model, strategy="segmented", cuda_graph=True)
+        matcher = persistent(model, lambda: ddfast.GradientMatcher(model, strategy="segmented", cuda_graph=True))
         return matcher(**data)
     return ddfast.GradientMatcher(model, strategy=strategy)(**data)
 

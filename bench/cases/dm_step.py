@@ -9,7 +9,7 @@ from ddfast.compat.dc import DiffAugment, ParamDiffAug
 from ddfast.ops.distribution_matcher import dm_reference_loop
 from ddfast.ops.gradient_matcher import ConvNet
 
-from ..case import Case
+from ..case import Case, persistent
 from .dsa import STRATEGY, class_seeds
 
 
@@ -42,15 +42,10 @@ def _reference(embed, x_real, y_real, x_syn, y_syn, num_classes):
     return dm_reference_loop(embed, x_real, y_real, x_syn, y_syn, num_classes, augment, class_seeds(num_classes))
 
 
-_GRAPHED = {}  # id(embed) -> a persistent cuda_graph matcher (variant "graph", CUDA only)
-
-
 def _fused(backend, embed, x_real, y_real, x_syn, y_syn, num_classes):
     if backend == "graph":  # the embeddings and the loss replayed from a CUDA graph; DSA eager
-        matcher = _GRAPHED.get(id(embed))
-        if matcher is None or matcher.embed is not embed:
-            matcher = _GRAPHED[id(embed)] = ddfast.DistributionMatcher(
-                embed, num_classes, dsa_strategy=STRATEGY, dsa_rng="reference", cuda_graph=True)
+        matcher = persistent(embed, lambda: ddfast.DistributionMatcher(
+            embed, num_classes, dsa_strategy=STRATEGY, dsa_rng="reference", cuda_graph=True))
     else:
         matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, backend=backend,
                                              dsa_rng="reference")

@@ -16,11 +16,10 @@ Budget (INFER's accounting, images stored per class = ipc):
     stored = base · (C + M) ≤ ipc · C images, instances = base · C · (M + 1).
 
 Labels: one soft label per instance, the teachers' mean logits on the un-augmented instance
-(static); storage instances × C values. INFER also trains its students with mixup whose labels are
-interpolated like the images (``lam · l_i + (1 − lam) · l_j``, ``relabel.mixup_static_batches``);
-``ddfast distill`` does not apply it yet: it evaluates the static labels with the runner's DSA
-training, for INFER and its random-subset baseline alike. (A ``mixup_alpha`` setting used to be
-listed here and did nothing: ipc-10 digits runs with 0 and 0.8 gave identical accuracies.)
+(static); storage instances × C values. INFER trains its students with mixup whose labels are
+interpolated like the images (``lam · l_i + (1 − lam) · l_j``): ``eval_mixup`` (α of Beta(α, α),
+default 0.8) makes ``ddfast distill`` evaluate INFER and its random-subset baseline alike so
+(``evaluate(..., mixup=α)``, after the runner's DSA); 0 turns it off.
 """
 from __future__ import annotations
 
@@ -151,7 +150,7 @@ class INFER:
     def default_hparams(cls, dataset, ipc: int = 10):
         from .sre2l import DEFAULTS, small_image_defaults, teacher_hparams
 
-        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real")
+        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real", eval_mixup=0.8)
         hp.update(teacher_hparams(dataset))
         small = small_image_defaults(dataset)
         if small:  # the compensators at lr 0.05 from herding base images, at every ipc (measured: README;

@@ -50,6 +50,9 @@ Triton tf32 value erred 2.1e-3 against float64 (N = 40, M = 30, D = 24, bandwidt
 test's case), ten times the emulation's: the tensor cores do not round operands as the emulation
 does. Triton fp32 ieee in the interpreter: 1e-7 / 5e-7.
 
+CUDA: ``backend="auto"`` takes the Triton kernel (tensor cores for tf32/bf16), except exact fp32
+at N·M·D ≥ 2^34 per class, where cuBLAS (the reference's matmuls) is faster (``BLAS_PAIR_WORK``;
+also in every precision when auto falls back to the SIMT CUDA kernel, Triton missing).
 CPU: ``backend="auto"`` takes the C++ kernel, measured faster than the reference (fwd + bwd,
 median of 9, one thread: 54.4 vs 38.8 ms at N = M = 256, D = 64; 233.5 vs 203.0 ms at 512 × 128;
 194.7 vs 96.3 ms at N = M = 1000, D = 64, 10 classes).
@@ -219,6 +222,31 @@ def _register_compiled():
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, cuda_prefers_triton=True,
                                      on_load=_register_compiled))
 
+# ...except exact fp32 at large sizes. On an H200 (ddfast validate, 2026-11-26, fwd + bwd, fp32,
+# torch's "highest" matmul precision) the Triton kernel took 260 ms against the reference's 75.7 ms
+# at N = M = 8192, D = 2048 (the reference's cuBLAS SGEMM runs near the FP32 peak; Triton's ieee
+# dot does not), but was 1.26x faster at 10 classes x 500 x 500 x 2048 (39.8 vs 50.0 ms) and 1.9x
+# at 256 x 256 x 64. Between those two measured sizes of N·M·D per class (5e9 and 1.4e11):
+BLAS_PAIR_WORK = 2 ** 34
+
+
+def _auto_takes_blas(kernel: str, backend, precision: str, x: torch.Tensor, pair_work: int) -> bool:
+    """Whether auto on CUDA hands work of ``pair_work`` (N·M·D per class) to the reference
+    (cuBLAS) instead of the fused ``kernel``. Only for precision "auto", so the reference multiplies
+    as torch's matmul setting says, as the kernel would."""
+    requested = backend if backend not in (None, "auto") else _backend.get_backend()
+    if requested != "auto" or precision != "auto" or not x.is_cuda:
+        return False
+    return blas_is_faster(kernel, x.dtype, kernel_precision(precision, x), pair_work)
+
+
+def blas_is_faster(kernel: str, dtype: torch.dtype, dot_precision: str, pair_work: int) -> bool:
+    """The CUDA kernel is SIMT in every precision (341-363 ms on the H200 case above); Triton loses
+    only with ieee fp32 dots."""
+    if pair_work < BLAS_PAIR_WORK:
+        return False
+    return kernel == "cuda" or (dtype == torch.float32 and dot_precision == "ieee")
+
 
 # --- validation -------------------------------------------------------------------------------
 
@@ -374,6 +402,9 @@ def mmd(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidth
         _check_unbiased_counts(n_c if labeled else n, m_c if labeled else m, labeled)
 
     which = _backend.resolve(OP, backend, x.device)
+    if which in ("triton", "cuda") and _auto_takes_blas(which, backend, precision, x,
+                                                        n * m * d_x // (num_classes or 1)):
+        which = "torch"
     if which == "torch":
         result = mmd_reference(round_operand(x, precision), round_operand(y, precision), kernel=kernel,
                                bandwidths=bw, x_labels=x_labels, y_labels=y_labels, num_classes=num_classes,
