@@ -419,3 +419,31 @@ def test_dispatched_ops_tenth_of_the_class_loop_and_flat_in_classes(device):
             ref = _step_ops(lambda: class_loop_reference(model, x_real, y_real, x_syn, y_syn), x_syn)
             assert counts[10] * 10 <= ref, (counts[10], ref)
     assert counts[20] == counts[10]
+
+
+def test_real_side_chunks_keep_no_graph_so_their_activations_are_freed(monkeypatch):
+    """The real side's per-class gradients of each chunk carry no autograd graph: one did, through
+    the layer inputs (x requires grad for the data backward), and kept every chunk's activations
+    alive until the end (26.6 GB on an H200 at CIFAR-100 ipc 10, against 5.1 GB at CIFAR-10)."""
+    torch.manual_seed(0)
+    model = ConvNet(3, 6, width=8, depth=2, norm="instancenorm", im_size=8)
+    x_real, y_real = torch.randn(6 * 5, 3, 8, 8), torch.arange(6).repeat_interleave(5)
+    x_syn = torch.randn(6 * 2, 3, 8, 8, requires_grad=True)
+    y_syn = torch.arange(6).repeat_interleave(2)
+    seen = []
+    real_class_grads = sg.class_grads
+
+    def spy(*args, **kwargs):
+        out = real_class_grads(*args, **kwargs)
+        seen.append((args[8], [g.grad_fn is None for g in out]))
+        return out
+
+    monkeypatch.setattr(sg, "class_grads", spy)
+    loss = GradientMatcher(model, strategy="segmented", real_chunk_size=10)(x_real, y_real, x_syn, y_syn)
+    real = [flags for create_graph, flags in seen if not create_graph]
+    assert len(real) == 3 and all(all(flags) for flags in real)  # 3 chunks of 2 classes, no graph
+    assert [create_graph for create_graph, _ in seen].count(True) == 1
+    syn_grads = [flags for create_graph, flags in seen if create_graph][0]
+    assert not any(syn_grads)  # the synthetic side keeps its graph to the images
+    loss.backward()
+    assert x_syn.grad is not None and torch.isfinite(x_syn.grad).all()

@@ -530,9 +530,14 @@ def class_grads(plan, state: Dict[str, torch.Tensor], names: Sequence[str], x: t
     loss = (weight * F.cross_entropy(logits, labels, reduction="none")).sum()
     gos = torch.autograd.grad(loss, [z for _, z, _, _ in records], create_graph=create_graph)
     grads: Dict[str, torch.Tensor] = {}
-    for (step, _, saved, roles), go in zip(records, gos):
-        for role, g in step.class_grads(saved, go, G, n, _params_of(step, state), roles).items():
-            grads[step.params[role]] = g
+    # without create_graph (the real side) the reductions record no graph: the saved layer inputs
+    # require grad (x does), and a graph would keep every chunk's activations alive until the
+    # caller detached the result (measured: +1.9 layer-1 activations per real image, 26.6 GB on
+    # an H200 at CIFAR-100 ipc 10)
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        for (step, _, saved, roles), go in zip(records, gos):
+            for role, g in step.class_grads(saved, go, G, n, _params_of(step, state), roles).items():
+                grads[step.params[role]] = g
     return [grads[name] for name in names]
 
 
