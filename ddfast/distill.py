@@ -294,8 +294,9 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--model", default=None, help="network name (default: the distillation's)")
     p.add_argument("--dsa", action="store_true", help="DSA on every training minibatch")
-    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
-                   help="Beta(α, α) mixup of every minibatch, targets interpolated (INFER's evaluation; 0: off)")
+    p.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                   help="Beta(α, α) mixup of every minibatch, targets interpolated (0: off; default: the "
+                        "distillation's eval_mixup, 0.8 for INFER, else 0)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batched", dest="batched", action="store_true", default=True, help="all networks at once")
     g.add_argument("--sequential", dest="batched", action="store_false", help="one network after the other")
@@ -311,15 +312,18 @@ def evaluate_main(argv=None) -> int:
     dev = _resolve_device(a.device)
     ds = load_dataset(a.dataset or args.get("dataset", "digits"), device=dev)
     hp = args.get("hparams", {})
+    mixup = float(hp.get("eval_mixup", 0.0)) if a.mixup is None else a.mixup
     res = evaluate(blob["images"].to(dev), blob["labels"].to(dev), ds, model=a.model or args.get("model", "convnet"),
                    net_width=hp.get("net_width"), net_depth=hp.get("net_depth"), num_models=a.models, epochs=a.epochs,
-                   dsa=a.dsa, seed=a.seed, batched=a.batched, progress=not a.no_progress, mixup=a.mixup)
+                   dsa=a.dsa, seed=a.seed, batched=a.batched, progress=not a.no_progress,
+                   mixup=mixup)
     print(f"{blob.get('method', '?')} synthetic set {tuple(blob['images'].shape)} on {ds.name}: {res}")
     print("  per network: " + ", ".join(f"{x:.2f}" for x in res.accuracies))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"method": blob.get("method"), "accuracies": res.accuracies, "mean": res.mean, "std": res.std,
-                       "seconds": res.seconds, "batched": res.batched, "epochs": a.epochs}, f, indent=2)
+                       "seconds": res.seconds, "batched": res.batched, "epochs": a.epochs,
+                       "dsa": a.dsa, "mixup": mixup}, f, indent=2)
     return 0
 
 

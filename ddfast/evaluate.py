@@ -26,6 +26,7 @@ and π drawn from the network's own generator (INFER trains its students so, on 
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -141,7 +142,10 @@ def mix_batch(x: torch.Tensor, targets: torch.Tensor, alpha: float, gen: torch.G
     lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen))).beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
     if not targets.is_floating_point():
-        targets = F.one_hot(targets, num_classes).to(x.dtype)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes (the one-hot width of class-id targets) must be a positive int, "
+                             f"got {num_classes!r}")
+        targets = F.one_hot(targets.long(), num_classes).to(x.dtype)
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
@@ -205,6 +209,16 @@ def _train_batched(nets, gens, trainer: _Trainer, progress):
 
 
 @torch.no_grad()
+def _output_classes(net: nn.Module, images: torch.Tensor) -> int:
+    """The network's number of outputs (the one-hot width of mixed class ids); one image, eval mode."""
+    was_training = net.training
+    try:
+        return int(net.eval()(images[:1]).shape[-1])
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
 def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
     net.eval()
     correct = 0
@@ -233,7 +247,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
     for name, v in (("num_models", num_models), ("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not mixup >= 0:
+    if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not 0 <= mixup < math.inf:
         raise ValueError(f"mixup must be a non-negative Beta concentration α (0: off), got {mixup!r}")
     device, dtype = images.device, images.dtype
     if isinstance(model, str):
@@ -248,7 +262,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
     trainer = _Trainer(images.detach(), labels.detach().to(dtype) if labels.is_floating_point() else labels,
                        epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
                        dsa_strategy=dsa_strategy if dsa else None, align_corners=align_corners,
-                       soft_label_fn=soft_label_fn, mixup=float(mixup), num_classes=num_classes)
+                       soft_label_fn=soft_label_fn, mixup=float(mixup),
+                       num_classes=_output_classes(nets[0], images) if mixup and not labels.is_floating_point() else None)
     if batched and has_batchnorm(nets[0]):
         warnings.warn("BatchNorm networks cannot be trained under vmap; evaluating them sequentially")
         batched = False
@@ -287,7 +302,9 @@ def cached_evaluate(tag: str, images: torch.Tensor, labels: torch.Tensor, datase
 
     from .methods._common import cache_dir, data_fingerprint
 
-    settings = sorted((k, str(v)) for k, v in kwargs.items() if k not in ("progress", "desc"))
+    # mixup off is left out of the key: results cached before the option existed stay valid
+    settings = sorted((k, str(v)) for k, v in kwargs.items()
+                      if k not in ("progress", "desc") and not (k == "mixup" and not v))
     key = derive_seed(0, tag, dataset.name, data_fingerprint(images, labels, dataset.x_test), *settings)
     path = cache_dir("baselines") / f"{tag}-{key:016x}.json"
     if use_cache and path.exists():

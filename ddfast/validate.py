@@ -110,35 +110,50 @@ def _children_cpu_s() -> float:
 
 def _run_logged(step: Step, log_path: str, timeout: float):
     """Run in its own process group (killed whole on timeout), stdout+stderr into the log; the
-    parts of a parallel step each into their own section, in order."""
+    parts of a parallel step each into their own section, in order. A part that selects no test
+    (pytest's exit status 5, a narrow ``-k``) does not fail the step."""
     env = dict(os.environ, **step.env)
     cmds = step.parts or [step.cmd]
     logs = [log_path] if len(cmds) == 1 else [f"{log_path}.{i}" for i in range(len(cmds))]
-    procs = []
-    for cmd, path in zip(cmds, logs):
-        log = open(path, "w")
-        log.write(f"$ {' '.join(cmd)}\n" + (f"# env: {step.env}\n" if step.env else ""))
-        log.flush()
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                       start_new_session=True), log))
-    deadline, returncode, timed_out = time.monotonic() + timeout, 0, False
-    for proc, log in procs:
-        try:
-            code = proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            log.write(f"\n# killed: timed out after {timeout:.0f} s\n")
-            timed_out = True
-        log.close()
-        returncode = returncode or code
+    procs, codes, timed_out = [], [], False
+    try:
+        for cmd, path in zip(cmds, logs):
+            log = open(path, "w")
+            procs.append((None, log))
+            log.write(f"$ {' '.join(cmd)}\n" + (f"# env: {step.env}\n" if step.env else ""))
+            log.flush()
+            procs[-1] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                          start_new_session=True), log)
+        deadline = time.monotonic() + timeout
+        for proc, log in procs:
+            try:
+                codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.01)))
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                codes.append(proc.returncode)
+                log.write(f"\n# killed: timed out after {timeout:.0f} s\n")
+                timed_out = True
+    finally:  # a part that failed to start (or any error) leaves nothing running and no log open
+        for proc, log in procs:
+            if proc is not None and proc.poll() is None:
+                _kill(proc)
+            log.close()
     if len(cmds) > 1:
         with open(log_path, "w") as out:
-            for path, (proc, _) in zip(logs, procs):
+            for path, code in zip(logs, codes):
                 with open(path) as part:
-                    out.write(part.read() + f"# exit status {proc.returncode}\n\n")
+                    out.write(part.read() + f"# exit status {code}\n\n")
                 os.remove(path)
-    return returncode, timed_out
+        codes = [0 if code == 5 else code for code in codes]
+    return next((c for c in codes if c), 0), timed_out
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group ended between the timeout and the kill
+        pass
+    proc.wait()
 
 
 # --- outputs of the steps -------------------------------------------------------------------

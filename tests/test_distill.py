@@ -181,4 +181,16 @@ def test_cli_distill_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", str(syn), "--models", "2", "--epochs", "2", "--sequential", "--no-progress",
                  "--json", str(tmp_path / "e.json")]) == 0
     assert "2 networks" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "e.json").read_text())["accuracies"]) == 2
+    plain = json.loads((tmp_path / "e.json").read_text())
+    assert len(plain["accuracies"]) == 2
+    # a set saved with eval_mixup (INFER's default) is re-evaluated with it unless --mixup says otherwise
+    blob = torch.load(syn, weights_only=False)
+    blob["args"]["hparams"]["eval_mixup"] = 0.8
+    torch.save(blob, syn)
+    runs = {}
+    for extra in ([], ["--mixup", "0"]):
+        assert main(["evaluate", str(syn), "--models", "2", "--epochs", "2", "--sequential", "--no-progress",
+                     "--json", str(tmp_path / "e.json")] + extra) == 0
+        runs[tuple(extra)] = json.loads((tmp_path / "e.json").read_text())
+    assert plain["mixup"] == 0.0 and runs[()]["mixup"] == 0.8 and runs[("--mixup", "0")]["mixup"] == 0.0
+    assert runs[("--mixup", "0")]["accuracies"] == plain["accuracies"]

@@ -81,7 +81,7 @@ def test_bad_input(data64):
         evaluate(x, y, test, **dict(tiny, num_models=0))
     with pytest.raises(TypeError, match="test_set"):
         evaluate(x, y, test[0], **tiny)
-    for bad in (-0.5, float("nan"), True, "0.8"):
+    for bad in (-0.5, float("nan"), float("inf"), True, "0.8"):
         with pytest.raises(ValueError, match="mixup"):
             evaluate(x, y, test, mixup=bad, **tiny)
 
@@ -110,6 +110,10 @@ def test_mix_batch_interpolates_images_and_targets_from_the_generator_alone():
     soft = torch.softmax(torch.randn(6, 3, dtype=torch.float64), 1)
     _, ts = mix_batch(x, soft, 0.8, torch.Generator().manual_seed(3), 3)
     torch.testing.assert_close(ts.sum(1), torch.ones(6, dtype=torch.float64))
+    # int32 class ids mix like int64 ones; class ids need the one-hot width
+    assert torch.equal(mix_batch(x, y.int(), 0.8, torch.Generator().manual_seed(3), 3)[1], tm)
+    with pytest.raises(ValueError, match="num_classes"):
+        mix_batch(x, y, 0.8, torch.Generator().manual_seed(3), None)
 
 
 def test_mixup_evaluation_batched_equals_sequential_and_changes_training(data64):
@@ -119,3 +123,11 @@ def test_mixup_evaluation_batched_equals_sequential_and_changes_training(data64)
     torch.testing.assert_close(torch.tensor(a.train_losses), torch.tensor(b.train_losses), rtol=1e-12, atol=1e-12)
     plain = evaluate(x, y, test, **SMALL)
     assert a.train_losses != plain.train_losses  # mixed targets: a different objective
+    # a network with more outputs than the test labels reach: the one-hot width is the network's
+    from ddfast.models import get_network
+
+    few = (test[0][test[1] < 5], test[1][test[1] < 5])
+    keep = y < 5
+    res = evaluate(x[keep], y[keep], few, mixup=0.8, model=lambda: get_network("convnet", 1, 10, (8, 8), width=6,
+                                                                               depth=1), **dict(SMALL, num_models=1))
+    assert len(res.accuracies) == 1

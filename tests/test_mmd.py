@@ -419,16 +419,38 @@ def test_nan_input_is_named(device, backend_kind):
 def test_auto_hands_large_exact_fp32_work_to_blas():
     """H200 (validate 2026-11-26): Triton's ieee dot 260 ms vs the reference's cuBLAS 75.7 ms at
     8192 x 8192 x 2048; Triton faster at 10 x 500 x 500 x 2048 and 256 x 256 x 64."""
-    from ddfast.ops.mmd import BLAS_PAIR_WORK, blas_is_faster
+    from ddfast.ops.mmd import BLAS_PAIR_WORK, blas_is_faster, reference_bytes
 
     big = 8192 * 8192 * 2048
-    assert blas_is_faster("triton", torch.float32, "ieee", big)
-    assert not blas_is_faster("triton", torch.float32, "ieee", 500 * 500 * 2048)
-    assert not blas_is_faster("triton", torch.float32, "ieee", 256 * 256 * 64)
+    assert blas_is_faster("triton", torch.float32, "ieee", big, 2048)
+    assert not blas_is_faster("triton", torch.float32, "ieee", 500 * 500 * 2048, 2048)
+    assert not blas_is_faster("triton", torch.float32, "ieee", 256 * 256 * 64, 64)
+    assert not blas_is_faster("triton", torch.float32, "ieee", 2 ** 36, 16)  # exp-bound: the kernel
     assert 500 * 500 * 2048 < BLAS_PAIR_WORK < big
     for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "bf16"), (torch.bfloat16, "ieee")):
-        assert not blas_is_faster("triton", dtype, precision, big)  # tensor-core Triton wins there
-        assert blas_is_faster("cuda", dtype, precision, big)  # the SIMT kernel (341-363 ms) does not
+        assert not blas_is_faster("triton", dtype, precision, big, 2048)  # tensor-core Triton wins there
+        assert blas_is_faster("cuda", dtype, precision, big, 2048)  # the SIMT kernel (341-363 ms) does not
+    # the reference's working set: 5.76 GB measured at 8192 x 8192, 5 bandwidths, fp32
+    assert abs(reference_bytes(8192, 8192, 5, 4) / 5.76e9 - 1) < 0.05
+
+
+def test_centred_reference_keeps_fp32_accuracy_on_offset_features():
+    """The BLAS path centres the features as the kernels do; the plain reference loses 5 % here."""
+    from ddfast.ops.mmd import _reference_centred
+
+    g = torch.Generator().manual_seed(0)
+    x = 50 + 0.05 * torch.randn(300, 512, generator=g)
+    y = 50 + 0.05 * torch.randn(300, 512, generator=g) + 0.01
+    bw = [0.5, 1.0, 2.0]
+    exact = mmd_reference(x.double(), y.double(), bandwidths=torch.tensor(bw, dtype=torch.float64))
+    xc, yc = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    centred = _reference_centred(xc, yc, kernel="gaussian", bandwidths=torch.tensor(bw), estimator="biased",
+                                 reduction="sum")
+    assert abs(centred.item() / exact.item() - 1) < 1e-4
+    xd = x.double().requires_grad_(True)
+    mmd_reference(xd, y.double(), bandwidths=torch.tensor(bw, dtype=torch.float64)).backward()
+    centred.backward()
+    torch.testing.assert_close(xc.grad.double(), xd.grad, rtol=1e-3, atol=1e-3 * xd.grad.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -438,12 +460,18 @@ def test_auto_on_cuda_takes_the_reference_for_large_exact_fp32(monkeypatch):
     calls = []
     real = mmd_mod.mmd_reference
     monkeypatch.setattr(mmd_mod, "mmd_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = torch.randn(2048, 4096, device="cuda")  # N·M·D = 2^34: the switch
-    y = torch.randn(2048, 4096, device="cuda") + 0.1
-    big = ddfast.mmd(x, y, bandwidths=[64.0, 128.0])
-    assert calls == [1]
-    ddfast.mmd(x, y, bandwidths=[64.0, 128.0], backend="triton")  # explicit: the kernel
-    ddfast.mmd(x[:256, :64], y[:256, :64], bandwidths=[8.0])       # small: the kernel
-    assert calls == [1]
-    torch.testing.assert_close(big, ddfast.mmd(x, y, bandwidths=[64.0, 128.0], backend="triton"),
-                               rtol=1e-4, atol=1e-6)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # exact fp32: what the switch is for
+    try:
+        x = torch.randn(2048, 4096, device="cuda")  # N·M·D = 2^34: the switch
+        y = torch.randn(2048, 4096, device="cuda") + 0.1
+        big = ddfast.mmd(x, y, bandwidths=[64.0, 128.0])
+        assert calls == [1]
+        kernel = ddfast.mmd(x, y, bandwidths=[64.0, 128.0], backend="triton")  # explicit: the kernel
+        ddfast.mmd(x[:256, :64], y[:256, :64], bandwidths=[8.0])  # small: the kernel
+        labels = torch.zeros(2048, dtype=torch.long, device="cuda")
+        ddfast.mmd(x, y, bandwidths=[64.0], x_labels=labels, y_labels=labels)  # labeled: the kernel
+        assert calls == [1]
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(big, kernel, rtol=1e-4, atol=1e-6)

@@ -60,22 +60,33 @@ def test_timeout_and_spent_budget_fail_and_passing_steps_pass(tmp_path):
     assert summary["steps"][0]["status"] == V.FAIL and "budget" in summary["steps"][0]["reason"]
 
 
-def test_parallel_parts_run_at_once_and_any_failing_part_fails_the_step(tmp_path):
+def test_parallel_parts_run_at_once_and_any_failing_part_fails_the_step(tmp_path, monkeypatch):
     args = _args(tmp_path, "--budget-min", "1")
     sleep = [sys.executable, "-c", "import time; time.sleep(2); print('sl' + 'ept')"]
-    steps = [V.Step("both-ok", [], 30, parts=[sleep, sleep]),
+    no_tests = [sys.executable, "-c", "import sys; sys.exit(5)"]  # pytest: no test selected
+    steps = [V.Step("both-ok", [], 30, parts=[sleep, sleep, no_tests]),
              V.Step("one-fails", [], 30, parts=[sleep, [sys.executable, "-c", "import sys; sys.exit(3)"]]),
              V.Step("one-hangs", [], 3, parts=[sleep, [sys.executable, "-c", "import time; time.sleep(60)"]])]
     summary = V.validate(args, steps=steps, cuda=False)
     status = {s["name"]: s for s in summary["steps"]}
     assert status["both-ok"]["status"] == V.PASS and status["both-ok"]["duration_s"] < 3.9  # not 2 + 2 s
     log = (tmp_path / "both-ok.log").read_text()
-    assert log.count("slept") == 2 and log.count("# exit status 0") == 2
+    assert log.count("slept") == 2 and log.count("# exit status 0") == 2 and "# exit status 5" in log
     assert status["one-fails"]["status"] == V.FAIL and "exit status 3" in status["one-fails"]["reason"]
     assert status["one-hangs"]["status"] == V.FAIL and "timed out" in status["one-hangs"]["reason"]
     assert status["one-hangs"]["duration_s"] < 15
     assert "slept" in (tmp_path / "one-hangs.log").read_text()
     assert not list(tmp_path.glob("*.log.*"))  # the parts' logs are merged
+    # a part that cannot start stops nothing else from being cleaned up: no process left running
+    broken = V.Step("broken", [], 30, parts=[[sys.executable, "-c", "import time; time.sleep(60)"],
+                                              ["/nonexistent/program"]])
+    import pytest
+
+    started, popen = [], V.subprocess.Popen
+    monkeypatch.setattr(V.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+    with pytest.raises(FileNotFoundError):
+        V._run_logged(broken, str(tmp_path / "broken.log"), 30)
+    assert len(started) == 1 and started[0].poll() is not None
 
 
 def _junit(path, cases):

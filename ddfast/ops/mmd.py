@@ -50,9 +50,10 @@ Triton tf32 value erred 2.1e-3 against float64 (N = 40, M = 30, D = 24, bandwidt
 test's case), ten times the emulation's: the tensor cores do not round operands as the emulation
 does. Triton fp32 ieee in the interpreter: 1e-7 / 5e-7.
 
-CUDA: ``backend="auto"`` takes the Triton kernel (tensor cores for tf32/bf16), except exact fp32
-at N·M·D ≥ 2^34 per class, where cuBLAS (the reference's matmuls) is faster (``BLAS_PAIR_WORK``;
-also in every precision when auto falls back to the SIMT CUDA kernel, Triton missing).
+CUDA: ``backend="auto"`` takes the Triton kernel (tensor cores for tf32/bf16), except unlabeled
+exact-fp32 gaussian MMD with N·M·D ≥ 2^34 and D ≥ 512, where cuBLAS (the reference's matmuls, on
+centred features) is faster, if its N×M working set fits a quarter of the free memory
+(``BLAS_PAIR_WORK``; also in every precision when auto falls back to the SIMT CUDA kernel).
 CPU: ``backend="auto"`` takes the C++ kernel, measured faster than the reference (fwd + bwd,
 median of 9, one thread: 54.4 vs 38.8 ms at N = M = 256, D = 64; 233.5 vs 203.0 ms at 512 × 128;
 194.7 vs 96.3 ms at N = M = 1000, D = 64, 10 classes).
@@ -226,26 +227,50 @@ _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, cuda_prefe
 # torch's "highest" matmul precision) the Triton kernel took 260 ms against the reference's 75.7 ms
 # at N = M = 8192, D = 2048 (the reference's cuBLAS SGEMM runs near the FP32 peak; Triton's ieee
 # dot does not), but was 1.26x faster at 10 classes x 500 x 500 x 2048 (39.8 vs 50.0 ms) and 1.9x
-# at 256 x 256 x 64. Between those two measured sizes of N·M·D per class (5e9 and 1.4e11):
+# at 256 x 256 x 64. The reference keeps ~(K + 2) matrices of N·M + N² + M² entries for K bandwidths
+# (5.76 GB there, against the kernel's 0.26 GB), so auto takes it only for unlabeled inputs with
+# N·M·D past the point between those two measured sizes (5e9 and 1.4e11), D ≥ 512 (dot products,
+# not the pairwise exp, dominate) and that working set under a quarter of the free device memory.
 BLAS_PAIR_WORK = 2 ** 34
+BLAS_MIN_FEATURES = 512
 
 
-def _auto_takes_blas(kernel: str, backend, precision: str, x: torch.Tensor, pair_work: int) -> bool:
-    """Whether auto on CUDA hands work of ``pair_work`` (N·M·D per class) to the reference
-    (cuBLAS) instead of the fused ``kernel``. Only for precision "auto", so the reference multiplies
-    as torch's matmul setting says, as the kernel would."""
+def _auto_takes_blas(kernel: str, backend, precision: str, x: torch.Tensor, n: int, m: int, d: int,
+                     num_bandwidths: int) -> bool:
+    """Whether auto on CUDA hands unlabeled work to the reference (cuBLAS) instead of the fused
+    ``kernel``. Only for precision "auto", so the reference multiplies as torch's matmul setting
+    says, as the kernel would."""
     requested = backend if backend not in (None, "auto") else _backend.get_backend()
     if requested != "auto" or precision != "auto" or not x.is_cuda:
         return False
-    return blas_is_faster(kernel, x.dtype, kernel_precision(precision, x), pair_work)
+    if not blas_is_faster(kernel, x.dtype, kernel_precision(precision, x), n * m * d, d):
+        return False
+    free, _ = torch.cuda.mem_get_info(x.device)
+    free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+    return reference_bytes(n, m, num_bandwidths, x.element_size()) <= free // 4
 
 
-def blas_is_faster(kernel: str, dtype: torch.dtype, dot_precision: str, pair_work: int) -> bool:
+def blas_is_faster(kernel: str, dtype: torch.dtype, dot_precision: str, pair_work: int, d: int) -> bool:
     """The CUDA kernel is SIMT in every precision (341-363 ms on the H200 case above); Triton loses
     only with ieee fp32 dots."""
-    if pair_work < BLAS_PAIR_WORK:
+    if pair_work < BLAS_PAIR_WORK or d < BLAS_MIN_FEATURES:
         return False
     return kernel == "cuda" or (dtype == torch.float32 and dot_precision == "ieee")
+
+
+def reference_bytes(n: int, m: int, num_bandwidths: int, element_size: int) -> int:
+    """The reference's working set, fwd + bwd: K + 2 matrices of each pair block (measured 5.76 GB
+    at N = M = 8192, K = 5, fp32; this gives 5.64 GB)."""
+    return (n * m + n * n + m * m) * (num_bandwidths + 2) * element_size
+
+
+def _reference_centred(x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
+    """The reference on features centred by their pooled mean, as the kernels centre them: the
+    distances are shift-invariant, and fp32 |a|² + |b|² − 2<a, b> would otherwise cancel on
+    features with a large common offset (5 % off at offset 50 on CPU). The mean is a constant for
+    autograd: the exact gradient, since the loss does not depend on it."""
+    c = torch.cat([x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)]).detach().mean(0)
+    return mmd_reference(x - c.view(x.shape[1:]), y - c.view(y.shape[1:]), **kw)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -402,10 +427,10 @@ def mmd(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidth
         _check_unbiased_counts(n_c if labeled else n, m_c if labeled else m, labeled)
 
     which = _backend.resolve(OP, backend, x.device)
-    if which in ("triton", "cuda") and _auto_takes_blas(which, backend, precision, x,
-                                                        n * m * d_x // (num_classes or 1)):
-        which = "torch"
-    if which == "torch":
+    if (which in ("triton", "cuda") and kernel == "gaussian" and x_labels is None
+            and _auto_takes_blas(which, backend, precision, x, n, m, d_x, 5 if bw is None else bw.numel())):
+        result = _reference_centred(x, y, kernel=kernel, bandwidths=bw, estimator=estimator, reduction=reduction)
+    elif which == "torch":
         result = mmd_reference(round_operand(x, precision), round_operand(y, precision), kernel=kernel,
                                bandwidths=bw, x_labels=x_labels, y_labels=y_labels, num_classes=num_classes,
                                estimator=estimator, reduction=reduction)
