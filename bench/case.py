@@ -29,6 +29,9 @@ class Case:
     # provider named by its key and checked against ``reference``; ddfast rows report speed-ups
     # against each of them as well as against ``reference``. baseline(**inputs) -> tensor.
     baselines: Dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+    # Baselines timed but not checked: the computation users run, with its own random draws (DM's
+    # loop with DiffAugment's host RNG against a step with device-drawn DSA); check "n/a".
+    unchecked: Tuple[str, ...] = ()
     # Work model: work_flops(inputs, provider) -> fwd+bwd flops that provider's algorithm executes
     # (None: unknown). The bench's "work" column is work_flops(provider) / work_flops("reference").
     work_flops: Optional[Callable[[Dict, str], Optional[float]]] = None

@@ -264,6 +264,9 @@ def _time_provider(case: Case, name: str, role: str, fn: Callable, inputs: Dict,
     if role == "reference":
         row["check"] = "reference"
         _run_step(fn, inputs, case.grad_inputs, collect=False)
+    elif name in case.unchecked:
+        row["check"] = "n/a"  # its own random draws: timed only (Case.unchecked)
+        _run_step(fn, inputs, case.grad_inputs, collect=False)
     else:
         ok, err, details = check(case, inputs, ref, fn, exact)
         row["check"] = "ok" if ok else "MISMATCH"

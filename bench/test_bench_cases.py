@@ -4,7 +4,8 @@
     DDFAST_BENCH_FULL=1 python -m pytest bench/test_bench_cases.py --benchmark-only --benchmark-json out.json
 
 Providers: the reference, each of the case's baselines (e.g. DC's per-class loop) and the first
-available ddfast provider; each is checked against the reference before it is timed, as in ``ddfast bench``.
+available ddfast provider; each is checked against the reference before it is timed, as in ``ddfast bench``
+(except the baselines in ``Case.unchecked``, which draw their own random numbers).
 Not part of the test suite (``testpaths = tests``).
 """
 import os
@@ -29,6 +30,8 @@ def test_case(benchmark, case, provider):
     ref_fn = lambda: case.reference(**inputs)  # noqa: E731
     if provider == "reference":
         fn = ref_fn
+    elif provider in case.unchecked:  # its own random draws: timed only
+        fn = lambda: case.baselines[provider](**inputs)  # noqa: E731
     elif provider in case.baselines:
         fn = lambda: case.baselines[provider](**inputs)  # noqa: E731
         ok, err, _ = check(case, inputs, _run_step(ref_fn, inputs, case.grad_inputs), fn, ExactReference(case, DEVICE, inputs))

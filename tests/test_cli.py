@@ -221,3 +221,13 @@ def test_bench_keeps_one_persistent_object_and_drops_it_after_each_case():
     a, b = torch.zeros(1), torch.zeros(1)
     first = case_mod.persistent(a, object)
     assert case_mod.persistent(a, object) is first and case_mod.persistent(b, object) is not first
+
+
+def test_dm_step_device_rng_case_checks_against_its_per_class_loop_and_times_dms_loop():
+    case = next(c for c in all_cases() if c.name == "dm_step/convnet2-tiny-c3-ipc2-device-rng")
+    rows = runner.run_case(case, torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0)
+    by = {r["provider"]: r for r in rows}
+    assert by["ddfast"]["check"] == "ok", by["ddfast"]  # the grouped device draws equal the per-class calls
+    assert by["dm-loop"]["check"] == "n/a" and by["dm-loop"]["median_ms"] > 0
+    assert "dm-loop" in by["ddfast"]["speedup_vs"] and runner.failed_rows(rows) == []
+    assert by["ddfast"]["syncs"] == 0  # device-drawn DSA: no host sync after warm-up

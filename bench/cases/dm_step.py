@@ -52,24 +52,45 @@ def _fused(backend, embed, x_real, y_real, x_syn, y_syn, num_classes):
     return matcher(x_real, y_real, x_syn, y_syn, seeds=class_seeds(num_classes))
 
 
+def _reference_device_rng(embed, x_real, y_real, x_syn, y_syn, num_classes):
+    """DM's class loop with ddfast's device-drawn DSA, one call per class and side (torch ops): the
+    draws depend on (seed, class, image), not on how the images are split into calls, so this is
+    the oracle of the grouped device-RNG step."""
+    seeds = class_seeds(num_classes)
+
+    def augment(images, seed):
+        groups = torch.full((images.shape[0],), seeds.index(seed), device=images.device)
+        return ddfast.dsa_augment(images, groups, STRATEGY, seeds, rng="device", backend="torch")
+    return dm_reference_loop(embed, x_real, y_real, x_syn, y_syn, num_classes, augment, seeds)
+
+
+def _fused_device_rng(backend, embed, x_real, y_real, x_syn, y_syn, num_classes):
+    if backend == "graph":
+        matcher = persistent(embed, lambda: ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY,
+                                                                       cuda_graph=True))
+    else:  # ddfast's default: DSA drawn on the device (no host sync)
+        matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, backend=backend)
+    return matcher(x_real, y_real, x_syn, y_syn, seeds=class_seeds(num_classes))
+
+
+SIZES = (  # label, classes, real per class, ipc, image size, width, depth, default, device-RNG case too
+    ("convnet2-tiny-c3-ipc2", 3, 8, 2, 16, 8, 2, True, True),
+    ("convnet3-cifar10-ipc50", 10, 256, 50, 32, 128, 3, False, True),
+    ("convnet3-cifar100-ipc10", 100, 256, 10, 32, 128, 3, False, False))
+
+
 def cases():
     out = []
-    for label, c, n_real, ipc, size, width, depth, default in (
-            ("convnet2-tiny-c3-ipc2", 3, 8, 2, 16, 8, 2, True),
-            ("convnet3-cifar10-ipc50", 10, 256, 50, 32, 128, 3, False),
-            ("convnet3-cifar100-ipc10", 100, 256, 10, 32, 128, 3, False)):
-        out.append(Case(
-            name=f"dm_step/{label}",
-            make_inputs=_inputs(c, n_real, ipc, size, width, depth),
-            reference=_reference,
-            fused=_fused,
-            backends=("auto",),
-            cuda_variants=("graph",),
-            grad_inputs=("x_syn",),
-            default=default,
-            tol=1e-3,
-            size=c * (n_real + ipc),
-            notes=f"{c} classes x ({n_real} real + {ipc} syn), ConvNet-{depth} width {width}, "
-                  f"{size}x{size}, DSA on",
-        ))
+    for label, c, n_real, ipc, size, width, depth, default, device_rng in SIZES:
+        shape = f"{c} classes x ({n_real} real + {ipc} syn), ConvNet-{depth} width {width}, {size}x{size}, DSA on"
+        common = dict(make_inputs=_inputs(c, n_real, ipc, size, width, depth), backends=("auto",),
+                      cuda_variants=("graph",), grad_inputs=("x_syn",), tol=1e-3, size=c * (n_real + ipc))
+        out.append(Case(name=f"dm_step/{label}", reference=_reference, fused=_fused, default=default,
+                        notes=shape, **common))
+        if device_rng:
+            out.append(Case(name=f"dm_step/{label}-device-rng", reference=_reference_device_rng,
+                            fused=_fused_device_rng, baselines={"dm-loop": _reference}, unchecked=("dm-loop",),
+                            notes=f"{shape}; ddfast's default DSA (drawn on the device); reference = DM's loop "
+                                  f"with the same draws per class; dm-loop = DM's loop as users run it "
+                                  f"(DiffAugment's host RNG: other draws, timed only)", **common))
     return out
