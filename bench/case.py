@@ -32,6 +32,9 @@ class Case:
     # Baselines timed but not checked: the computation users run, with its own random draws (DM's
     # loop with DiffAugment's host RNG against a step with device-drawn DSA); check "n/a".
     unchecked: Tuple[str, ...] = ()
+    # Providers of an opt-in lossy mode (e.g. the real side in bf16): checked, and a miss is reported
+    # as check "approx" with its error instead of failing the run.
+    approximate: Tuple[str, ...] = ()
     # Work model: work_flops(inputs, provider) -> fwd+bwd flops that provider's algorithm executes
     # (None: unknown). The bench's "work" column is work_flops(provider) / work_flops("reference").
     work_flops: Optional[Callable[[Dict, str], Optional[float]]] = None

@@ -231,3 +231,28 @@ def test_dm_step_device_rng_case_checks_against_its_per_class_loop_and_times_dms
     assert by["dm-loop"]["check"] == "n/a" and by["dm-loop"]["median_ms"] > 0
     assert "dm-loop" in by["ddfast"]["speedup_vs"] and runner.failed_rows(rows) == []
     assert by["ddfast"]["syncs"] == 0  # device-drawn DSA: no host sync after warm-up
+
+
+def test_bench_reports_an_approximate_variants_miss_without_failing():
+    """An opt-in lossy mode (the real side in bf16) is checked and its error shown, not fatal."""
+    case = _square_case(fused=lambda backend, x: (x * x).sum() * (1.01 if backend == "lossy" else 1.0),
+                        variants=("lossy", "exact"), approximate=("lossy",), baselines={}, work_flops=None)
+    rows = runner.run_case(case, torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0)
+    by = {r["provider"]: r for r in rows}
+    assert by["lossy"]["check"] == "approx" and 5e-3 < by["lossy"]["max_rel_err"] < 2e-2
+    assert by["exact"]["check"] == "ok" and runner.failed_rows(rows) == []
+    wrong = _square_case(fused=lambda backend, x: (x * x).sum() * 1.01, variants=("lossy",), baselines={},
+                         work_flops=None)  # the same miss in a provider not marked approximate fails
+    assert [r["provider"] for r in runner.failed_rows(runner.run_case(
+        wrong, torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0))] == ["ddfast", "lossy"]
+
+
+def test_dc_and_dm_bf16_real_variants_run_and_stay_close():
+    cases = {c.name: c for c in all_cases()}
+    for name in ("dc_step/convnet3-w32-c10-ipc1-r8-16px", "dm_step/convnet2-tiny-c3-ipc2"):
+        case = cases[name]
+        assert "bf16-real" in case.cuda_variants and case.approximate == ("bf16-real",)
+        inputs = case.make_inputs(torch.device("cpu"))
+        ref = float(case.reference(**inputs).detach())
+        lossy = float(case.fused("bf16-real", **inputs).detach())
+        assert lossy != ref and abs(lossy / ref - 1) < 2e-2, (name, lossy, ref)

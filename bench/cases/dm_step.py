@@ -46,9 +46,11 @@ def _fused(backend, embed, x_real, y_real, x_syn, y_syn, num_classes):
     if backend == "graph":  # the embeddings and the loss replayed from a CUDA graph; DSA eager
         matcher = persistent(embed, lambda: ddfast.DistributionMatcher(
             embed, num_classes, dsa_strategy=STRATEGY, dsa_rng="reference", cuda_graph=True))
-    else:
-        matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, backend=backend,
-                                             dsa_rng="reference")
+    else:  # "bf16-real": the opt-in lossy mode, the real embeddings in bf16
+        real_precision = "bf16" if backend == "bf16-real" else None
+        matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, dsa_rng="reference",
+                                             backend="auto" if real_precision else backend,
+                                             real_precision=real_precision)
     return matcher(x_real, y_real, x_syn, y_syn, seeds=class_seeds(num_classes))
 
 
@@ -86,7 +88,8 @@ def cases():
         common = dict(make_inputs=_inputs(c, n_real, ipc, size, width, depth), backends=("auto",),
                       cuda_variants=("graph",), grad_inputs=("x_syn",), tol=1e-3, size=c * (n_real + ipc))
         out.append(Case(name=f"dm_step/{label}", reference=_reference, fused=_fused, default=default,
-                        notes=shape, **common))
+                        notes=shape, **dict(common, cuda_variants=("graph", "bf16-real"),
+                                            approximate=("bf16-real",))))
         if device_rng:
             out.append(Case(name=f"dm_step/{label}-device-rng", reference=_reference_device_rng,
                             fused=_fused_device_rng, baselines={"dm-loop": _reference}, unchecked=("dm-loop",),
