@@ -157,6 +157,12 @@ def _auto_uncached(op: str, device: torch.device) -> str:
     return "torch"
 
 
+def requested(backend: Optional[str]) -> str:
+    """The backend a call asks for: its ``backend=`` argument unless "auto"/None, then the default
+    (``set_backend``, ``DDFAST_BACKEND``), "auto" when none is set."""
+    return backend if backend not in (None, "auto") else get_backend()
+
+
 def resolve(op: str, backend: Optional[str], device) -> str:
     """Canonical backend ("torch" | "triton" | "compiled") that runs ``op`` on ``device``.
 
@@ -165,10 +171,10 @@ def resolve(op: str, backend: Optional[str], device) -> str:
     """
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    requested = backend if backend not in (None, "auto") else get_backend()
-    if requested == "auto":  # the default, on every op call: straight to the memoised choice
+    asked = requested(backend)
+    if asked == "auto":  # the default, on every op call: straight to the memoised choice
         return _auto(op, device)
-    b = _canonical(requested)
+    b = _canonical(asked)
     if b == "auto":
         return _auto(op, device)
     spec = _OPS[op]

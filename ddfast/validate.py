@@ -119,11 +119,14 @@ def _run_logged(step: Step, log_path: str, timeout: float):
     try:
         for cmd, path in zip(cmds, logs):
             log = open(path, "w")
-            procs.append((None, log))
             log.write(f"$ {' '.join(cmd)}\n" + (f"# env: {step.env}\n" if step.env else ""))
             log.flush()
-            procs[-1] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                          start_new_session=True), log)
+            try:
+                procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                               start_new_session=True), log))
+            except BaseException:
+                log.close()
+                raise
         deadline = time.monotonic() + timeout
         for proc, log in procs:
             try:
@@ -135,7 +138,7 @@ def _run_logged(step: Step, log_path: str, timeout: float):
                 timed_out = True
     finally:  # a part that failed to start (or any error) leaves nothing running and no log open
         for proc, log in procs:
-            if proc is not None and proc.poll() is None:
+            if proc.poll() is None:
                 _kill(proc)
             log.close()
     if len(cmds) > 1:
@@ -337,12 +340,12 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
                                     ("racecheck", _op_test_files(shared_memory_only=True),
                                      f"({args.sanitize_k}) and compiled", size["racecheck_s"])):
         tool_cmd = [sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1"] + pytest + ["-x"]
-        step = Step(tool, tool_cmd + files + ["-k", k], timeout, needs_cuda=True, env=sanitize_env,
-                    parts=[tool_cmd + [f, "-k", k] for f in files])
         if cuda and sanitizer is None:
-            step.cmd = [py, "-c", "import sys; sys.exit('compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda)')"]
-            step.parts = []
-        steps.append(step)
+            cmd, parts = [py, "-c", "import sys; sys.exit('compute-sanitizer not found (PATH, CUDA_HOME, "
+                                    "/usr/local/cuda)')"], []
+        else:
+            cmd, parts = [], [tool_cmd + [f, "-k", k] for f in files]
+        steps.append(Step(tool, cmd, timeout, needs_cuda=True, env=sanitize_env, parts=parts))
     return steps
 
 

@@ -240,8 +240,7 @@ def _auto_takes_blas(kernel: str, backend, precision: str, x: torch.Tensor, n: i
     """Whether auto on CUDA hands unlabeled work to the reference (cuBLAS) instead of the fused
     ``kernel``. Only for precision "auto", so the reference multiplies as torch's matmul setting
     says, as the kernel would."""
-    requested = backend if backend not in (None, "auto") else _backend.get_backend()
-    if requested != "auto" or precision != "auto" or not x.is_cuda:
+    if _backend.requested(backend) != "auto" or precision != "auto" or not x.is_cuda:
         return False
     if not blas_is_faster(kernel, x.dtype, kernel_precision(precision, x), n * m * d, d):
         return False
