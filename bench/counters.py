@@ -34,6 +34,9 @@ DEFINITIONS = {
                "inside the dispatched ops (timed per op by a TorchDispatchMode) minus the mode's own per-op "
                "cost, calibrated on a 1-element op (median of 3). None for torch.compile'd code on CPU",
     "work": "flops the provider's algorithm executes / flops the reference executes (Case.work_flops model)",
+    "device_us": "CUDA, cases with a bytes model: the summed device time of the kernels, copies and memsets "
+                 "one fwd+bwd call runs (torch.profiler, mean of 5 calls); kern GB/s = bytes / device_us. "
+                 "It shows what the kernels reach where host overhead decides the wall time",
 }
 
 
@@ -115,3 +118,25 @@ def host_us_cpu(step: Callable[[], None], repeats: int = 3) -> float:
             spent = _thread_cpu(step)
         estimates.append(spent - counter.inside_s - counter.ops * cost)
     return statistics.median(estimates) * 1e6
+
+
+def device_us(step: Callable[[], None], calls: int = 5, activity: str = "cuda") -> Optional[float]:
+    """Summed duration (µs) of the device activity one call of ``step`` runs, by torch.profiler:
+    the mean over ``calls`` calls. ``activity`` "cpu" reads the CPU ops instead (the tests use it
+    to exercise the parsing without a GPU). None when the profiler gives no such events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    kind = {"cuda": (ProfilerActivity.CUDA, DeviceType.CUDA), "cpu": (ProfilerActivity.CPU, DeviceType.CPU)}
+    act, dev = kind[activity]
+    if activity == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=[act]) as prof:
+        for _ in range(calls):
+            step()
+        if activity == "cuda":
+            torch.cuda.synchronize()
+    spans = [e.time_range.elapsed_us() for e in prof.events()
+             if e.device_type == dev and (activity == "cuda" or e.cpu_parent is None)]
+    total = sum(spans)
+    return total / calls if spans and total > 0 else None

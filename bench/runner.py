@@ -256,6 +256,18 @@ def _measure_counters(row: Dict, step: Callable[[], None], device: torch.device,
         row["host_us"] = None if compiled else counters.host_us_cpu(step)
 
 
+def _measure_device_time(row: Dict, step: Callable[[], None], nbytes: int, peaks: Dict[str, float]) -> None:
+    try:
+        us = counters.device_us(step)
+    except Exception as exc:  # noqa: BLE001 - a profiler failure costs this column only
+        row["device_us_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return
+    if us:
+        row["device_us"] = us
+        row["kernel_gbs"] = nbytes / (us * 1e-6) / 1e9
+        row["frac_peak_bw_kernel"] = row["kernel_gbs"] / peaks["copy_gbs"]
+
+
 def _time_provider(case: Case, name: str, role: str, fn: Callable, inputs: Dict, ref: tuple, device: torch.device,
                    peaks: Dict[str, float], min_repeats: int, min_seconds: float,
                    exact: Optional[ExactReference] = None) -> Dict:
@@ -295,6 +307,8 @@ def _time_provider(case: Case, name: str, role: str, fn: Callable, inputs: Dict,
     if case.bytes_moved is not None:
         row["gbs"] = case.bytes_moved(inputs) / sec / 1e9
         row["frac_peak_bw"] = row["gbs"] / peaks["copy_gbs"]
+        if device.type == "cuda" and name != COMPILED:  # what the kernels reach apart from host overhead
+            _measure_device_time(row, step, case.bytes_moved(inputs), peaks)
     if case.flops is not None:
         row["tflops"] = case.flops(inputs) / sec / 1e12
         row["frac_peak_flops"] = row["tflops"] / peaks.get("matmul_tflops_float32", float("nan"))
@@ -378,7 +392,8 @@ TABLE_COLUMNS = [  # title, row key (None: text column), number format
     ("case", "case", None), ("provider", "provider", None), ("check", "check", None),
     ("median ms", "median_ms", ".3f"), ("speed-up", "speedup", ".2f"), ("vs base", "vs_base", ".2f"),
     ("vs compiled", "vs_compiled", ".2f"), ("ops", "ops", "d"), ("syncs", "syncs", "d"), ("host us", "host_us", ".0f"),
-    ("work", "work", ".2f"), ("GB/s", "gbs", ".1f"), ("TFLOP/s", "tflops", ".2f"), ("peak MB", "peak_mem_mb", ".1f"),
+    ("work", "work", ".2f"), ("GB/s", "gbs", ".1f"), ("kern GB/s", "kernel_gbs", ".1f"), ("TFLOP/s", "tflops", ".2f"),
+    ("peak MB", "peak_mem_mb", ".1f"),
 ]
 SPEEDUP_KEYS = ("speedup", "vs_base", "vs_compiled")
 

@@ -193,7 +193,7 @@ def resolve(op: str, backend: Optional[str], device) -> str:
     key = (op, b, device.type)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"ddfast.{op}: backend '{requested}' is unavailable on {device.type} ({why}); "
+        warnings.warn(f"ddfast.{op}: backend '{asked}' is unavailable on {device.type} ({why}); "
                       f"using '{fallback}'", RuntimeWarning, stacklevel=3)
     return fallback
 

@@ -343,3 +343,48 @@ def test_step_makes_no_host_sync_after_warm_up(dsa_strategy):
     with count_syncs() as syncs:
         matcher(x_real, y_real, x_syn, y_syn).backward()
     assert syncs.count == 0, syncs.events
+
+
+def test_auto_chunking_equals_reference_loop_and_makes_no_sync(monkeypatch):
+    """real_chunk_size "auto": above AUTO_CHUNK_ELEMENTS input elements the real side runs in equal
+    chunks; a class with synthetic images only and one with real images only are left out, as in
+    DM's loop; the chunked step makes no host sync after warm-up."""
+    from ddfast._sync import count_syncs
+    from ddfast.ops import distribution_matcher as dm
+
+    embed = _convnet_embed()
+    x_real, y_real, x_syn, y_syn = _data(4, 6, 2, "cpu")  # 24 real images of 3x8x8 = 192 elements
+    y_real = torch.where(y_real == 3, 0, y_real)  # class 3: synthetic only
+    keep = y_syn != 2  # class 2: real only
+    x_syn, y_syn = x_syn[keep], y_syn[keep]
+    monkeypatch.setattr(dm, "AUTO_CHUNK_ELEMENTS", 192 * 10)  # at most 10 images: 3 chunks of 8
+    matcher = ddfast.DistributionMatcher(embed, 4)
+    assert matcher.chunk_size(x_real) == 8
+    assert matcher.chunk_size(x_real[:10]) is None
+    got, g_got = _run(lambda x: matcher(x_real, y_real, x, y_syn), x_syn)
+    want, g_want = _run(lambda x: dm_reference_loop(embed, x_real, y_real, x, y_syn, 4), x_syn)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    x = x_syn.clone().requires_grad_(True)
+    with count_syncs() as syncs:
+        matcher(x_real, y_real, x, y_syn).backward()
+    assert syncs.count == 0, syncs.events
+
+
+def test_auto_chunking_stays_off_where_it_would_change_or_cost(monkeypatch):
+    """"auto" keeps one forward for loss "mmd" (it needs every real feature) and for embeddings with
+    batch-statistic BatchNorm (chunking them costs extra forwards); None never chunks."""
+    from ddfast.ops import distribution_matcher as dm
+
+    monkeypatch.setattr(dm, "AUTO_CHUNK_ELEMENTS", 1)
+    x_real = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    assert ddfast.DistributionMatcher(_convnet_embed(), 4, loss="mmd").chunk_size(x_real) is None
+    assert ddfast.DistributionMatcher(_convnet_bn_embed(), 4).chunk_size(x_real) is None
+    assert ddfast.DistributionMatcher(_convnet_embed(), 4, real_chunk_size=None).chunk_size(x_real) is None
+    assert ddfast.DistributionMatcher(_convnet_embed(), 4, real_chunk_size=5).chunk_size(x_real) == 5
+    assert ddfast.DistributionMatcher(_convnet_embed(), 4).chunk_size(x_real) == 1
+    with pytest.raises(ValueError, match="real_chunk_size"):
+        ddfast.DistributionMatcher(_convnet_embed(), real_chunk_size="big")
+    # a plain function hides its layers (it may hold a batch-statistic BatchNorm): one forward
+    bn = _convnet_bn_embed()
+    assert ddfast.DistributionMatcher(lambda x: bn(x), 4).chunk_size(x_real) is None

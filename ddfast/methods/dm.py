@@ -33,7 +33,9 @@ class DM(IterativeMethod):
         for p in net.parameters():
             p.requires_grad_(False)
         net.train()
-        matcher = DistributionMatcher(lambda x: embed(net, x), self.num_classes,
+        # the bound method lets the matcher see the network's layers (its "auto" real-side chunking)
+        embed_fn = net.embed if callable(getattr(net, "embed", None)) else (lambda x: embed(net, x))
+        matcher = DistributionMatcher(embed_fn, self.num_classes,
                                       real_precision=self.hp.get("real_precision"))
         x_real, y_real = self.real_batch(real, self.hp["batch_real"], iteration)
         x_syn, y_syn = syn.images(), syn.labels

@@ -18,7 +18,7 @@ statistics (see ``_WholeBatchNorms``).
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -70,7 +70,9 @@ class DistributionMatcher:
     loss: "mean" (DM/CAFE's class-mean loss) or "mmd" (``ddfast.mmd`` per class, ``mmd_kwargs``).
     real_chunk_size: with loss "mean", embed the real images this many at a time and keep only
     their per-class feature sums, so activation memory no longer grows with the real batch (e.g.
-    CIFAR-100 × 256 real images); the loss is unchanged up to fp rounding. When ``embed`` is an
+    CIFAR-100 × 256 real images); the loss is unchanged up to fp rounding. "auto" (default) chunks
+    real batches above ``AUTO_CHUNK_ELEMENTS`` input elements when no BatchNorm uses batch
+    statistics (``chunk_size``); None: always one forward. When ``embed`` is an
     ``nn.Module`` (or a bound method of one) with BatchNorm layers that use batch statistics, those
     statistics are first computed over the whole real batch, chunk by chunk, one pass per such
     layer (so the real side costs about (layers + 1) / 2 forwards more), and the running
@@ -91,7 +93,8 @@ class DistributionMatcher:
     def __init__(self, embed: Callable, num_classes: Optional[int] = None, *, dsa_strategy: Optional[str] = None,
                  dsa_param=None, align_corners: bool = False, seed_fn: Optional[Callable[[int], Sequence[int]]] = None,
                  loss: str = "mean", mmd_kwargs: Optional[dict] = None, backend: str = "auto",
-                 real_chunk_size: Optional[int] = None, dsa_rng: str = "device", real_precision: Optional[str] = None,
+                 real_chunk_size: Union[int, str, None] = "auto", dsa_rng: str = "device",
+                 real_precision: Optional[str] = None,
                  cuda_graph: bool = False):
         if not callable(embed):
             raise TypeError(f"embed must be callable (an nn.Module or function), got {type(embed).__name__}")
@@ -105,10 +108,10 @@ class DistributionMatcher:
         self.loss = check_choice("loss", loss, ("mean", "mmd"))
         self.mmd_kwargs = dict(mmd_kwargs or {})
         self.backend = backend
-        if real_chunk_size is not None and (isinstance(real_chunk_size, bool) or not isinstance(real_chunk_size, int)
-                                            or real_chunk_size <= 0):
-            raise ValueError(f"real_chunk_size must be a positive int or None, got {real_chunk_size!r}")
-        if real_chunk_size is not None and self.loss != "mean":
+        if real_chunk_size != "auto" and real_chunk_size is not None and (
+                isinstance(real_chunk_size, bool) or not isinstance(real_chunk_size, int) or real_chunk_size <= 0):
+            raise ValueError(f"real_chunk_size must be a positive int, 'auto' or None, got {real_chunk_size!r}")
+        if isinstance(real_chunk_size, int) and self.loss != "mean":
             raise ValueError("real_chunk_size works with loss='mean' only (mmd needs every real feature)")
         self.real_chunk_size = real_chunk_size
         self.real_precision = check_real_precision(real_precision)
@@ -140,33 +143,53 @@ class DistributionMatcher:
                                (x_real.detach(), x_syn))
         return self._embed_and_match(x_real, y_real, x_syn, y_syn, num_classes)
 
+    def chunk_size(self, x_real: torch.Tensor) -> Optional[int]:
+        """Real images per forward, or None for one forward of them all. "auto" chunks when the real
+        batch holds more than AUTO_CHUNK_ELEMENTS input elements, the loss is "mean", and ``embed``
+        is an ``nn.Module`` (or a bound method of one) none of whose BatchNorms uses batch
+        statistics (there chunking costs extra forwards; a plain function's layers are unknown).
+        The chunks are equal to within one image."""
+        size = self.real_chunk_size
+        if size != "auto":
+            return size if size is not None and x_real.shape[0] > size else None
+        per_image = max(1, x_real[:1].numel())
+        cap = max(1, AUTO_CHUNK_ELEMENTS // per_image)
+        n = x_real.shape[0]
+        if n <= cap or self.loss != "mean" or not _modules_of(self.embed) or batch_statistic_norms(self.embed):
+            return None
+        chunks = -(-n // cap)
+        return -(-n // chunks)
+
     def _embed_and_match(self, x_real, y_real, x_syn, y_syn, num_classes):
+        chunk = self.chunk_size(x_real)
         with torch.no_grad(), real_side(x_real.device, self.real_precision):
-            if self.real_chunk_size is not None and x_real.shape[0] > self.real_chunk_size:
-                f_real, y_real = self._real_class_means(x_real, y_real, num_classes)
+            if chunk is not None:
+                f_real, y_real = self._real_class_means(x_real, y_real, num_classes, chunk)
             else:
                 f_real = self.embed(x_real)
         f_real = f_real.to(x_syn.dtype)
         f_syn = self.embed(x_syn)
+        if chunk is not None:
+            f_real = _fill_absent_classes(f_real, y_real, f_syn, y_syn, num_classes, self.backend)
+            y_real = torch.arange(num_classes, device=y_syn.device)
         if self.loss == "mmd":
             return mmd(f_real.reshape(f_real.shape[0], -1), f_syn.reshape(f_syn.shape[0], -1), x_labels=y_real,
                              y_labels=y_syn, num_classes=num_classes, backend=self.backend, **self.mmd_kwargs)
         return class_mean_loss(f_real, y_real, f_syn, y_syn, num_classes, backend=self.backend)
 
-    def _real_class_means(self, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int):
-        """Per-class mean real features (one row per present class) from chunked forwards: the
-        mean of a one-sample class is that sample, so class_mean_loss on these rows is DM's loss."""
+    def _real_class_means(self, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int, chunk: int):
+        """Per-class mean real features of every class (0 for absent ones) and the per-class
+        counts, from chunked forwards; no host sync."""
         sums, counts, shape = None, None, None
-        with _WholeBatchNorms(self.embed, x_real, self.real_chunk_size):
-            for start in range(0, x_real.shape[0], self.real_chunk_size):
-                sums, counts, shape = self._add_chunk(x_real, y_real, start, num_classes, sums, counts)
-        present = (counts > 0).nonzero().flatten()
-        means = sums[present] / counts[present].to(sums.dtype).unsqueeze(1)
-        return means.reshape((len(present),) + tuple(shape)), present
+        with _WholeBatchNorms(self.embed, x_real, chunk):
+            for start in range(0, x_real.shape[0], chunk):
+                sums, counts, shape = self._add_chunk(x_real, y_real, start, chunk, num_classes, sums, counts)
+        means = sums / counts.clamp(min=1).to(sums.dtype).unsqueeze(1)
+        return means.reshape((num_classes,) + tuple(shape)), counts
 
-    def _add_chunk(self, x_real, y_real, start, num_classes, sums, counts):
+    def _add_chunk(self, x_real, y_real, start, chunk, num_classes, sums, counts):
         """Add one chunk's per-class feature sums and counts."""
-        stop = start + self.real_chunk_size
+        stop = start + chunk
         f = self.embed(x_real[start:stop])
         shape = f.shape[1:]
         f = f.reshape(f.shape[0], -1)
@@ -176,6 +199,23 @@ class DistributionMatcher:
         sums = part if sums is None else sums + part
         counts = n if counts is None else counts + n
         return sums, counts, shape
+
+
+# "auto" real_chunk_size: input elements per chunk (2730 CIFAR images; 55 at 224 px). ConvNet-3's
+# first layer holds ~43x its input (128 channels for 3), so a chunk's largest activation is ~1.4 GB
+# in fp32; CIFAR-100 x 256 real images in one forward peaked at 25.9 GB on an H200 (2026-11-26).
+AUTO_CHUNK_ELEMENTS = 2 ** 23
+
+
+def _fill_absent_classes(means, counts, f_syn, y_syn, num_classes, backend):
+    """The chunked real side's per-class means with each class absent from the real batch set to
+    the synthetic mean (detached) of that class: the term ``‖m_real − m_syn‖²`` of such a class is
+    then 0 up to rounding, as class_mean_loss leaves out a class not present on both sides, and the
+    loss keeps one row per class without a host sync to find the present ones."""
+    flat = f_syn.detach().reshape(f_syn.shape[0], -1)
+    syn_means, _ = class_means(flat.to(means.dtype), y_syn, num_classes, backend=backend)  # empty classes: 0
+    filled = torch.where((counts > 0).unsqueeze(1), means.reshape(num_classes, -1), syn_means)
+    return filled.reshape(means.shape)
 
 
 def _modules_of(embed) -> List[nn.Module]:
