@@ -280,3 +280,15 @@ def test_device_time_counter_reads_profiler_events_and_fills_kernel_bandwidth(mo
     row = {}
     runner._measure_device_time(row, lambda: None, nbytes=1, peaks={"copy_gbs": 1.0})
     assert "kernel_gbs" not in row and "no CUPTI" in row["device_us_error"]
+
+
+def test_profile_case_lists_the_top_ops_of_a_provider():
+    from ddfast.bench.profile_case import profile_table, provider_step
+
+    cpu = torch.device("cpu")
+    table = profile_table(provider_step("param_match/convnet3-320k", "reference", cpu), cpu, calls=1, top=5)
+    assert "aten::" in table
+    with pytest.raises(ValueError, match="provider"):
+        provider_step("param_match/convnet3-320k", "nonexistent", cpu)
+    with pytest.raises(ValueError, match="case_name"):
+        provider_step("param_match/none", "reference", cpu)
