@@ -101,11 +101,20 @@ def test_gradient_matcher_replays_equal_eager_steps_with_in_place_updates():
 
 
 @cuda
-def test_distribution_matcher_replays_equal_eager_steps():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_distribution_matcher_replays_equal_eager_steps(chunked, monkeypatch):
+    """Also with the real side in "auto" chunks (the first GPU run of them failed to capture: the
+    chunks' label checks read the device)."""
+    from ddfast.ops import distribution_matcher as dm
+
     x_real, y_real, x_syn, y_syn = _data("cuda")
     net = _net("cuda")
     embed = lambda x: net.features(x).flatten(1)  # noqa: E731
+    if chunked:
+        monkeypatch.setattr(dm, "AUTO_CHUNK_ELEMENTS", x_real[0].numel() * 5)  # 18 images: 4 chunks
+        embed = net.features  # a Module: "auto" may chunk it
     eager, graphed = DistributionMatcher(embed, 3), DistributionMatcher(embed, 3, cuda_graph=True)
+    assert (eager.chunk_size(x_real) is not None) == chunked
     for _ in range(3):
         ref = _loss_grad(eager, x_real, y_real, x_syn, y_syn)
         got = _loss_grad(graphed, x_real, y_real, x_syn, y_syn)

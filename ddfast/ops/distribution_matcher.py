@@ -26,7 +26,8 @@ from torch import nn
 from .._checks import (acc_dtype, check_choice, check_float_tensor, check_labels, check_num_classes, check_same_device,
                        infer_num_classes)
 from .class_mean_loss import class_mean_loss
-from .class_means import class_means
+from .. import _backend
+from .class_means import OP as CLASS_MEANS, class_means_impl
 from .dsa import dsa_augment
 from ._cuda_graph import GraphedStep, check_cuda_graph, label_key, module_key, tensor_key
 from ._real_precision import check_real_precision, real_side
@@ -117,6 +118,7 @@ class DistributionMatcher:
         self.real_precision = check_real_precision(real_precision)
         self.cuda_graph = check_cuda_graph(cuda_graph)
         self._graph = GraphedStep("DistributionMatcher")
+        self._ids: dict = {}
 
     def _augment(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return dsa_augment(x, y, self.dsa_strategy, seeds, align_corners=self.align_corners, param=self.dsa_param,
@@ -171,11 +173,20 @@ class DistributionMatcher:
         f_syn = self.embed(x_syn)
         if chunk is not None:
             f_real = _fill_absent_classes(f_real, y_real, f_syn, y_syn, num_classes, self.backend)
-            y_real = torch.arange(num_classes, device=y_syn.device)
+            y_real = self._class_ids(num_classes, y_syn.device)
         if self.loss == "mmd":
             return mmd(f_real.reshape(f_real.shape[0], -1), f_syn.reshape(f_syn.shape[0], -1), x_labels=y_real,
                              y_labels=y_syn, num_classes=num_classes, backend=self.backend, **self.mmd_kwargs)
         return class_mean_loss(f_real, y_real, f_syn, y_syn, num_classes, backend=self.backend)
+
+    def _class_ids(self, num_classes: int, device: torch.device) -> torch.Tensor:
+        """``arange(num_classes)``, one tensor per (C, device) kept by the matcher, so the loss's
+        label check reads it once, not every step."""
+        key = (num_classes, device)
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = self._ids[key] = torch.arange(num_classes, device=device)
+        return ids
 
     def _real_class_means(self, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int, chunk: int):
         """Per-class mean real features of every class (0 for absent ones) and the per-class
@@ -194,7 +205,7 @@ class DistributionMatcher:
         shape = f.shape[1:]
         f = f.reshape(f.shape[0], -1)
         acc = acc_dtype(f.dtype)
-        means, n = class_means(f.to(acc), y_real[start:stop], num_classes, backend=self.backend)
+        means, n = _validated_class_means(f.to(acc), y_real[start:stop], num_classes, self.backend)
         part = means * n.to(acc).unsqueeze(1)
         sums = part if sums is None else sums + part
         counts = n if counts is None else counts + n
@@ -207,13 +218,21 @@ class DistributionMatcher:
 AUTO_CHUNK_ELEMENTS = 2 ** 23
 
 
+def _validated_class_means(x2d: torch.Tensor, labels: torch.Tensor, num_classes: int, backend: str):
+    """class_means of rows whose labels the matcher has already checked (slices of them are new
+    tensors each call, whose range check would read them on the host: a sync, and a failed CUDA
+    graph capture)."""
+    which = _backend.resolve(CLASS_MEANS, backend, x2d.device)
+    return class_means_impl(x2d.contiguous(), labels.to(torch.int64).contiguous(), num_classes, which)
+
+
 def _fill_absent_classes(means, counts, f_syn, y_syn, num_classes, backend):
     """The chunked real side's per-class means with each class absent from the real batch set to
     the synthetic mean (detached) of that class: the term ``‖m_real − m_syn‖²`` of such a class is
     then 0 up to rounding, as class_mean_loss leaves out a class not present on both sides, and the
     loss keeps one row per class without a host sync to find the present ones."""
     flat = f_syn.detach().reshape(f_syn.shape[0], -1)
-    syn_means, _ = class_means(flat.to(means.dtype), y_syn, num_classes, backend=backend)  # empty classes: 0
+    syn_means, _ = _validated_class_means(flat.to(means.dtype), y_syn, num_classes, backend)  # empty classes: 0
     filled = torch.where((counts > 0).unsqueeze(1), means.reshape(num_classes, -1), syn_means)
     return filled.reshape(means.shape)
 
