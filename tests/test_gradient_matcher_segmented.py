@@ -447,3 +447,60 @@ def test_real_side_chunks_keep_no_graph_so_their_activations_are_freed(monkeypat
     assert not any(syn_grads)  # the synthetic side keeps its graph to the images
     loss.backward()
     assert x_syn.grad is not None and torch.isfinite(x_syn.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tile_avg_pool_equals_atens_pooling_bit_for_bit(device, dtype):
+    """The segmented path's disjoint-tile pooling: same forward and input gradient as nn.AvgPool2d
+    (both divide by the tile size), odd channel counts, non-contiguous gradient."""
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("not applicable: float16 pooling on CPU is not what the segmented path runs there")
+    m = nn.AvgPool2d((2, 3))
+    assert sg.tile_kernel(m) == (2, 3)
+    x = (torch.randn(3, 5, 8, 12) * 100).to(device=device, dtype=dtype).requires_grad_()
+    g = torch.randn(3, 5, 4, 4).to(device=device, dtype=dtype).transpose(2, 3)  # strided
+    want_y = m(x)
+    want_g, = torch.autograd.grad(want_y, x, g)
+    got_y = sg.tile_avg_pool2d(x, (2, 3))
+    got_g, = torch.autograd.grad(got_y, x, g)
+    assert torch.equal(got_y, want_y) and torch.equal(got_g, want_g)
+
+
+def test_tile_avg_pool_gradgradcheck_and_which_pools_qualify():
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    fn = lambda t: sg.tile_avg_pool2d(t, (3, 2))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+    assert sg.tile_kernel(nn.AvgPool2d(2)) == (2, 2) and sg.tile_kernel(nn.AvgPool2d(2, 2)) == (2, 2)
+    assert sg.tile_kernel(nn.AvgPool2d(3, 2)) is None  # overlapping windows
+    assert sg.tile_kernel(nn.AvgPool2d(2, padding=1)) is None
+    assert sg.tile_kernel(nn.AvgPool2d(2, ceil_mode=True)) is None
+    assert sg.tile_kernel(nn.AvgPool2d(2, divisor_override=3)) is None
+    assert sg.tiles_fit(torch.zeros(1, 1, 4, 6), (2, 2)) and not sg.tiles_fit(torch.zeros(1, 1, 5, 6), (2, 2))
+
+
+def test_segmented_step_with_odd_sized_pooling_inputs_falls_back_to_atens_pool():
+    """7x7 maps do not tile by 2: that layer pools with nn.AvgPool2d (floor), the step still equals
+    the per-class loop."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+    _check(model, _data(3, 4, 2, (3, 7, 7), "cpu"))
+
+
+def test_segmented_convnet_step_runs_no_aten_pool_backward():
+    """DC's ConvNet (2x2 average pools on even maps): the step's pooling backward is the broadcast
+    one, in the first backward and in the double backward of the synthetic side."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = ConvNet(3, 3, width=4, depth=2, im_size=(8, 8)).double()
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 2, (3, 8, 8), "cpu")
+    x_syn.requires_grad_(True)
+    with Names() as names:
+        GradientMatcher(model, strategy="segmented")(x_real, y_real, x_syn, y_syn).backward()
+    assert "aten.avg_pool2d" in names.seen and "aten.avg_pool2d_backward" not in names.seen, names.seen

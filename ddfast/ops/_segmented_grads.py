@@ -240,7 +240,47 @@ def _step_for(m: nn.Module, prefix: str):
         if m.training and m.p > 0:
             raise NotSegmentable(f"{name}: active dropout (random per call)")
         return _Free(lambda h: h)
+    if isinstance(m, nn.AvgPool2d) and tile_kernel(m) is not None:
+        return _Free(lambda h, m=m, k=tile_kernel(m): tile_avg_pool2d(h, k) if tiles_fit(h, k) else m(h))
     return _Free(m)  # the pointwise layers and pools of _SUPPORTED
+
+
+def tile_kernel(m: nn.AvgPool2d) -> Optional[Tuple[int, int]]:
+    """(kh, kw) when ``m`` averages disjoint tiles (kernel = stride, no padding, floor mode, plain
+    divisor), else None."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    k, stride, pad = pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size), pair(m.padding)
+    if k != stride or pad != (0, 0) or m.ceil_mode or m.divisor_override is not None:
+        return None
+    return k
+
+
+def tiles_fit(h: torch.Tensor, k: Tuple[int, int]) -> bool:
+    return h.dim() == 4 and h.shape[2] % k[0] == 0 and h.shape[3] % k[1] == 0
+
+
+class _TileAvgPool2d(torch.autograd.Function):
+    """avg_pool2d over disjoint tiles (``tile_kernel``) whose input gradient is the output gradient
+    broadcast over each tile ÷ its size: one broadcasting elementwise kernel. ATen's
+    avg_pool2d_backward (a general window search with integer divisions per element) took 24.5 % of
+    the segmented DC step's device time on an H200 (2026-11-26, ``bench.profile_case``). The backward
+    is made of differentiable ops, so the synthetic side's create_graph differentiates it again."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.kernel = kernel
+        return F.avg_pool2d(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kh, kw), (n, c, h, w) = ctx.kernel, grad.shape
+        tiles = grad.reshape(n, c, h, 1, w, 1).expand(n, c, h, kh, w, kw)  # views: no kernel
+        return torch.div(tiles, kh * kw).reshape(n, c, h * kh, w * kw), None
+
+
+def tile_avg_pool2d(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
+    """``F.avg_pool2d(x, kernel)`` for an (N, C, H, W) ``x`` with H, W multiples of the kernel."""
+    return _TileAvgPool2d.apply(x, tuple(kernel))
 
 
 _SUPPORTED = frozenset(_POINTWISE + _POOLS + _CONVS + (
