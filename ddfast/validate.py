@@ -226,11 +226,27 @@ def bench_details(report: Dict) -> Dict:
                 vs[baseline] = {"case": case, "provider": best["provider"], "speedup": round(value, 3)}
     if vs:
         details["worst_speedup_vs"] = vs
+    kernel_bw = kernel_bandwidth(report.get("results", []))
+    if kernel_bw:
+        details["kernel_bandwidth"] = kernel_bw
     bad = [f"{r['case']}[{r['provider']}]: {r.get('error') or r.get('check')}" for r in report.get("results", [])
            if "error" in r or r.get("check") == "MISMATCH"]
     if bad:
         details["failed_rows"] = bad[:50]
     return details
+
+
+def kernel_bandwidth(rows: List[Dict]) -> Dict[str, Dict]:
+    """Per bandwidth case, the ddfast provider whose kernels reach the largest share of the copy
+    peak (bench's kern GB/s: bytes ÷ profiler device time), beside its wall-clock share."""
+    best: Dict[str, Dict] = {}
+    for r in rows:
+        if r.get("role") != "ddfast" or not r.get("frac_peak_bw_kernel"):
+            continue
+        if r["case"] not in best or r["frac_peak_bw_kernel"] > best[r["case"]]["kernel"]:
+            best[r["case"]] = {"provider": r["provider"], "kernel": round(r["frac_peak_bw_kernel"], 3),
+                               "wall": round(r.get("frac_peak_bw") or 0.0, 3)}
+    return best
 
 
 def _post_bench(json_name: str):
@@ -371,7 +387,8 @@ def summarize(results: List[Dict], env: Dict, started: str, duration_s: float, c
             failures.append(f"{r['name']}: CUDA test skipped {test}")
     worst = {r["name"]: r["details"]["worst_speedup"] for r in results if r.get("details", {}).get("worst_speedup")}
     worst_vs = {f"{r['name']} vs {b}": v for r in results for b, v in r.get("details", {}).get("worst_speedup_vs", {}).items()}
-    return {"status": FAIL if any(r["status"] == FAIL for r in results) else PASS, "command": command,
+    kernel_bw = {case: v for r in results for case, v in r.get("details", {}).get("kernel_bandwidth", {}).items()}
+    return {"kernel_bandwidth": kernel_bw, "status": FAIL if any(r["status"] == FAIL for r in results) else PASS, "command": command,
             "started": started, "duration_s": round(duration_s, 1), **env, "steps": results,
             "worst_speedup": worst, "worst_speedup_vs": worst_vs, "failures": failures}
 
@@ -391,6 +408,10 @@ def markdown(summary: Dict) -> str:
         lines.append(f"- {key}: {w['speedup']:.2f}x ({w['case']}, {w['provider']})")
     if not summary["worst_speedup"] and not summary["worst_speedup_vs"]:
         lines.append("- none measured")
+    if summary.get("kernel_bandwidth"):
+        lines += ["", "## Kernel bandwidth (bytes ÷ device time of the kernels, share of the copy peak)"]
+        for case, v in summary["kernel_bandwidth"].items():
+            lines.append(f"- {case}: kernels {100 * v['kernel']:.0f} % ({v['provider']}); wall clock {100 * v['wall']:.0f} %")
     lines += ["", "## Failures"] + ([f"- {f}" for f in summary["failures"]] or ["- none"])
     lines += ["", "Logs: `<step>.log` in this folder; tests: `tests.xml`; bench: `bench.json`, `plots/`, "
               "`bench-compiled.json`; this summary: `summary.json`."]
@@ -437,8 +458,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled reference")
     p.add_argument("--jobs", type=int, default=None, help="pytest-xdist workers for the tests step "
                    "(default: 12 on CUDA when xdist is installed, else 0)")
-    p.add_argument("--tests-timeout", type=float, default=None, help="seconds for the tests step (600; 170 on CUDA)")
-    p.add_argument("--bench-timeout", type=float, default=None, help="seconds for each bench step (360; 180 on CUDA)")
+    p.add_argument("--tests-timeout", type=float, default=None, help="seconds for the tests step (600; 110 on CUDA)")
+    p.add_argument("--bench-timeout", type=float, default=None, help="seconds for each bench step (360; 120 on CUDA)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="minutes for the whole run (25; 9.5 on CUDA, to fit a 15-minute GPU lease)")
 
@@ -448,16 +469,18 @@ CUDA_BENCH_SELECT = r"^(bn_stat|class_mean|dc_step|dm_step|dsa|gradient_match|pa
 # per device (key: CUDA?): option defaults (filled where the command line left them unset) and the
 # fixed sizes of the steps; on CUDA the whole run fits a 15-minute GPU lease (apply_device_defaults)
 OPTION_DEFAULTS = {
-    True: {"jobs": 12, "tests_timeout": 140, "bench_timeout": 170, "budget_min": 9.5, "compile_reference": False,
+    True: {"jobs": 12, "tests_timeout": 110, "bench_timeout": 120, "budget_min": 9.5, "compile_reference": False,
            "bench_select": CUDA_BENCH_SELECT},
     False: {"jobs": 0, "tests_timeout": 600, "bench_timeout": 360, "budget_min": 25, "compile_reference": True},
 }
 # Measured on an H200 (validate, 2026-11-26): tests 84 s; bench --full reached 27 of its 49 cases in
 # 180 s; one memcheck process over the 8 op files did not finish in 100 s, but one per file finished
 # 4 files in 17-50 s of tests each (DSA's float64 gradchecks, thousands of launches each, did not
-# finish in 280 s: deselected under the sanitizers).
+# finish in 280 s: deselected under the sanitizers). Third run: memcheck of all 8 files in parallel
+# 41 s; racecheck finished 6 files in 110 s, mmd and supcon_nce took 101 and 81 s alone; tests 83 s,
+# the 25 bench cases 64 s (before the kernel-time profile per bandwidth row).
 STEP_SIZES = {  # seconds; bench_repeats: 5 of at least 0.1 s on CUDA
-    True: {"info_s": 30, "memcheck_s": 110, "racecheck_s": 110, "bench_repeats": ["--repeats", "5", "--min-seconds", "0.1"]},
+    True: {"info_s": 30, "memcheck_s": 80, "racecheck_s": 200, "bench_repeats": ["--repeats", "5", "--min-seconds", "0.1"]},
     False: {"info_s": 120, "memcheck_s": 300, "racecheck_s": 240, "bench_repeats": []},
 }
 

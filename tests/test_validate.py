@@ -146,3 +146,18 @@ def test_cuda_plan_fits_a_gpu_lease(tmp_path, monkeypatch):
     args = _args(tmp_path)
     V.apply_device_defaults(args, cuda=False)
     assert (args.budget_min, args.tests_k, args.compile_reference) == (25, None, True)
+
+
+def test_summary_lists_the_kernel_bandwidth_of_each_bandwidth_case():
+    rows = [{"case": "param_match/x", "provider": "reference", "role": "reference", "frac_peak_bw_kernel": 0.3},
+            {"case": "param_match/x", "provider": "cuda", "role": "ddfast", "frac_peak_bw_kernel": 0.72,
+             "frac_peak_bw": 0.3},
+            {"case": "param_match/x", "provider": "triton", "role": "ddfast", "frac_peak_bw_kernel": 0.96,
+             "frac_peak_bw": 0.18},
+            {"case": "dc_step/y", "provider": "ddfast", "role": "ddfast"}]
+    details = V.bench_details({"results": rows, "speedups": {}})
+    assert details["kernel_bandwidth"] == {"param_match/x": {"provider": "triton", "kernel": 0.96, "wall": 0.18}}
+    result = {"name": "bench", "status": V.PASS, "details": details}
+    summary = V.summarize([result], {"device": "d", "torch": "t", "cuda": None, "commit": "c", "python": "3"},
+                          "now", 1.0, "ddfast validate")
+    assert "- param_match/x: kernels 96 % (triton); wall clock 18 %" in V.markdown(summary)
