@@ -27,6 +27,7 @@ _PUBLIC = {
     "supcon_nce": "ddfast.ops.supcon_nce",
     "MIM4DD": "ddfast.ops.mim4dd",
     "dsa_augment": "ddfast.ops.dsa",
+    "norm_relu_pool": "ddfast.ops.norm_relu_pool",
     "LowRankImages": "ddfast.ops.low_rank_images",
     "low_rank_budget_ipc": "ddfast.ops.low_rank_images",
     "info": "ddfast.info",

@@ -242,8 +242,16 @@ def _op_calls(dtype):
     calls += [(f"supcon_nce {v}", lambda v=v: supcon(v)) for v in ("infonce", "nce")]
     calls += [(f"dsa_augment align_corners={a} rng={r}", lambda a=a, r=r: dsa(a, r))
               for a, r in ((False, "reference"), (True, "device"))]
+    def norm_relu_pool(pool, affine):  # forward only (DM's real side); a CIFAR-sized plane
+        x = rand(2, 3, 32, 32)
+        w, b = (rand(3), rand(3)) if affine else (None, None)
+        with torch.no_grad():
+            ddfast.norm_relu_pool(x, w, b, 1e-5, pool, backend="triton")
+
     calls += [("class_means", class_means), ("class_mean_loss", class_mean_loss), ("bn_stat_loss", bn),
               ("param_match", param_match)]
+    calls += [(f"norm_relu_pool pool={p} affine={a}", lambda p=p, a=a: norm_relu_pool(p, a))
+              for p, a in ((True, True), (False, False))]
     return calls
 
 

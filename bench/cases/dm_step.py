@@ -70,8 +70,10 @@ def _fused_device_rng(backend, embed, x_real, y_real, x_syn, y_syn, num_classes)
     if backend == "graph":
         matcher = persistent(embed, lambda: ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY,
                                                                        cuda_graph=True))
-    else:  # ddfast's default: DSA drawn on the device (no host sync)
-        matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY, backend=backend)
+    else:  # ddfast's default: DSA drawn on the device (no host sync); "modules": no norm_relu_pool
+        matcher = ddfast.DistributionMatcher(embed, num_classes, dsa_strategy=STRATEGY,
+                                             backend="auto" if backend == "modules" else backend,
+                                             fuse_real=backend != "modules")
     return matcher(x_real, y_real, x_syn, y_syn, seeds=class_seeds(num_classes))
 
 
@@ -93,7 +95,9 @@ def cases():
         if device_rng:
             out.append(Case(name=f"dm_step/{label}-device-rng", reference=_reference_device_rng,
                             fused=_fused_device_rng, baselines={"dm-loop": _reference}, unchecked=("dm-loop",),
+                            **dict(common, cuda_variants=("graph", "modules")),
                             notes=f"{shape}; ddfast's default DSA (drawn on the device); reference = DM's loop "
                                   f"with the same draws per class; dm-loop = DM's loop as users run it "
-                                  f"(DiffAugment's host RNG: other draws, timed only)", **common))
+                                  f"(DiffAugment's host RNG: other draws, timed only); modules: the real side "
+                                  f"without norm_relu_pool"))
     return out

@@ -12,6 +12,7 @@ rate, batch and DSA, ConvNet width 32 depth 2, 200 iterations (CPU budget).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..data import Dataset, RealData
 from ..models import embed
@@ -33,8 +34,11 @@ class DM(IterativeMethod):
         for p in net.parameters():
             p.requires_grad_(False)
         net.train()
-        # the bound method lets the matcher see the network's layers (its "auto" real-side chunking)
-        embed_fn = net.embed if callable(getattr(net, "embed", None)) else (lambda x: embed(net, x))
+        # modules, not a closure: the matcher sees the layers (its "auto" real-side chunking, and
+        # the fused norm → ReLU → pool blocks of a Sequential); the same modules, not copies
+        embed_fn = net.embed if callable(getattr(net, "embed", None)) else (
+            nn.Sequential(net.features, nn.Flatten()) if isinstance(getattr(net, "features", None), nn.Module)
+            else (lambda x: embed(net, x)))
         matcher = DistributionMatcher(embed_fn, self.num_classes,
                                       real_precision=self.hp.get("real_precision"))
         x_real, y_real = self.real_batch(real, self.hp["batch_real"], iteration)

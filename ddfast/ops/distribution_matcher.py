@@ -32,6 +32,7 @@ from .dsa import dsa_augment
 from ._cuda_graph import GraphedStep, check_cuda_graph, label_key, module_key, tensor_key
 from ._real_precision import check_real_precision, real_side
 from .mmd import mmd
+from .norm_relu_pool import OP as NORM_RELU_POOL, embed_plan, plan_key, run_plan
 
 
 def dm_clock_seeds(num_classes: int) -> list:
@@ -83,6 +84,11 @@ class DistributionMatcher:
     augmented synthetic images) once per static configuration and replay them from a CUDA graph;
     DSA stays eager, before it (its seeds come from the host). CPU or a failed capture: eager, one
     warning. Not yet run on a GPU (``tests/test_cuda_graph.py``, skipped without one).
+    fuse_real: (default True) on CUDA with Triton (backend "auto" or "triton"), when ``embed`` is an
+    ``nn.Sequential`` (DC's ConvNet features, nested Sequentials flattened), run each instance norm →
+    ReLU (→ 2×2 average pool) block of the real side as one ``ddfast.norm_relu_pool`` kernel: one
+    read of the conv output instead of ATen's ~5 full-size passes; fp32 statistics, the loss equal
+    up to rounding. Not with ``real_precision`` (autocast keeps the modules). False: the modules.
     real_precision: None (default: the inputs' precision), "bf16" or "fp16": the real images are
     embedded under ``torch.autocast`` in that type (fp32 inputs only) and their features returned in
     the synthetic side's dtype; the synthetic side stays in full precision. Measured on CPU (DM's
@@ -96,7 +102,7 @@ class DistributionMatcher:
                  loss: str = "mean", mmd_kwargs: Optional[dict] = None, backend: str = "auto",
                  real_chunk_size: Union[int, str, None] = "auto", dsa_rng: str = "device",
                  real_precision: Optional[str] = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, fuse_real: bool = True):
         if not callable(embed):
             raise TypeError(f"embed must be callable (an nn.Module or function), got {type(embed).__name__}")
         self.embed = embed
@@ -119,6 +125,10 @@ class DistributionMatcher:
         self.cuda_graph = check_cuda_graph(cuda_graph)
         self._graph = GraphedStep("DistributionMatcher")
         self._ids: dict = {}
+        if not isinstance(fuse_real, bool):
+            raise TypeError(f"fuse_real must be a bool, got {type(fuse_real).__name__}")
+        self.fuse_real = fuse_real
+        self._plan = None  # (plan_key, embed_plan) of the real side's fused embedding
 
     def _augment(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return dsa_augment(x, y, self.dsa_strategy, seeds, align_corners=self.align_corners, param=self.dsa_param,
@@ -168,7 +178,7 @@ class DistributionMatcher:
             if chunk is not None:
                 f_real, y_real = self._real_class_means(x_real, y_real, num_classes, chunk)
             else:
-                f_real = self.embed(x_real)
+                f_real = self._embed_real(x_real)
         f_real = f_real.to(x_syn.dtype)
         f_syn = self.embed(x_syn)
         if chunk is not None:
@@ -178,6 +188,22 @@ class DistributionMatcher:
             return mmd(f_real.reshape(f_real.shape[0], -1), f_syn.reshape(f_syn.shape[0], -1), x_labels=y_real,
                              y_labels=y_syn, num_classes=num_classes, backend=self.backend, **self.mmd_kwargs)
         return class_mean_loss(f_real, y_real, f_syn, y_syn, num_classes, backend=self.backend)
+
+    def _embed_real(self, x: torch.Tensor) -> torch.Tensor:
+        """The real images' embedding (under no_grad). On CUDA with Triton (backend "auto" or
+        "triton"), an ``nn.Sequential`` embedding runs its instance norm → ReLU → 2×2 pool blocks
+        as one ``norm_relu_pool`` kernel each; autocast (real_precision) keeps the modules."""
+        fusable = self.fuse_real and self.real_precision is None and self.backend in ("auto", "triton")
+        plan = self._real_plan() if fusable else None
+        if plan is not None and _backend.resolve(NORM_RELU_POOL, self.backend, x.device) == "triton":
+            return run_plan(plan, x, self.backend)
+        return self.embed(x)
+
+    def _real_plan(self):
+        key = plan_key(self.embed)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, embed_plan(self.embed))
+        return self._plan[1]
 
     def _class_ids(self, num_classes: int, device: torch.device) -> torch.Tensor:
         """``arange(num_classes)``, one tensor per (C, device) kept by the matcher, so the loss's
@@ -201,7 +227,7 @@ class DistributionMatcher:
     def _add_chunk(self, x_real, y_real, start, chunk, num_classes, sums, counts):
         """Add one chunk's per-class feature sums and counts."""
         stop = start + chunk
-        f = self.embed(x_real[start:stop])
+        f = self._embed_real(x_real[start:stop])
         shape = f.shape[1:]
         f = f.reshape(f.shape[0], -1)
         acc = acc_dtype(f.dtype)

@@ -1,0 +1,153 @@
+"""norm_relu_pool — DC ConvNet's block after the convolution, forward only, for embeddings that
+need no gradient (DM's real side).
+
+    y = avg_pool2d(relu(instance_norm(x) · γ + β), 2)        (pool optional)
+
+``instance_norm`` normalises each (sample, channel) plane by its mean and biased variance, as
+``nn.GroupNorm(C, C)`` and ``nn.InstanceNorm2d`` without running statistics do. The Triton kernel
+(kernels/norm_relu_pool.py) reads the input once and writes the pooled output; ATen's modules
+make about five full-size passes. No autograd: the caller runs it under ``no_grad``.
+
+``embed_plan(embed)`` finds these blocks in an embedding given as an ``nn.Sequential`` (nested
+``Sequential`` containers are flattened; any other module is called as it is); ``run_plan`` then
+runs the embedding with each block fused where the input fits one kernel program.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from .._checks import check_float_tensor
+
+OP = "norm_relu_pool"
+
+
+def norm_relu_pool_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             eps: float, pool: bool) -> torch.Tensor:
+    """The modules' formula: GroupNorm with one group per channel, ReLU, 2×2 average pool."""
+    y = F.relu(F.group_norm(x, x.shape[1], weight, bias, eps))
+    return F.avg_pool2d(y, 2) if pool else y
+
+
+_backend.register_op(_backend.OpSpec(OP, compiled=False))
+
+
+def norm_relu_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5, pool: bool = True, *, backend: str = "auto") -> torch.Tensor:
+    """Instance norm (affine with ``weight``/``bias`` (C,)) → ReLU → 2×2 average pool of an
+    (N, C, H, W) ``x``; forward only (raises when a gradient would be needed)."""
+    check_float_tensor("x", x, min_dim=4, allow_empty=True)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias must be given together (an affine norm) or both be None")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise ValueError("norm_relu_pool is forward only: call it under torch.no_grad()")
+    which = _backend.resolve(OP, backend, x.device)
+    if which == "triton":
+        from ..kernels.norm_relu_pool import fits, norm_relu_pool as launch
+
+        if fits(x, pool):
+            w = None if weight is None else weight.contiguous()
+            b = None if bias is None else bias.contiguous()
+            return launch(x.contiguous(), w, b, eps, pool)
+    return norm_relu_pool_reference(x, weight, bias, eps, pool)
+
+
+# --- the embedding plan ------------------------------------------------------------------------
+
+class _Fused:
+    """One norm → ReLU (→ 2×2 tile pool) block of the embedding."""
+
+    def __init__(self, norm: nn.Module, modules: Sequence[nn.Module], pool: bool):
+        self.norm, self.modules, self.pool = norm, list(modules), pool
+
+    def __call__(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        from ..kernels import norm_relu_pool as kernel
+
+        if x.dim() != 4 or x.shape[1] != self.norm_channels or not kernel.fits(x, self.pool):
+            for m in self.modules:  # e.g. odd maps: the modules as they are
+                x = m(x)
+            return x
+        return norm_relu_pool(x, self.norm.weight, self.norm.bias, self.norm.eps, self.pool, backend=backend)
+
+    @property
+    def norm_channels(self) -> int:
+        return self.norm.num_channels if isinstance(self.norm, nn.GroupNorm) else self.norm.num_features
+
+
+def _instance_norm(m: nn.Module) -> bool:
+    if type(m) is nn.GroupNorm:
+        return m.num_groups == m.num_channels
+    if type(m) is nn.InstanceNorm2d:
+        return not m.track_running_stats
+    return False
+
+
+def _tile_pool_2x2(m: nn.Module) -> bool:
+    from ._segmented_grads import tile_kernel
+
+    return type(m) is nn.AvgPool2d and tile_kernel(m) == (2, 2)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
+def _flat_layers(seq: nn.Sequential) -> Optional[List[nn.Module]]:
+    out = []
+    for m in seq:
+        if type(m) is nn.Sequential:
+            if _hooked(m):
+                return None
+            inner = _flat_layers(m)
+            if inner is None:
+                return None
+            out += inner
+        else:
+            out.append(m)
+    return out
+
+
+def embed_plan(embed) -> Optional[List[Union[nn.Module, _Fused]]]:
+    """The embedding's layers with each instance norm → ReLU (→ 2×2 average pool) block fused, or
+    None when ``embed`` is not an ``nn.Sequential`` or has nothing to fuse. Blocks with hooks keep
+    their modules (a hook must see them run)."""
+    if type(embed) is not nn.Sequential or _hooked(embed):
+        return None
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    layers = _flat_layers(embed)
+    if layers is None:
+        return None
+    plan, i, fused = [], 0, False
+    while i < len(layers):
+        norm = layers[i]
+        act = layers[i + 1] if i + 1 < len(layers) else None
+        if _instance_norm(norm) and type(act) is nn.ReLU and not (_hooked(norm) or _hooked(act)):
+            pool = i + 2 < len(layers) and _tile_pool_2x2(layers[i + 2]) and not _hooked(layers[i + 2])
+            block = layers[i:i + (3 if pool else 2)]
+            plan.append(_Fused(norm, block, pool))
+            i += len(block)
+            fused = True
+        else:
+            plan.append(norm)
+            i += 1
+    return plan if fused else None
+
+
+def run_plan(plan: Sequence[Union[nn.Module, _Fused]], x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The embedding's forward through ``plan`` (under no_grad)."""
+    for step in plan:
+        x = step(x, backend) if isinstance(step, _Fused) else step(x)
+    return x
+
+
+def plan_key(embed) -> Tuple:
+    """Changes when the embedding's layer structure (or a hook) does: the plan is rebuilt then."""
+    mods = list(embed.modules()) if isinstance(embed, nn.Module) else []
+    return (id(embed), tuple((id(m), type(m), _hooked(m)) for m in mods))

@@ -1,0 +1,141 @@
+"""norm_relu_pool (instance norm → ReLU → 2×2 average pool, forward only) against the modules it
+replaces, and its use on DistributionMatcher's real side."""
+import pytest
+import torch
+from torch import nn
+
+import ddfast
+from ddfast.models import ConvNet
+from ddfast.ops.norm_relu_pool import embed_plan, norm_relu_pool_reference, run_plan
+
+from conftest import require_backend
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _modules(c, pool, affine=True):
+    layers = [nn.GroupNorm(c, c, affine=affine), nn.ReLU(inplace=True)] + ([nn.AvgPool2d(2)] if pool else [])
+    return nn.Sequential(*layers)
+
+
+def test_reference_is_the_modules():
+    x = torch.randn(3, 4, 8, 6, dtype=torch.float64)
+    m = _modules(4, True).double()
+    nn.init.normal_(m[0].weight)
+    nn.init.normal_(m[0].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(norm_relu_pool_reference(x, m[0].weight, m[0].bias, 1e-5, True), m(x.clone()),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,pool", [((3, 5, 8, 12), True), ((2, 3, 7, 5), False), ((1, 1, 2, 2), True),
+                                        ((2, 4, 32, 32), True), ((2, 3, 6, 6), True), ((1, 2, 64, 64), True)])
+def test_triton_equals_reference(device, dtype, shape, pool):
+    backend = require_backend("norm_relu_pool", "triton", device)
+    if device == "cpu" and dtype == torch.bfloat16 and shape[2] * shape[3] > 1024:
+        pytest.skip("not applicable: large bf16 planes are slow in the interpreter and add nothing")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g) * 30 + 7).to(device=device, dtype=dtype)  # large offset and scale
+    w = torch.randn(shape[1], generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(shape[1], generator=g).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for weight, bias in ((w, b), (None, None)):
+            got = ddfast.norm_relu_pool(x, weight, bias, 1e-5, pool, backend=backend)
+            want = norm_relu_pool_reference(x.double(), None if weight is None else weight.double(),
+                                            None if bias is None else bias.double(), 1e-5, pool)
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+def test_triton_takes_non_contiguous_empty_and_unfit_inputs(device):
+    backend = require_backend("norm_relu_pool", "triton", device)
+    x = torch.randn(2, 6, 8, 8, device=device).transpose(2, 3)[:, ::2]  # strided view
+    w, b = torch.randn(3, device=device), torch.randn(3, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(ddfast.norm_relu_pool(x, w, b, 1e-5, True, backend=backend),
+                                   norm_relu_pool_reference(x, w, b, 1e-5, True), **TOL[torch.float32])
+        assert ddfast.norm_relu_pool(torch.empty(0, 3, 4, 4, device=device), w, b, backend=backend).shape == (0, 3, 2, 2)
+        odd = torch.randn(2, 3, 5, 4, device=device)  # odd height with pool: the reference runs (floor)
+        torch.testing.assert_close(ddfast.norm_relu_pool(odd, w, b, 1e-5, True, backend=backend),
+                                   norm_relu_pool_reference(odd, w, b, 1e-5, True))
+        big = torch.randn(1, 3, 70, 70, device=device)  # a plane past one program: the reference runs
+        torch.testing.assert_close(ddfast.norm_relu_pool(big, w, b, 1e-5, True, backend=backend),
+                                   norm_relu_pool_reference(big, w, b, 1e-5, True))
+
+
+def test_bad_input():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="x"):
+        ddfast.norm_relu_pool(x.long())
+    with pytest.raises(ValueError, match="x must be"):
+        ddfast.norm_relu_pool(torch.randn(2, 3, 4, 4, 1))
+    with pytest.raises(ValueError, match="weight and bias"):
+        ddfast.norm_relu_pool(x, torch.ones(3), None)
+    with pytest.raises(ValueError, match="forward only"):
+        ddfast.norm_relu_pool(x.requires_grad_())
+
+
+def _convnet_embed(depth=2, width=4):
+    """DM's embedding of DC's ConvNet (features, flattened), with random norm affine parameters."""
+    torch.manual_seed(0)
+    net = ConvNet(3, 3, width=width, depth=depth, im_size=(8, 8))
+    embed = nn.Sequential(net.features, nn.Flatten())
+    for p in embed.parameters():
+        if p.dim() == 1:
+            nn.init.normal_(p)
+        p.requires_grad_(False)
+    return embed
+
+
+def test_plan_fuses_the_convnet_blocks_and_equals_the_embedding():
+    backend = require_backend("norm_relu_pool", "triton", "cpu")
+    embed = _convnet_embed()
+    plan = embed_plan(embed)
+    assert [type(s).__name__ for s in plan] == ["Conv2d", "_Fused", "Conv2d", "_Fused", "Flatten"]
+    x = torch.randn(5, 3, 8, 8) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(run_plan(plan, x, backend), embed(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run_plan(plan, x[:, :, :7, :7], backend), embed(x[:, :, :7, :7]))  # odd maps
+
+
+def test_plan_leaves_hooked_blocks_and_other_embeddings_alone():
+    embed = _convnet_embed()
+    handle = embed[0][1].register_forward_hook(lambda *a: None)  # the first norm
+    plan = embed_plan(embed)
+    assert [type(s).__name__ for s in plan][:4] == ["Conv2d", "GroupNorm", "ReLU", "AvgPool2d"]
+    handle.remove()
+    assert embed_plan(lambda x: x) is None
+    assert embed_plan(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())) is None  # nothing to fuse
+    assert embed_plan(nn.Sequential(nn.GroupNorm(1, 4), nn.ReLU())) is None  # not one group per channel
+
+
+def test_distribution_matcher_with_fused_real_side_equals_the_modules():
+    """backend "triton" (the interpreter here): the real side through norm_relu_pool, the loss and
+    the image gradient equal the matcher without fusion; a hook added later is honoured."""
+    require_backend("norm_relu_pool", "triton", "cpu")
+    embed = _convnet_embed()
+    g = torch.Generator().manual_seed(1)
+    x_real, y_real = torch.randn(12, 3, 8, 8, generator=g), torch.arange(3).repeat(4)
+    x_syn, y_syn = torch.randn(6, 3, 8, 8, generator=g), torch.arange(3).repeat_interleave(2)
+
+    def run(matcher):
+        x = x_syn.clone().requires_grad_(True)
+        loss = matcher(x_real, y_real, x, y_syn)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    fused = ddfast.DistributionMatcher(embed, 3, backend="triton")
+    plain = ddfast.DistributionMatcher(embed, 3, backend="triton", fuse_real=False)
+    got, want = run(fused), run(plain)
+    assert fused._plan[1] is not None and plain._plan is None
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    seen = []
+    handle = embed[0][1].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    run(fused)
+    handle.remove()
+    assert 12 in seen  # the real batch went through the hooked norm module
+    with pytest.raises(TypeError, match="fuse_real"):
+        ddfast.DistributionMatcher(embed, 3, fuse_real="yes")
