@@ -242,11 +242,10 @@ def _op_calls(dtype):
     calls += [(f"supcon_nce {v}", lambda v=v: supcon(v)) for v in ("infonce", "nce")]
     calls += [(f"dsa_augment align_corners={a} rng={r}", lambda a=a, r=r: dsa(a, r))
               for a, r in ((False, "reference"), (True, "device"))]
-    def norm_relu_pool(pool, affine):  # forward only (DM's real side); a CIFAR-sized plane
-        x = rand(2, 3, 32, 32)
+    def norm_relu_pool(pool, affine):  # a CIFAR-sized plane, forward + the input gradient
+        x = rand(2, 3, 32, 32, grad=True)
         w, b = (rand(3), rand(3)) if affine else (None, None)
-        with torch.no_grad():
-            ddfast.norm_relu_pool(x, w, b, 1e-5, pool, backend="triton")
+        backward(ddfast.norm_relu_pool(x, w, b, 1e-5, pool, backend="triton"))
 
     calls += [("class_means", class_means), ("class_mean_loss", class_mean_loss), ("bn_stat_loss", bn),
               ("param_match", param_match)]

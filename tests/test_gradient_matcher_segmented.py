@@ -504,3 +504,51 @@ def test_segmented_convnet_step_runs_no_aten_pool_backward():
     with Names() as names:
         GradientMatcher(model, strategy="segmented")(x_real, y_real, x_syn, y_syn).backward()
     assert "aten.avg_pool2d" in names.seen and "aten.avg_pool2d_backward" not in names.seen, names.seen
+
+
+@pytest.mark.parametrize("metric", ["ours", "mse"])
+def test_segmented_real_side_through_norm_relu_pool_equals_the_modules(metric):
+    """backend "triton" (the interpreter here): under "ours" the real side's instance norm → ReLU →
+    pool blocks run as norm_relu_pool kernels (no ATen group norm at all: the synthetic side uses
+    var_mean), and the loss and image gradient equal the matcher without fusion; "mse" needs the
+    norms' per-class gradients, so nothing fuses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import require_backend
+
+    require_backend("norm_relu_pool", "triton", "cpu")
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = ConvNet(3, 3, width=4, depth=2, im_size=(8, 8))
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    x_real, y_real, x_syn, y_syn = (t.float() if t.is_floating_point() else t
+                                    for t in _data(3, 4, 2, (3, 8, 8), "cpu"))
+
+    def run(fuse_real):
+        x = x_syn.detach().clone().requires_grad_(True)
+        matcher = GradientMatcher(model, metric, strategy="segmented", backend="triton", fuse_real=fuse_real)
+        with Names() as names:
+            loss = matcher(x_real, y_real, x, y_syn)
+            loss.backward()
+        return loss.detach(), x.grad, names.seen
+
+    want, g_want, seen_plain = run(False)  # first: builds and verifies the plan (model(x) runs once)
+    got, g_got, seen = run(True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-6)
+    assert "aten.native_group_norm" in seen_plain
+    assert ("aten.native_group_norm" in seen) == (metric == "mse")
+    with pytest.raises(TypeError, match="fuse_real"):
+        GradientMatcher(model, fuse_real=1)

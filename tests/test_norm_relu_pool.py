@@ -73,8 +73,8 @@ def test_bad_input():
         ddfast.norm_relu_pool(torch.randn(2, 3, 4, 4, 1))
     with pytest.raises(ValueError, match="weight and bias"):
         ddfast.norm_relu_pool(x, torch.ones(3), None)
-    with pytest.raises(ValueError, match="forward only"):
-        ddfast.norm_relu_pool(x.requires_grad_())
+    with pytest.raises(ValueError, match="weight and bias must be"):
+        ddfast.norm_relu_pool(x, torch.ones(4), torch.ones(4))
 
 
 def _convnet_embed(depth=2, width=4):
@@ -93,7 +93,7 @@ def test_plan_fuses_the_convnet_blocks_and_equals_the_embedding():
     backend = require_backend("norm_relu_pool", "triton", "cpu")
     embed = _convnet_embed()
     plan = embed_plan(embed)
-    assert [type(s).__name__ for s in plan] == ["Conv2d", "_Fused", "Conv2d", "_Fused", "Flatten"]
+    assert [type(s).__name__ for s in plan] == ["Conv2d", "_FusedBlock", "Conv2d", "_FusedBlock", "Flatten"]
     x = torch.randn(5, 3, 8, 8) * 4
     with torch.no_grad():
         torch.testing.assert_close(run_plan(plan, x, backend), embed(x), rtol=1e-5, atol=1e-5)
@@ -139,3 +139,41 @@ def test_distribution_matcher_with_fused_real_side_equals_the_modules():
     assert 12 in seen  # the real batch went through the hooked norm module
     with pytest.raises(TypeError, match="fuse_real"):
         ddfast.DistributionMatcher(embed, 3, fuse_real="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,pool", [((3, 5, 8, 12), True), ((2, 3, 7, 5), False), ((1, 1, 2, 2), True),
+                                        ((2, 4, 32, 32), True)])
+def test_triton_input_gradient_equals_reference(device, dtype, shape, pool):
+    """dx from the fused backward (statistics recomputed from x) against autograd of the modules
+    in float64; the output gradient is non-contiguous."""
+    backend = require_backend("norm_relu_pool", "triton", device)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(*shape, generator=g) * 30 + 7).to(device=device, dtype=dtype)
+    w = torch.randn(shape[1], generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(shape[1], generator=g).to(device=device, dtype=dtype)
+    out_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2) if pool else shape
+    grad = torch.randn(*reversed(out_shape), generator=g).to(device=device, dtype=dtype).permute(3, 2, 1, 0)
+    for weight, bias in ((w, b), (None, None)):
+        xg = x.clone().requires_grad_(True)
+        dx, = torch.autograd.grad(ddfast.norm_relu_pool(xg, weight, bias, 1e-5, pool, backend=backend), xg, grad)
+        xd = x.double().requires_grad_(True)
+        want = norm_relu_pool_reference(xd, None if weight is None else weight.double(),
+                                        None if bias is None else bias.double(), 1e-5, pool)
+        dx_want, = torch.autograd.grad(want, xd, grad.double())
+        assert dx.dtype == dtype
+        scale = dx_want.abs().max().item()
+        tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
+        assert (dx.double() - dx_want).abs().max().item() <= tol * scale
+
+
+def test_triton_gradcheck_and_affine_gradients_take_the_reference():
+    backend = require_backend("norm_relu_pool", "triton", "cpu")
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ddfast.norm_relu_pool(t, w, b, 1e-5, True, backend=backend), (x,))
+    wg = w.clone().requires_grad_(True)  # γ needs a gradient: the modules' path gives it
+    out = ddfast.norm_relu_pool(x, wg, b, 1e-5, True, backend=backend)
+    gw, = torch.autograd.grad(out.sum(), wg)
+    gw_want, = torch.autograd.grad(norm_relu_pool_reference(x, wg, b, 1e-5, True).sum(), wg)
+    torch.testing.assert_close(gw, gw_want)

@@ -47,6 +47,8 @@ def _fused(strategy, model, **data):
         # per image of a chunk), at 930 dispatched ops against 687 (CPU count, CIFAR-10 ipc 10; DC's
         # loop: 9056): its time on a GPU decides whether the default real_chunk_size (2048) moves
         return ddfast.GradientMatcher(model, strategy="segmented", real_chunk_size=512)(**data)
+    if strategy == "modules":  # the real side's norm blocks as ATen modules, not norm_relu_pool kernels
+        return ddfast.GradientMatcher(model, strategy="segmented", fuse_real=False)(**data)
     return ddfast.GradientMatcher(model, strategy=strategy)(**data)
 
 
@@ -65,7 +67,7 @@ def cases():
             fused=_fused,
             backends=("auto",),
             variants=("segmented", "vmap", "loop"),
-            cuda_variants=("graph", "bf16-real", "chunk-512"),
+            cuda_variants=("graph", "bf16-real", "chunk-512", "modules"),
             approximate=("bf16-real",),
             grad_inputs=("x_syn",),
             default=default,

@@ -74,14 +74,15 @@ def _batched(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class _Free:
-    """A parameter-free, per-sample layer applied as is."""
+    """A parameter-free, per-sample layer applied as is. ``kind``: "relu" or "pool2x2" (a 2×2
+    disjoint-tile average pool) where the real side may fuse it into a norm block."""
     params: Dict[str, str] = {}
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: Optional[str] = None):
         if getattr(fn, "inplace", False):  # an in-place ReLU would overwrite a recorded layer output
             fn = copy.copy(fn)
             fn.inplace = False
-        self.fn = fn
+        self.fn, self.kind = fn, kind
 
     def forward(self, h, p):
         return self.fn(h), None
@@ -157,6 +158,9 @@ class _AffineNorm:
         # groups(h): the statistics groups per sample of a group/instance norm (LayerNorm: its
         # trailing dims; BatchNorm: None, its eval map is pointwise already)
         self.m, self.normalize, self.trailing, self.groups = m, normalize, trailing, groups
+        # one statistics group per (sample, channel) of a 2-D map: what norm_relu_pool computes
+        self.instance_norm = (type(m) is nn.GroupNorm and m.num_groups == m.num_channels) or (
+            type(m) is nn.InstanceNorm2d and not m.track_running_stats)
         self.params = {}
         if getattr(m, "weight", None) is not None:
             self.params["weight"] = prefix + "weight"
@@ -241,8 +245,10 @@ def _step_for(m: nn.Module, prefix: str):
             raise NotSegmentable(f"{name}: active dropout (random per call)")
         return _Free(lambda h: h)
     if isinstance(m, nn.AvgPool2d) and tile_kernel(m) is not None:
-        return _Free(lambda h, m=m, k=tile_kernel(m): tile_avg_pool2d(h, k) if tiles_fit(h, k) else m(h))
-    return _Free(m)  # the pointwise layers and pools of _SUPPORTED
+        k = tile_kernel(m)
+        return _Free(lambda h, m=m, k=k: tile_avg_pool2d(h, k) if tiles_fit(h, k) else m(h),
+                     "pool2x2" if k == (2, 2) else None)
+    return _Free(m, "relu" if type(m) is nn.ReLU else None)  # the pointwise layers and pools of _SUPPORTED
 
 
 def tile_kernel(m: nn.AvgPool2d) -> Optional[Tuple[int, int]]:
@@ -432,18 +438,45 @@ def _params_of(step, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {role: state[full] for role, full in step.params.items()}
 
 
-def _forward(plan, state, x, wanted=None, graph=False):
+def _fused_block(plan, i: int, wanted, h: torch.Tensor) -> Optional[Tuple[int, bool]]:
+    """(steps, pool) when plan[i:] starts an instance norm → ReLU (→ 2×2 pool) block that
+    ``norm_relu_pool`` can run on ``h``: no parameter of the norm wanted (DC's "ours" skips γ/β)."""
+    step = plan[i]
+    if not getattr(step, "instance_norm", False) or h.dim() != 4:
+        return None
+    if wanted is None or any(full in wanted for full in step.params.values()):
+        return None
+    if i + 1 >= len(plan) or getattr(plan[i + 1], "kind", None) != "relu":
+        return None
+    from ..kernels.norm_relu_pool import fits
+
+    pool = i + 2 < len(plan) and getattr(plan[i + 2], "kind", None) == "pool2x2"
+    return (3, True) if pool and fits(h, True) else ((2, False) if fits(h, False) else None)
+
+
+def _forward(plan, state, x, wanted=None, graph=False, fuse=False):
     """Interpreted forward; returns logits and, per step with a parameter in ``wanted`` (all steps
     with parameters when None), (step, z, saved, roles). ``graph``: the data backward will keep its
-    graph (steps may then pick a form with a cheaper double backward)."""
+    graph (steps may then pick a form with a cheaper double backward). ``fuse`` (first-order data
+    backward only): instance norm → ReLU → 2×2 pool blocks run as ``norm_relu_pool`` kernels."""
+    from .norm_relu_pool import norm_relu_pool
+
     records = []
-    h = x
-    for step in plan:
+    h, i = x, 0
+    while i < len(plan):
+        step = plan[i]
+        block = _fused_block(plan, i, wanted, h) if fuse and not graph else None
+        if block is not None:
+            p = _params_of(step, state)
+            h = norm_relu_pool(h, p.get("weight"), p.get("bias"), step.m.eps, block[1], backend="triton")
+            i += block[0]
+            continue
         forward = step.forward_graph if graph and hasattr(step, "forward_graph") else step.forward
         h, saved = forward(h, _params_of(step, state))
         roles = [role for role, full in step.params.items() if wanted is None or full in wanted]
         if roles:
             records.append((step, h, saved, roles))
+        i += 1
     return h, records
 
 
@@ -558,13 +591,14 @@ def _build_and_verify(model: nn.Module, names, state, probe):
 # --- per-class gradients ---------------------------------------------------------------------------
 
 def class_grads(plan, state: Dict[str, torch.Tensor], names: Sequence[str], x: torch.Tensor, labels: torch.Tensor,
-                weight: torch.Tensor, G: int, n: int, create_graph: bool) -> List[torch.Tensor]:
+                weight: torch.Tensor, G: int, n: int, create_graph: bool, fuse: bool = False) -> List[torch.Tensor]:
     """Per-class gradients (G, *param.shape) for ``names``; ``x``/``labels``/``weight`` are class-major
     (G*n samples), ``weight`` 1/n_c for real slots and 0 for padding. Layers none of whose parameters
-    is in ``names`` are not recorded: no layer-output gradient and no graph for them."""
+    is in ``names`` are not recorded: no layer-output gradient and no graph for them. ``fuse``
+    (without ``create_graph``): norm → ReLU → pool blocks through the Triton ``norm_relu_pool``."""
     if not x.requires_grad:  # a root for the data backward; the engine stops at the layer outputs
         x = x.detach().requires_grad_(True)
-    logits, records = _forward(plan, state, x, set(names), graph=create_graph)
+    logits, records = _forward(plan, state, x, set(names), graph=create_graph, fuse=fuse)
     if logits.dim() != 2:
         raise ValueError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
     loss = (weight * F.cross_entropy(logits, labels, reduction="none")).sum()

@@ -282,13 +282,18 @@ class GradientMatcher:
     warning. Parameters may be updated in place between calls (DC's network training); a new
     network or new label tensors capture again. Not yet run on a GPU (``tests/test_cuda_graph.py``
     holds the CUDA checks, skipped without one).
+    ``fuse_real`` (default True): on the "segmented" path, on CUDA with Triton (backend "auto" or
+    "triton"), the real side runs each instance norm → ReLU (→ 2×2 average pool) block whose norm
+    parameters need no per-class gradient (metric "ours": DC's ConvNet) as one ``norm_relu_pool``
+    kernel forward and one backward: a read of the conv output instead of ATen's ~5 full-size
+    passes each way. Equal up to fp32 rounding; not yet timed on a GPU. False: the modules.
     After a call, ``last_strategy`` says which strategy ran and ``segmented_reason`` why the model
     does not qualify for "segmented" (None when it does).
     """
 
     def __init__(self, model: nn.Module, metric: str = "ours", eps: float = 1e-6, *, strategy: str = "auto",
                  backend: str = "auto", bn_images_per_class: int = 16, real_chunk_size: Optional[int] = 2048,
-                 real_precision: Optional[str] = None, cuda_graph: bool = False):
+                 real_precision: Optional[str] = None, cuda_graph: bool = False, fuse_real: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -306,6 +311,9 @@ class GradientMatcher:
         self.real_chunk_size = real_chunk_size
         self.real_precision = check_real_precision(real_precision)
         self.cuda_graph = check_cuda_graph(cuda_graph)
+        if not isinstance(fuse_real, bool):
+            raise TypeError(f"fuse_real must be a bool, got {type(fuse_real).__name__}")
+        self.fuse_real = fuse_real
         self._graph = GraphedStep("GradientMatcher")
         self.last_strategy: Optional[str] = None  # what the last call ran ("auto" resolved)
         self.segmented_reason: Optional[str] = None  # why the model cannot take "segmented", if known
@@ -391,10 +399,11 @@ class GradientMatcher:
             # class-major input: used as is; else the slots are gathered from x and a zero sample
             samples = x if slots.identity else _with_zero_sample(x)[index.reshape(-1)]
             bounds = segment_bounds(G, n, chunk)
+            fuse = not create_graph and self._fuses(x.device)
             if len(bounds) == 1:
-                return class_grads(plan, state, names, samples, slots.labels, weight, G, n, create_graph)
+                return class_grads(plan, state, names, samples, slots.labels, weight, G, n, create_graph, fuse)
             parts = [class_grads(plan, state, names, samples[a * n:b * n], slots.labels[a * n:b * n],
-                                 weight[a * n:b * n], b - a, n, create_graph) for a, b in bounds]
+                                 weight[a * n:b * n], b - a, n, create_graph, fuse) for a, b in bounds]
             return [torch.cat(p) for p in zip(*parts)]
 
         # the segmented pass calls aten backward ops directly, which autocast does not reach: cast
@@ -404,6 +413,14 @@ class GradientMatcher:
         g_real = grads(x_real if low is None else x_real.to(low), layout.real, False, self.real_chunk_size,
                        real_state)
         return _full(g_real, x_syn.dtype), grads(x_syn, layout.syn, True, None, state)
+
+    def _fuses(self, device: torch.device) -> bool:
+        """Whether the real side runs its norm blocks through the Triton norm_relu_pool."""
+        from .. import _backend
+        from .norm_relu_pool import OP as NORM_RELU_POOL
+
+        return (self.fuse_real and self.backend in ("auto", "triton")
+                and _backend.resolve(NORM_RELU_POOL, self.backend, device) == "triton")
 
     def _grads_vmap(self, names, layout: _ClassLayout, x_real, x_syn):
         from torch.func import functional_call, grad, vmap

@@ -1,12 +1,14 @@
-"""norm_relu_pool — DC ConvNet's block after the convolution, forward only, for embeddings that
-need no gradient (DM's real side).
+"""norm_relu_pool — DC ConvNet's block after the convolution (DM's real side, the real side of
+DC's segmented step).
 
     y = avg_pool2d(relu(instance_norm(x) · γ + β), 2)        (pool optional)
 
 ``instance_norm`` normalises each (sample, channel) plane by its mean and biased variance, as
-``nn.GroupNorm(C, C)`` and ``nn.InstanceNorm2d`` without running statistics do. The Triton kernel
-(kernels/norm_relu_pool.py) reads the input once and writes the pooled output; ATen's modules
-make about five full-size passes. No autograd: the caller runs it under ``no_grad``.
+``nn.GroupNorm(C, C)`` and ``nn.InstanceNorm2d`` without running statistics do. The Triton kernels
+(kernels/norm_relu_pool.py) read the input once and write the pooled output, and the backward
+reads the input and the output gradient once and writes ``dx``; ATen's modules make about five
+full-size passes each way. The fused path gives a gradient to ``x`` (first order); a ``weight``/
+``bias`` that requires grad, or a second derivative, takes the reference (module) path.
 
 ``embed_plan(embed)`` finds these blocks in an embedding given as an ``nn.Sequential`` (nested
 ``Sequential`` containers are flattened; any other module is called as it is); ``run_plan`` then
@@ -18,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from .. import _backend
@@ -36,31 +39,53 @@ def norm_relu_pool_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bi
 _backend.register_op(_backend.OpSpec(OP, compiled=False))
 
 
+class _NormReluPool(torch.autograd.Function):
+    """The Triton forward and its first-order input gradient (γ/β are constants here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pool):
+        from ..kernels.norm_relu_pool import norm_relu_pool as launch
+
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps, ctx.pool = eps, pool
+        return launch(x, weight, bias, eps, pool)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from ..kernels.norm_relu_pool import norm_relu_pool_backward
+
+        x, weight, bias = ctx.saved_tensors
+        return norm_relu_pool_backward(x, weight, bias, ctx.eps, ctx.pool, grad), None, None, None, None
+
+
 def norm_relu_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    eps: float = 1e-5, pool: bool = True, *, backend: str = "auto") -> torch.Tensor:
     """Instance norm (affine with ``weight``/``bias`` (C,)) → ReLU → 2×2 average pool of an
-    (N, C, H, W) ``x``; forward only (raises when a gradient would be needed)."""
+    (N, C, H, W) ``x``. The Triton path (CUDA, or the interpreter) takes planes of at most 64×64
+    (even sides with ``pool``) and differentiates once w.r.t. ``x``; otherwise the reference runs."""
     check_float_tensor("x", x, min_dim=4, allow_empty=True)
     if x.dim() != 4:
         raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
     if (weight is None) != (bias is None):
         raise ValueError("weight and bias must be given together (an affine norm) or both be None")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        raise ValueError("norm_relu_pool is forward only: call it under torch.no_grad()")
+    if weight is not None and (weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],)):
+        raise ValueError(f"weight and bias must be ({x.shape[1]},), got {tuple(weight.shape)} and {tuple(bias.shape)}")
     which = _backend.resolve(OP, backend, x.device)
-    if which == "triton":
-        from ..kernels.norm_relu_pool import fits, norm_relu_pool as launch
+    affine_grad = torch.is_grad_enabled() and weight is not None and (weight.requires_grad or bias.requires_grad)
+    if which == "triton" and not affine_grad:
+        from ..kernels.norm_relu_pool import fits
 
         if fits(x, pool):
-            w = None if weight is None else weight.contiguous()
-            b = None if bias is None else bias.contiguous()
-            return launch(x.contiguous(), w, b, eps, pool)
+            w = None if weight is None else weight.detach().contiguous()
+            b = None if bias is None else bias.detach().contiguous()
+            return _NormReluPool.apply(x.contiguous(), w, b, float(eps), pool)
     return norm_relu_pool_reference(x, weight, bias, eps, pool)
 
 
 # --- the embedding plan ------------------------------------------------------------------------
 
-class _Fused:
+class _FusedBlock:
     """One norm → ReLU (→ 2×2 tile pool) block of the embedding."""
 
     def __init__(self, norm: nn.Module, modules: Sequence[nn.Module], pool: bool):
@@ -113,7 +138,7 @@ def _flat_layers(seq: nn.Sequential) -> Optional[List[nn.Module]]:
     return out
 
 
-def embed_plan(embed) -> Optional[List[Union[nn.Module, _Fused]]]:
+def embed_plan(embed) -> Optional[List[Union[nn.Module, _FusedBlock]]]:
     """The embedding's layers with each instance norm → ReLU (→ 2×2 average pool) block fused, or
     None when ``embed`` is not an ``nn.Sequential`` or has nothing to fuse. Blocks with hooks keep
     their modules (a hook must see them run)."""
@@ -131,7 +156,7 @@ def embed_plan(embed) -> Optional[List[Union[nn.Module, _Fused]]]:
         if _instance_norm(norm) and type(act) is nn.ReLU and not (_hooked(norm) or _hooked(act)):
             pool = i + 2 < len(layers) and _tile_pool_2x2(layers[i + 2]) and not _hooked(layers[i + 2])
             block = layers[i:i + (3 if pool else 2)]
-            plan.append(_Fused(norm, block, pool))
+            plan.append(_FusedBlock(norm, block, pool))
             i += len(block)
             fused = True
         else:
@@ -140,10 +165,10 @@ def embed_plan(embed) -> Optional[List[Union[nn.Module, _Fused]]]:
     return plan if fused else None
 
 
-def run_plan(plan: Sequence[Union[nn.Module, _Fused]], x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def run_plan(plan: Sequence[Union[nn.Module, _FusedBlock]], x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """The embedding's forward through ``plan`` (under no_grad)."""
     for step in plan:
-        x = step(x, backend) if isinstance(step, _Fused) else step(x)
+        x = step(x, backend) if isinstance(step, _FusedBlock) else step(x)
     return x
 
 
