@@ -24,42 +24,10 @@ MAX_PLANE = 4096
 
 
 @triton.jit
-def _norm_relu_pool_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, eps,
-                           HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_W)
-    mask = (rows[:, None] < H) & (cols[None, :] < W)
-    x = tl.load(x_ptr + plane * H * W + rows[:, None] * W + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / (H * W)
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / (H * W) + eps)
-    if HAS_AFFINE:
-        c = plane % C
-        y = d * (tl.load(w_ptr + c).to(ACC_DTYPE) * rstd) + tl.load(b_ptr + c).to(ACC_DTYPE)
-    else:
-        y = d * rstd
-    y = tl.maximum(y, 0.0)
-    if POOL:  # H, W even: every 2×2 tile inside the plane holds only unmasked values
-        tiles = tl.reshape(y, (BLOCK_H // 2, 2, BLOCK_W // 2, 2))
-        pooled = tl.sum(tl.sum(tiles, axis=3), axis=1) * 0.25
-        oh, ow = H // 2, W // 2
-        prow = tl.arange(0, BLOCK_H // 2)
-        pcol = tl.arange(0, BLOCK_W // 2)
-        pmask = (prow[:, None] < oh) & (pcol[None, :] < ow)
-        tl.store(out_ptr + plane * oh * ow + prow[:, None] * ow + pcol[None, :],
-                 pooled.to(out_ptr.dtype.element_ty), mask=pmask)
-    else:
-        tl.store(out_ptr + plane * H * W + rows[:, None] * W + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=mask)
-
-
-@triton.jit
-def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps,
-                               HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
-                               BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
+def _normalized_plane(x_ptr, w_ptr, b_ptr, plane, C, H, W, eps, HAS_AFFINE: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One plane in registers: x̂ (0 outside the plane), the affine output y, γ, 1/σ, the mask and
+    the element offsets."""
     rows = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_W)
     mask = (rows[:, None] < H) & (cols[None, :] < W)
@@ -74,10 +42,43 @@ def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps,
         gamma = tl.load(w_ptr + c).to(ACC_DTYPE)
         y = xhat * gamma + tl.load(b_ptr + c).to(ACC_DTYPE)
     else:
-        gamma = 1.0
+        gamma = tl.full((), 1.0, ACC_DTYPE)
         y = xhat
+    return xhat, y, gamma, rstd, mask, offs
+
+
+@triton.jit
+def _norm_relu_pool_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, eps,
+                           HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    _, y, _, _, mask, offs = _normalized_plane(x_ptr, w_ptr, b_ptr, plane, C, H, W, eps, HAS_AFFINE, BLOCK_H,
+                                               BLOCK_W, ACC_DTYPE)
+    y = tl.maximum(y, 0.0)
+    if POOL:  # H, W even: every 2×2 tile inside the plane holds only unmasked values
+        tiles = tl.reshape(y, (BLOCK_H // 2, 2, BLOCK_W // 2, 2))
+        pooled = tl.sum(tl.sum(tiles, axis=3), axis=1) * 0.25
+        oh, ow = H // 2, W // 2
+        prow = tl.arange(0, BLOCK_H // 2)
+        pcol = tl.arange(0, BLOCK_W // 2)
+        pmask = (prow[:, None] < oh) & (pcol[None, :] < ow)
+        tl.store(out_ptr + plane * oh * ow + prow[:, None] * ow + pcol[None, :],
+                 pooled.to(out_ptr.dtype.element_ty), mask=pmask)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps,
+                               HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
+                               BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    xhat, y, gamma, rstd, mask, offs = _normalized_plane(x_ptr, w_ptr, b_ptr, plane, C, H, W, eps, HAS_AFFINE,
+                                                         BLOCK_H, BLOCK_W, ACC_DTYPE)
     if POOL:  # each input position gets its tile's output gradient ÷ 4
         oh, ow = H // 2, W // 2
+        rows = tl.arange(0, BLOCK_H)
+        cols = tl.arange(0, BLOCK_W)
         g = tl.load(g_ptr + plane * oh * ow + (rows // 2)[:, None] * ow + (cols // 2)[None, :], mask=mask,
                     other=0.0).to(ACC_DTYPE) * 0.25
     else:
