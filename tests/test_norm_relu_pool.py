@@ -112,8 +112,9 @@ def test_plan_leaves_hooked_blocks_and_other_embeddings_alone():
 
 
 def test_distribution_matcher_with_fused_real_side_equals_the_modules():
-    """backend "triton" (the interpreter here): the real side through norm_relu_pool, the loss and
-    the image gradient equal the matcher without fusion; a hook added later is honoured."""
+    """backend "triton" (the interpreter here): both sides through norm_relu_pool (the synthetic
+    side with its backward), the loss and the image gradient equal the matcher without fusion; a
+    hook added later is honoured."""
     require_backend("norm_relu_pool", "triton", "cpu")
     embed = _convnet_embed()
     g = torch.Generator().manual_seed(1)

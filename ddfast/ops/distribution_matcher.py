@@ -86,9 +86,11 @@ class DistributionMatcher:
     warning. Not yet run on a GPU (``tests/test_cuda_graph.py``, skipped without one).
     fuse_real: (default True) on CUDA with Triton (backend "auto" or "triton"), when ``embed`` is an
     ``nn.Sequential`` (DC's ConvNet features, nested Sequentials flattened), run each instance norm →
-    ReLU (→ 2×2 average pool) block of the real side as one ``ddfast.norm_relu_pool`` kernel: one
-    read of the conv output instead of ATen's ~5 full-size passes; fp32 statistics, the loss equal
-    up to rounding. Not with ``real_precision`` (autocast keeps the modules). False: the modules.
+    ReLU (→ 2×2 average pool) block as one ``ddfast.norm_relu_pool`` kernel: one read of the conv
+    output instead of ATen's ~5 full-size passes; on the synthetic side its backward too (one pass).
+    fp32 statistics, the loss equal up to rounding. Norm parameters that require grad take the
+    modules' math; the real side under ``real_precision`` (autocast) keeps the modules. False: the
+    modules on both sides.
     real_precision: None (default: the inputs' precision), "bf16" or "fp16": the real images are
     embedded under ``torch.autocast`` in that type (fp32 inputs only) and their features returned in
     the synthetic side's dtype; the synthetic side stays in full precision. Measured on CPU (DM's
@@ -178,9 +180,9 @@ class DistributionMatcher:
             if chunk is not None:
                 f_real, y_real = self._real_class_means(x_real, y_real, num_classes, chunk)
             else:
-                f_real = self._embed_real(x_real)
+                f_real = self._embed(x_real, real=True)
         f_real = f_real.to(x_syn.dtype)
-        f_syn = self.embed(x_syn)
+        f_syn = self._embed(x_syn, real=False)
         if chunk is not None:
             f_real = _fill_absent_classes(f_real, y_real, f_syn, y_syn, num_classes, self.backend)
             y_real = self._class_ids(num_classes, y_syn.device)
@@ -189,11 +191,13 @@ class DistributionMatcher:
                              y_labels=y_syn, num_classes=num_classes, backend=self.backend, **self.mmd_kwargs)
         return class_mean_loss(f_real, y_real, f_syn, y_syn, num_classes, backend=self.backend)
 
-    def _embed_real(self, x: torch.Tensor) -> torch.Tensor:
-        """The real images' embedding (under no_grad). On CUDA with Triton (backend "auto" or
-        "triton"), an ``nn.Sequential`` embedding runs its instance norm → ReLU → 2×2 pool blocks
-        as one ``norm_relu_pool`` kernel each; autocast (real_precision) keeps the modules."""
-        fusable = self.fuse_real and self.real_precision is None and self.backend in ("auto", "triton")
+    def _embed(self, x: torch.Tensor, real: bool) -> torch.Tensor:
+        """One side's embedding. On CUDA with Triton (backend "auto" or "triton"), an
+        ``nn.Sequential`` embedding runs its instance norm → ReLU → 2×2 pool blocks as one
+        ``norm_relu_pool`` kernel each: forward only on the real side (no_grad), forward and the
+        first-order input gradient on the synthetic side (DM's loss needs no more). The real side
+        under autocast (real_precision) keeps the modules."""
+        fusable = self.fuse_real and self.backend in ("auto", "triton") and not (real and self.real_precision)
         plan = self._real_plan() if fusable else None
         if plan is not None and _backend.resolve(NORM_RELU_POOL, self.backend, x.device) == "triton":
             return run_plan(plan, x, self.backend)
@@ -227,7 +231,7 @@ class DistributionMatcher:
     def _add_chunk(self, x_real, y_real, start, chunk, num_classes, sums, counts):
         """Add one chunk's per-class feature sums and counts."""
         stop = start + chunk
-        f = self._embed_real(x_real[start:stop])
+        f = self._embed(x_real[start:stop], real=True)
         shape = f.shape[1:]
         f = f.reshape(f.shape[0], -1)
         acc = acc_dtype(f.dtype)
