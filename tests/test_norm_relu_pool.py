@@ -178,3 +178,43 @@ def test_triton_gradcheck_and_affine_gradients_take_the_reference():
     gw, = torch.autograd.grad(out.sum(), wg)
     gw_want, = torch.autograd.grad(norm_relu_pool_reference(x, wg, b, 1e-5, True).sum(), wg)
     torch.testing.assert_close(gw, gw_want)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("matcher", ["dc", "dm"])
+def test_cuda_matchers_with_fused_blocks_equal_the_modules(matcher):
+    """On CUDA the default (backend "auto") fuses: DC's segmented real side and both DM sides give
+    the loss and image gradient of the unfused step, in fp32, at a CIFAR-like size (ConvNet-3 on
+    32×32: 32×32, 16×16 and 8×8 planes)."""
+    torch.manual_seed(0)
+    net = ConvNet(3, 10, width=16, depth=3, im_size=(32, 32)).cuda()
+    for m in net.modules():
+        if isinstance(m, nn.GroupNorm):
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    g = torch.Generator().manual_seed(1)
+    x_real = torch.randn(80, 3, 32, 32, generator=g).cuda()
+    y_real = torch.arange(10).repeat(8).cuda()
+    x_syn = torch.randn(20, 3, 32, 32, generator=g).cuda()
+    y_syn = torch.arange(10).repeat_interleave(2).cuda()
+
+    def run(fuse):
+        x = x_syn.clone().requires_grad_(True)
+        if matcher == "dc":
+            m = ddfast.GradientMatcher(net, strategy="segmented", fuse_real=fuse)
+            assert m._fuses(x.device) == fuse
+        else:
+            embed = nn.Sequential(net.features, nn.Flatten())
+            for p in embed.parameters():
+                p.requires_grad_(False)
+            m = ddfast.DistributionMatcher(embed, 10, fuse_real=fuse)
+        loss = m(x_real, y_real, x, y_syn)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    got, want = run(True), run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-5 * want[1].abs().max().item())
