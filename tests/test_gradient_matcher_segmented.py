@@ -464,6 +464,14 @@ def test_tile_avg_pool_equals_atens_pooling_bit_for_bit(device, dtype):
     got_y = sg.tile_avg_pool2d(x, (2, 3))
     got_g, = torch.autograd.grad(got_y, x, g)
     assert torch.equal(got_y, want_y) and torch.equal(got_g, want_g)
+    # the double backward (the synthetic side's create_graph) is the pooling again, as ATen's
+    g = g.detach().requires_grad_(True)
+    v = torch.randn_like(x)
+    second = []
+    for pool in (m, lambda t: sg.tile_avg_pool2d(t, (2, 3))):
+        gx, = torch.autograd.grad(pool(x), x, g, create_graph=True)
+        second.append(torch.autograd.grad(gx, g, v)[0])
+    assert torch.equal(second[0], second[1])
 
 
 def test_tile_avg_pool_gradgradcheck_and_which_pools_qualify():

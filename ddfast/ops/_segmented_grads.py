@@ -267,10 +267,11 @@ def tiles_fit(h: torch.Tensor, k: Tuple[int, int]) -> bool:
 
 class _TileAvgPool2d(torch.autograd.Function):
     """avg_pool2d over disjoint tiles (``tile_kernel``) whose input gradient is the output gradient
-    broadcast over each tile ÷ its size: one broadcasting elementwise kernel. ATen's
-    avg_pool2d_backward (a general window search with integer divisions per element) took 24.5 % of
-    the segmented DC step's device time on an H200 (2026-11-26, ``bench.profile_case``). The backward
-    is made of differentiable ops, so the synthetic side's create_graph differentiates it again."""
+    broadcast over each tile ÷ its size (``_TileBroadcast``): one broadcasting elementwise kernel.
+    ATen's avg_pool2d_backward (a general window search with integer divisions per element) took
+    24.5 % of the segmented DC step's device time on an H200 (2026-11-26, ``bench.profile_case``).
+    The two Functions are each other's backward, so the synthetic side's double backward is this
+    pooling again, as ATen's is."""
 
     @staticmethod
     def forward(ctx, x, kernel):
@@ -279,9 +280,22 @@ class _TileAvgPool2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (kh, kw), (n, c, h, w) = ctx.kernel, grad.shape
+        return _TileBroadcast.apply(grad, ctx.kernel), None
+
+
+class _TileBroadcast(torch.autograd.Function):
+    """(N, C, h, w) → (N, C, h·kh, w·kw), each tile holding its value ÷ (kh·kw)."""
+
+    @staticmethod
+    def forward(ctx, grad, kernel):
+        ctx.kernel = kernel
+        (kh, kw), (n, c, h, w) = kernel, grad.shape
         tiles = grad.reshape(n, c, h, 1, w, 1).expand(n, c, h, kh, w, kw)  # views: no kernel
-        return torch.div(tiles, kh * kw).reshape(n, c, h * kh, w * kw), None
+        return torch.div(tiles, kh * kw).reshape(n, c, h * kh, w * kw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _TileAvgPool2d.apply(grad, ctx.kernel), None
 
 
 def tile_avg_pool2d(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
