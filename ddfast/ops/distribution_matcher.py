@@ -176,13 +176,14 @@ class DistributionMatcher:
 
     def _embed_and_match(self, x_real, y_real, x_syn, y_syn, num_classes):
         chunk = self.chunk_size(x_real)
+        plan = self._fusion_plan(x_syn.device)
         with torch.no_grad(), real_side(x_real.device, self.real_precision):
             if chunk is not None:
-                f_real, y_real = self._real_class_means(x_real, y_real, num_classes, chunk)
+                f_real, y_real = self._real_class_means(x_real, y_real, num_classes, chunk, plan)
             else:
-                f_real = self._embed(x_real, real=True)
+                f_real = self._embed(x_real, True, plan)
         f_real = f_real.to(x_syn.dtype)
-        f_syn = self._embed(x_syn, real=False)
+        f_syn = self._embed(x_syn, False, plan)
         if chunk is not None:
             f_real = _fill_absent_classes(f_real, y_real, f_syn, y_syn, num_classes, self.backend)
             y_real = self._class_ids(num_classes, y_syn.device)
@@ -191,19 +192,23 @@ class DistributionMatcher:
                              y_labels=y_syn, num_classes=num_classes, backend=self.backend, **self.mmd_kwargs)
         return class_mean_loss(f_real, y_real, f_syn, y_syn, num_classes, backend=self.backend)
 
-    def _embed(self, x: torch.Tensor, real: bool) -> torch.Tensor:
-        """One side's embedding. On CUDA with Triton (backend "auto" or "triton"), an
-        ``nn.Sequential`` embedding runs its instance norm → ReLU → 2×2 pool blocks as one
-        ``norm_relu_pool`` kernel each: forward only on the real side (no_grad), forward and the
-        first-order input gradient on the synthetic side (DM's loss needs no more). The real side
-        under autocast (real_precision) keeps the modules."""
-        fusable = self.fuse_real and self.backend in ("auto", "triton") and not (real and self.real_precision)
-        plan = self._real_plan() if fusable else None
-        if plan is not None and _backend.resolve(NORM_RELU_POOL, self.backend, x.device) == "triton":
+    def _embed(self, x: torch.Tensor, real: bool, plan) -> torch.Tensor:
+        """One side's embedding: through ``plan`` (``_fusion_plan``) when there is one, forward only
+        on the real side (no_grad), forward and the first-order input gradient on the synthetic
+        side (DM's loss needs no more); the real side under autocast (real_precision) keeps the
+        modules."""
+        if plan is not None and not (real and self.real_precision):
             return run_plan(plan, x, self.backend)
         return self.embed(x)
 
-    def _real_plan(self):
+    def _fusion_plan(self, device: torch.device):
+        """On CUDA with Triton (backend "auto" or "triton"), for an ``nn.Sequential`` embedding:
+        its layers with each instance norm → ReLU → 2×2 pool block as one ``norm_relu_pool``
+        (rebuilt when the modules or their hooks change); else None."""
+        if not (self.fuse_real and self.backend in ("auto", "triton")):
+            return None
+        if _backend.resolve(NORM_RELU_POOL, self.backend, device) != "triton":
+            return None
         key = plan_key(self.embed)
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, embed_plan(self.embed))
@@ -218,20 +223,20 @@ class DistributionMatcher:
             ids = self._ids[key] = torch.arange(num_classes, device=device)
         return ids
 
-    def _real_class_means(self, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int, chunk: int):
+    def _real_class_means(self, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int, chunk: int, plan):
         """Per-class mean real features of every class (0 for absent ones) and the per-class
         counts, from chunked forwards; no host sync."""
         sums, counts, shape = None, None, None
         with _WholeBatchNorms(self.embed, x_real, chunk):
             for start in range(0, x_real.shape[0], chunk):
-                sums, counts, shape = self._add_chunk(x_real, y_real, start, chunk, num_classes, sums, counts)
+                sums, counts, shape = self._add_chunk(x_real, y_real, start, chunk, num_classes, sums, counts, plan)
         means = sums / counts.clamp(min=1).to(sums.dtype).unsqueeze(1)
         return means.reshape((num_classes,) + tuple(shape)), counts
 
-    def _add_chunk(self, x_real, y_real, start, chunk, num_classes, sums, counts):
+    def _add_chunk(self, x_real, y_real, start, chunk, num_classes, sums, counts, plan):
         """Add one chunk's per-class feature sums and counts."""
         stop = start + chunk
-        f = self._embed(x_real[start:stop], real=True)
+        f = self._embed(x_real[start:stop], True, plan)
         shape = f.shape[1:]
         f = f.reshape(f.shape[0], -1)
         acc = acc_dtype(f.dtype)
