@@ -35,6 +35,16 @@ def _inputs(num_classes, ipc, real_per_class, width, im):
     return make
 
 
+def _with_loop_min_slots(slots, fn):
+    from ddfast.ops import _segmented_grads
+
+    saved, _segmented_grads._LOOP_MIN_SLOTS = _segmented_grads._LOOP_MIN_SLOTS, slots
+    try:
+        return fn()
+    finally:
+        _segmented_grads._LOOP_MIN_SLOTS = saved
+
+
 def _fused(strategy, model, **data):
     # provider "ddfast" is strategy "auto"; the variants time each strategy on its own; "graph"
     # (CUDA only) is "segmented" with cuda_graph=True, one matcher kept across the timed calls
@@ -49,6 +59,9 @@ def _fused(strategy, model, **data):
         return ddfast.GradientMatcher(model, strategy="segmented", real_chunk_size=512)(**data)
     if strategy == "modules":  # the real side's norm blocks as ATen modules, not norm_relu_pool kernels
         return ddfast.GradientMatcher(model, strategy="segmented", fuse_real=False)(**data)
+    if strategy == "wgrad-loop":  # conv weight gradients one dense kernel per class at every slot count
+        # (the default groups classes below 64 slots, a threshold measured on CPU: ipc 50 is grouped)
+        return _with_loop_min_slots(1, lambda: ddfast.GradientMatcher(model, strategy="segmented")(**data))
     return ddfast.GradientMatcher(model, strategy=strategy)(**data)
 
 
@@ -67,7 +80,7 @@ def cases():
             fused=_fused,
             backends=("auto",),
             variants=("segmented", "vmap", "loop"),
-            cuda_variants=("graph", "bf16-real", "chunk-512", "modules"),
+            cuda_variants=("graph", "bf16-real", "chunk-512", "modules", "wgrad-loop"),
             approximate=("bf16-real",),
             grad_inputs=("x_syn",),
             default=default,
