@@ -218,3 +218,17 @@ def test_cuda_matchers_with_fused_blocks_equal_the_modules(matcher):
     got, want = run(True), run(False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-5 * want[1].abs().max().item())
+
+
+def test_a_global_compiled_backend_turns_fusion_off_without_a_warning(recwarn):
+    """set_backend("cuda"/"cpp") asks for the compiled kernels, which norm_relu_pool lacks: the
+    matchers keep the modules instead of falling back to Triton with a warning."""
+    embed = _convnet_embed()
+    previous = ddfast.get_backend()
+    ddfast.set_backend("cpp")
+    try:
+        assert ddfast.DistributionMatcher(embed, 3)._fusion_plan(torch.device("cpu")) is None
+        assert not ddfast.GradientMatcher(ConvNet(3, 3, width=4, depth=2, im_size=(8, 8)))._fuses(torch.device("cpu"))
+    finally:
+        ddfast.set_backend(previous)
+    assert not [w for w in recwarn if "norm_relu_pool" in str(w.message)]

@@ -205,7 +205,8 @@ class DistributionMatcher:
         """On CUDA with Triton (backend "auto" or "triton"), for an ``nn.Sequential`` embedding:
         its layers with each instance norm → ReLU → 2×2 pool block as one ``norm_relu_pool``
         (rebuilt when the modules or their hooks change); else None."""
-        if not (self.fuse_real and self.backend in ("auto", "triton")):
+        # the requested backend (a global set_backend("cuda") included): Triton or auto only
+        if not (self.fuse_real and _backend.requested(self.backend) in ("auto", "triton")):
             return None
         if _backend.resolve(NORM_RELU_POOL, self.backend, device) != "triton":
             return None

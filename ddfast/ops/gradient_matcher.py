@@ -419,7 +419,8 @@ class GradientMatcher:
         from .. import _backend
         from .norm_relu_pool import OP as NORM_RELU_POOL
 
-        return (self.fuse_real and self.backend in ("auto", "triton")
+        # the requested backend (a global set_backend("cuda") included): Triton or auto only
+        return (self.fuse_real and _backend.requested(self.backend) in ("auto", "triton")
                 and _backend.resolve(NORM_RELU_POOL, self.backend, device) == "triton")
 
     def _grads_vmap(self, names, layout: _ClassLayout, x_real, x_syn):
