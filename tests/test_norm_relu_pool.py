@@ -232,3 +232,35 @@ def test_a_global_compiled_backend_turns_fusion_off_without_a_warning(recwarn):
     finally:
         ddfast.set_backend(previous)
     assert not [w for w in recwarn if "norm_relu_pool" in str(w.message)]
+
+
+def test_a_failing_kernel_warns_once_and_the_reference_runs(monkeypatch):
+    """A Triton kernel that does not build or launch (e.g. an older Triton on the GPU machine) must
+    not stop DC/DM steps: one warning, the reason kept, the reference's values and gradient."""
+    from ddfast.kernels import norm_relu_pool as kernels
+    from ddfast.ops import norm_relu_pool as op
+
+    backend = require_backend("norm_relu_pool", "triton", "cpu")
+    monkeypatch.setattr(op, "triton_failure", None)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out = ddfast.norm_relu_pool(x, w, b, 1e-5, True, backend=backend)  # forward by the kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX not supported")
+    monkeypatch.setattr(kernels, "norm_relu_pool_backward", broken)
+    with pytest.warns(RuntimeWarning, match="PTX not supported"):
+        dx, = torch.autograd.grad(out.sum(), x)
+    dx_want, = torch.autograd.grad(norm_relu_pool_reference(x, w, b, 1e-5, True).sum(), x)
+    torch.testing.assert_close(dx, dx_want)
+    monkeypatch.setattr(kernels, "norm_relu_pool", broken)
+    import warnings as _warnings
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # no second warning: the reference runs directly
+        got = ddfast.norm_relu_pool(x, w, b, 1e-5, True, backend=backend)
+    torch.testing.assert_close(got, norm_relu_pool_reference(x, w, b, 1e-5, True))
+    assert "PTX not supported" in op.triton_failure
+    monkeypatch.setattr(op, "triton_failure", None)  # a forward that fails first: the same
+    with pytest.warns(RuntimeWarning, match="PTX not supported"):
+        got = ddfast.norm_relu_pool(x, w, b, 1e-5, True, backend=backend)
+    torch.testing.assert_close(got, norm_relu_pool_reference(x, w, b, 1e-5, True))

@@ -16,6 +16,7 @@ runs the embedding with each block fused where the input fits one kernel program
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -39,6 +40,22 @@ def norm_relu_pool_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bi
 _backend.register_op(_backend.OpSpec(OP, compiled=False))
 
 
+# why the Triton kernels stopped being used in this process (a failed compile or launch), or None
+triton_failure: Optional[str] = None
+
+
+def _kernel_failed(exc: Exception) -> None:
+    """Remember the first failure of the Triton kernels and warn once; the reference runs from then
+    on (the matchers' default steps use this op, so a kernel that does not build must not stop them)."""
+    global triton_failure
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise exc
+    if triton_failure is None:
+        triton_failure = f"{type(exc).__name__}: {exc}"[:300]
+        warnings.warn(f"ddfast.norm_relu_pool: the Triton kernel failed ({triton_failure}); using the reference "
+                      "from now on", RuntimeWarning, stacklevel=3)
+
+
 class _NormReluPool(torch.autograd.Function):
     """The Triton forward and its first-order input gradient (γ/β are constants here)."""
 
@@ -56,7 +73,15 @@ class _NormReluPool(torch.autograd.Function):
         from ..kernels.norm_relu_pool import norm_relu_pool_backward
 
         x, weight, bias = ctx.saved_tensors
-        return norm_relu_pool_backward(x, weight, bias, ctx.eps, ctx.pool, grad), None, None, None, None
+        if triton_failure is None:
+            try:
+                return norm_relu_pool_backward(x, weight, bias, ctx.eps, ctx.pool, grad), None, None, None, None
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build: the reference's gradient
+                _kernel_failed(exc)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            dx, = torch.autograd.grad(norm_relu_pool_reference(xr, weight, bias, ctx.eps, ctx.pool), xr, grad)
+        return dx, None, None, None, None
 
 
 def norm_relu_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
@@ -73,13 +98,16 @@ def norm_relu_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias:
         raise ValueError(f"weight and bias must be ({x.shape[1]},), got {tuple(weight.shape)} and {tuple(bias.shape)}")
     which = _backend.resolve(OP, backend, x.device)
     affine_grad = torch.is_grad_enabled() and weight is not None and (weight.requires_grad or bias.requires_grad)
-    if which == "triton" and not affine_grad:
+    if which == "triton" and not affine_grad and triton_failure is None:
         from ..kernels.norm_relu_pool import fits
 
         if fits(x, pool):
             w = None if weight is None else weight.detach().contiguous()
             b = None if bias is None else bias.detach().contiguous()
-            return _NormReluPool.apply(x.contiguous(), w, b, float(eps), pool)
+            try:
+                return _NormReluPool.apply(x.contiguous(), w, b, float(eps), pool)
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build: warn once, the reference
+                _kernel_failed(exc)
     return norm_relu_pool_reference(x, weight, bias, eps, pool)
 
 
