@@ -517,3 +517,33 @@ def test_default_rng_is_device_and_sync_free_after_warm_up():
     seeded = [1, 2, 3, 4]
     torch.testing.assert_close(ddfast.dsa_augment(x, groups, STRATEGY, seeded),
                                ddfast.dsa_augment(x, groups, STRATEGY, seeded, rng="device"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["M", "S"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deferred_host_reads_give_the_same_tables_and_generator_states(monkeypatch, mode, dtype):
+    """On CUDA the reference-stream draws are read on the host once per call (HostReads) instead of
+    once per draw; CPU draws are filled at once. Queued as a GPU's would be, every table entry and
+    the generator state left behind equal the immediate reads, for mixed seeds and both modes."""
+    seeds, groups = [5, -1, 9], torch.tensor([0, 1, 1, 2, 0, 2, 1])
+    families = dsa.parse_strategy(STRATEGY, _param(mode))
+
+    def draw():
+        torch.manual_seed(123)
+        stages = dsa.draw_grouped(families, seeds, groups, 12, 10, _param(mode), dtype, "reference")
+        return stages, torch.get_rng_state()
+
+    want, state_want = draw()
+    queued = []
+    real_read = dsa.HostReads.read
+
+    def queue_cpu_too(self, t, fill):  # what a CUDA tensor's read does
+        queued.append(t.numel())
+        self.items.append((t, fill))
+    monkeypatch.setattr(dsa.HostReads, "read", queue_cpu_too)
+    got, state_got = draw()
+    monkeypatch.setattr(dsa.HostReads, "read", real_read)
+    assert queued, "nothing was deferred"
+    assert len(got) == len(want) and torch.equal(state_got, state_want)
+    for (ip_g, fp_g), (ip_w, fp_w) in zip(got, want):
+        assert torch.equal(ip_g, ip_w) and torch.equal(fp_g, fp_w)
