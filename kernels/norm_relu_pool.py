@@ -90,10 +90,15 @@ def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps,
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(x: torch.Tensor):
-    h, w = x.shape[2], x.shape[3]
+def _launch(kernel, x: torch.Tensor, weight, bias, eps: float, pool: bool, *buffers: torch.Tensor) -> None:
+    """One program per (sample, channel) plane of ``x``; ``buffers``: the kernel's tensors after
+    x, weight and bias (the output, or the gradient and dx)."""
+    n, c, h, w = x.shape
     block_h, block_w = max(2, triton.next_power_of_2(h)), max(2, triton.next_power_of_2(w))
-    return block_h, block_w, 8 if block_h * block_w >= 2048 else 4
+    affine = weight is not None
+    kernel[(n * c,)](x, weight if affine else x, bias if affine else x, *buffers, c, h, w, float(eps),
+                     HAS_AFFINE=affine, POOL=pool, BLOCK_H=block_h, BLOCK_W=block_w,
+                     ACC_DTYPE=acc_dtypes(x.dtype)[0], num_warps=8 if block_h * block_w >= 2048 else 4)
 
 
 def fits(x: torch.Tensor, pool: bool) -> bool:
@@ -110,27 +115,14 @@ def norm_relu_pool(x: torch.Tensor, weight, bias, eps: float, pool: bool) -> tor
     """x (N, C, H, W) contiguous with ``fits(x, pool)``; weight/bias (C,) or None."""
     n, c, h, w = x.shape
     out = x.new_empty((n, c, h // 2, w // 2) if pool else (n, c, h, w))
-    if out.numel() == 0:
-        return out
-    acc_tl, _ = acc_dtypes(x.dtype)
-    block_h, block_w, warps = _launch_args(x)
-    affine = weight is not None
-    _norm_relu_pool_kernel[(n * c,)](
-        x, weight if affine else x, bias if affine else x, out, c, h, w, float(eps),
-        HAS_AFFINE=affine, POOL=pool, BLOCK_H=block_h, BLOCK_W=block_w, ACC_DTYPE=acc_tl, num_warps=warps)
+    if out.numel():
+        _launch(_norm_relu_pool_kernel, x, weight, bias, eps, pool, out)
     return out
 
 
 def norm_relu_pool_backward(x: torch.Tensor, weight, bias, eps: float, pool: bool, grad: torch.Tensor) -> torch.Tensor:
     """dx of ``norm_relu_pool`` for contiguous ``x`` (``fits``) and the output gradient ``grad``."""
-    n, c, h, w = x.shape
     dx = torch.empty_like(x)
-    if dx.numel() == 0:
-        return dx
-    acc_tl, _ = acc_dtypes(x.dtype)
-    block_h, block_w, warps = _launch_args(x)
-    affine = weight is not None
-    _norm_relu_pool_bwd_kernel[(n * c,)](
-        x, weight if affine else x, bias if affine else x, grad.contiguous(), dx, c, h, w, float(eps),
-        HAS_AFFINE=affine, POOL=pool, BLOCK_H=block_h, BLOCK_W=block_w, ACC_DTYPE=acc_tl, num_warps=warps)
+    if dx.numel():
+        _launch(_norm_relu_pool_bwd_kernel, x, weight, bias, eps, pool, grad.contiguous(), dx)
     return dx

@@ -35,6 +35,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norm_relu_pool import is_instance_norm
+
 _POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
               nn.Hardtanh, nn.Mish, nn.Identity)
 _POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
@@ -158,9 +160,7 @@ class _AffineNorm:
         # groups(h): the statistics groups per sample of a group/instance norm (LayerNorm: its
         # trailing dims; BatchNorm: None, its eval map is pointwise already)
         self.m, self.normalize, self.trailing, self.groups = m, normalize, trailing, groups
-        # one statistics group per (sample, channel) of a 2-D map: what norm_relu_pool computes
-        self.instance_norm = (type(m) is nn.GroupNorm and m.num_groups == m.num_channels) or (
-            type(m) is nn.InstanceNorm2d and not m.track_running_stats)
+        self.instance_norm = is_instance_norm(m)  # the real side may fuse it (norm_relu_pool)
         self.params = {}
         if getattr(m, "weight", None) is not None:
             self.params["weight"] = prefix + "weight"

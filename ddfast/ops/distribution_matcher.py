@@ -32,7 +32,7 @@ from .dsa import dsa_augment
 from ._cuda_graph import GraphedStep, check_cuda_graph, label_key, module_key, tensor_key
 from ._real_precision import check_real_precision, real_side
 from .mmd import mmd
-from .norm_relu_pool import OP as NORM_RELU_POOL, embed_plan, plan_key, run_plan
+from .norm_relu_pool import embed_plan, fusion_available, plan_key, run_plan
 
 
 def dm_clock_seeds(num_classes: int) -> list:
@@ -205,10 +205,7 @@ class DistributionMatcher:
         """On CUDA with Triton (backend "auto" or "triton"), for an ``nn.Sequential`` embedding:
         its layers with each instance norm → ReLU → 2×2 pool block as one ``norm_relu_pool``
         (rebuilt when the modules or their hooks change); else None."""
-        # the requested backend (a global set_backend("cuda") included): Triton or auto only
-        if not (self.fuse_real and _backend.requested(self.backend) in ("auto", "triton")):
-            return None
-        if _backend.resolve(NORM_RELU_POOL, self.backend, device) != "triton":
+        if not fusion_available(self.fuse_real, self.backend, device):
             return None
         key = plan_key(self.embed)
         if self._plan is None or self._plan[0] != key:

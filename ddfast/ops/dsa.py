@@ -244,7 +244,6 @@ def draw_family(family: str, stream: SeedStream, n: int, keep: int, height: int,
     elif family == "flip":
         stream.reseed()
         randf = stream.rand(n, 1, 1, 1, device=device)
-        ip[:, 0] = OP_FLIP  # rewritten at the fill: flip where the draw is below prob_flip
         per_image(randf, set_column(ip, 0, lambda v: torch.where(v < param.prob_flip, OP_FLIP, OP_IDENTITY)))
     elif family == "scale":
         ratio = param.ratio_scale
@@ -483,7 +482,7 @@ def _host_int64(values: Sequence[int]) -> torch.Tensor:
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     """An asynchronous copy to ``device`` (pinned source) where one is needed."""
     device = torch.device(device)
-    if device.type == "cpu":
+    if device.type == "cpu" or t.device == device:
         return t
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -768,10 +767,9 @@ def apply_stages(x: torch.Tensor, stages, align_corners: bool, which: str) -> to
     fwd, bwd = _backend.op_pair(OP, which)
     backward = _make_backward(bwd)
     for ip, fp in stages:
-        # host tables (the reference stream's): converted on the host, copied asynchronously
-        ip_dev = _to_device(ip.to(torch.int32).contiguous(), x.device) if ip.device != x.device else ip
-        fp_dev = _to_device(fp.to(acc).contiguous(), x.device) if fp.device != x.device else fp
-        ip_dev, fp_dev = ip_dev.to(torch.int32).contiguous(), fp_dev.to(acc).contiguous()
+        # host tables (the reference stream's) are converted on the host and copied asynchronously
+        ip_dev = _to_device(ip.to(torch.int32).contiguous(), x.device)
+        fp_dev = _to_device(fp.to(acc).contiguous(), x.device)
         x = _backend.call_registered(fwd, _setup_context, backward, x.contiguous(), ip_dev, fp_dev, base,
                                      bool(align_corners))
     return x

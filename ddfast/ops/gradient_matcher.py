@@ -416,12 +416,9 @@ class GradientMatcher:
 
     def _fuses(self, device: torch.device) -> bool:
         """Whether the real side runs its norm blocks through the Triton norm_relu_pool."""
-        from .. import _backend
-        from .norm_relu_pool import OP as NORM_RELU_POOL
+        from .norm_relu_pool import fusion_available
 
-        # the requested backend (a global set_backend("cuda") included): Triton or auto only
-        return (self.fuse_real and _backend.requested(self.backend) in ("auto", "triton")
-                and _backend.resolve(NORM_RELU_POOL, self.backend, device) == "triton")
+        return fusion_available(self.fuse_real, self.backend, device)
 
     def _grads_vmap(self, names, layout: _ClassLayout, x_real, x_syn):
         from torch.func import functional_call, grad, vmap

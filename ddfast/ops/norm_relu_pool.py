@@ -120,20 +120,24 @@ class _FusedBlock:
         self.norm, self.modules, self.pool = norm, list(modules), pool
 
     def __call__(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        from ..kernels import norm_relu_pool as kernel
-
-        if x.dim() != 4 or x.shape[1] != self.norm_channels or not kernel.fits(x, self.pool):
-            for m in self.modules:  # e.g. odd maps: the modules as they are
+        if x.dim() != 4:  # e.g. an unbatched sample: the modules as they are
+            for m in self.modules:
                 x = m(x)
             return x
+        # maps one program cannot hold (or odd ones before the pool) take the reference: the same math
         return norm_relu_pool(x, self.norm.weight, self.norm.bias, self.norm.eps, self.pool, backend=backend)
 
-    @property
-    def norm_channels(self) -> int:
-        return self.norm.num_channels if isinstance(self.norm, nn.GroupNorm) else self.norm.num_features
+
+def fusion_available(fuse: bool, backend: str, device: torch.device) -> bool:
+    """Whether a matcher with ``fuse_real=fuse`` and ``backend`` runs its norm blocks as
+    norm_relu_pool kernels on ``device``: Triton there, and the requested backend (a global
+    ``set_backend`` included) "auto" or "triton" (a compiled one keeps the modules, no warning)."""
+    return (fuse and _backend.requested(backend) in ("auto", "triton")
+            and _backend.resolve(OP, backend, device) == "triton")
 
 
-def _instance_norm(m: nn.Module) -> bool:
+def is_instance_norm(m: nn.Module) -> bool:
+    """One statistics group per (sample, channel): what norm_relu_pool normalises by."""
     if type(m) is nn.GroupNorm:
         return m.num_groups == m.num_channels
     if type(m) is nn.InstanceNorm2d:
@@ -181,7 +185,7 @@ def embed_plan(embed) -> Optional[List[Union[nn.Module, _FusedBlock]]]:
     while i < len(layers):
         norm = layers[i]
         act = layers[i + 1] if i + 1 < len(layers) else None
-        if _instance_norm(norm) and type(act) is nn.ReLU and not (_hooked(norm) or _hooked(act)):
+        if is_instance_norm(norm) and type(act) is nn.ReLU and not (_hooked(norm) or _hooked(act)):
             pool = i + 2 < len(layers) and _tile_pool_2x2(layers[i + 2]) and not _hooked(layers[i + 2])
             block = layers[i:i + (3 if pool else 2)]
             plan.append(_FusedBlock(norm, block, pool))
@@ -194,7 +198,7 @@ def embed_plan(embed) -> Optional[List[Union[nn.Module, _FusedBlock]]]:
 
 
 def run_plan(plan: Sequence[Union[nn.Module, _FusedBlock]], x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """The embedding's forward through ``plan`` (under no_grad)."""
+    """The embedding's forward through ``plan`` (the fused blocks differentiate once w.r.t. x)."""
     for step in plan:
         x = step(x, backend) if isinstance(step, _FusedBlock) else step(x)
     return x
