@@ -49,7 +49,22 @@ def _eval_settings(hp: dict, eval_dsa: Optional[bool]) -> dict:
     dsa = bool(hp.get("dsa_strategy")) if eval_dsa is None else bool(eval_dsa)
     return {"model": hp.get("model", "convnet"), "net_width": hp.get("net_width"), "net_depth": hp.get("net_depth"),
             "dsa": dsa, "align_corners": bool(hp.get("align_corners", False)),
-            "mixup": float(hp.get("eval_mixup", 0.0))}  # INFER: its students train with mixup
+            "mixup": float(hp.get("eval_mixup", 0.0)),  # INFER: its students train with mixup
+            **student_recipe(hp)}
+
+
+def student_recipe(hp: dict) -> dict:
+    """A method's own student training (INFER: AdamW, logit labels at T = 30), as ``evaluate`` keywords;
+    empty for DC's recipe, so cached baselines keep their keys."""
+    out = {}
+    if hp.get("eval_label_temperature") is not None:
+        out["label_temperature"] = float(hp["eval_label_temperature"])
+    if hp.get("eval_optimizer", "sgd") != "sgd":
+        out["optimizer"] = hp["eval_optimizer"]
+    for key in ("lr", "weight_decay"):
+        if hp.get("eval_" + key) is not None:
+            out[key] = float(hp["eval_" + key])
+    return out
 
 
 def _run_iterative(cls, ds, real, ipc, hp, *, seed, device, model, mim4dd, low_rank, iterations, progress):
@@ -139,14 +154,16 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
     }
     if evaluate:
         ev = _eval_settings(dict(hp, model=model), eval_dsa)
+        recipe = {k: ev[k] for k in ("label_temperature", "optimizer", "lr", "weight_decay") if k in ev}
         common = dict(model=ev["model"], net_width=ev["net_width"], net_depth=ev["net_depth"], num_models=eval_models,
                       epochs=eval_epochs, seed=seed, batched=batched, progress=progress, dsa=ev["dsa"],
-                      align_corners=ev["align_corners"], mixup=ev["mixup"])
+                      align_corners=ev["align_corners"], mixup=ev["mixup"], **recipe)
         t1 = time.perf_counter()
         res = evaluate_fn(images, labels, ds, soft_label_fn=soft_fn, desc="evaluating distilled", **common)
         summary.update(distilled_acc=res.mean, distilled_acc_std=res.std, distilled_accs=res.accuracies,
                        seconds_eval=time.perf_counter() - t1, eval_models=eval_models, eval_epochs=eval_epochs,
-                       eval_dsa=ev["dsa"], eval_mixup=ev["mixup"], eval_batched=res.batched)
+                       eval_dsa=ev["dsa"], eval_mixup=ev["mixup"], eval_batched=res.batched,
+                       **{"eval_" + k: v for k, v in recipe.items()})
         if baselines:
             x_r, y_r = random_subset(ds.x_train, ds.y_train, ipc, seed)
             if soft_fn is None and static_fn is None:
@@ -297,6 +314,12 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="Beta(α, α) mixup of every minibatch, targets interpolated (0: off; default: the "
                         "distillation's eval_mixup, 0.8 for INFER, else 0)")
+    p.add_argument("--label-temperature", type=float, default=None, metavar="T",
+                   help="the labels are logits distilled at T (default: the distillation's, 30 for INFER)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="student optimiser (default: the distillation's; INFER: adamw, else DC's sgd)")
+    p.add_argument("--lr", type=float, default=None, help="student learning rate (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="student weight decay (default: the recipe's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batched", dest="batched", action="store_true", default=True, help="all networks at once")
     g.add_argument("--sequential", dest="batched", action="store_false", help="one network after the other")
@@ -313,17 +336,22 @@ def evaluate_main(argv=None) -> int:
     ds = load_dataset(a.dataset or args.get("dataset", "digits"), device=dev)
     hp = args.get("hparams", {})
     mixup = float(hp.get("eval_mixup", 0.0)) if a.mixup is None else a.mixup
+    recipe = student_recipe(hp)
+    for key, value in (("label_temperature", a.label_temperature), ("optimizer", a.optimizer), ("lr", a.lr),
+                       ("weight_decay", a.weight_decay)):
+        if value is not None:
+            recipe[key] = value
     res = evaluate(blob["images"].to(dev), blob["labels"].to(dev), ds, model=a.model or args.get("model", "convnet"),
                    net_width=hp.get("net_width"), net_depth=hp.get("net_depth"), num_models=a.models, epochs=a.epochs,
                    dsa=a.dsa, seed=a.seed, batched=a.batched, progress=not a.no_progress,
-                   mixup=mixup)
+                   mixup=mixup, **recipe)
     print(f"{blob.get('method', '?')} synthetic set {tuple(blob['images'].shape)} on {ds.name}: {res}")
     print("  per network: " + ", ".join(f"{x:.2f}" for x in res.accuracies))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"method": blob.get("method"), "accuracies": res.accuracies, "mean": res.mean, "std": res.std,
                        "seconds": res.seconds, "batched": res.batched, "epochs": a.epochs,
-                       "dsa": a.dsa, "mixup": mixup}, f, indent=2)
+                       "dsa": a.dsa, "mixup": mixup, **recipe}, f, indent=2)
     return 0
 
 

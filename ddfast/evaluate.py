@@ -22,6 +22,11 @@ as SRe2L's evaluation does); the labels are then ignored.
 ``mixup=α > 0``: every minibatch (after DSA and labelling) is mixed with a permutation of itself,
 ``λ·x + (1−λ)·x[π]`` with targets ``λ·t + (1−λ)·t[π]`` (class ids become one-hot first), λ ~ Beta(α, α)
 and π drawn from the network's own generator (INFER trains its students so, on static labels).
+
+``label_temperature=T``: the float labels (and ``soft_label_fn``'s outputs) are *logits*; the loss is
+Hinton's ``T² · CE(softmax(t / T), softmax(student / T))`` and mixup interpolates the logits (INFER's
+``val_static.py``: the teachers' mean logits, mixed, at T = 30). ``optimizer="adamw"``: AdamW at ``lr``
+and ``weight_decay`` with a per-epoch cosine rate (INFER's and SRe2L's students) instead of DC's SGD.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ from .models import get_network, has_batchnorm
 from .methods._common import DSA_STRATEGY, augment_per_image, derive_seed, generator, seeded_network
 
 __all__ = ["evaluate", "EvalResult", "random_subset"]
+
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -62,10 +69,17 @@ class EvalResult:
         return f"{self.mean:.2f} ± {self.std:.2f} % ({len(self.accuracies)} networks, {self.seconds:.1f} s)"
 
 
-def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor, temperature: Optional[float] = None) -> torch.Tensor:
+    """Cross-entropy with class ids or probabilities; with ``temperature`` T the targets are logits and
+    the loss is T² · CE(softmax(target / T), softmax(logits / T)): Hinton's distillation loss, whose
+    gradient differs from T² · KL only by a constant (INFER's static-label loss; the T² keeps SGD's
+    step size independent of T)."""
     if target.dtype == torch.long:
         return F.cross_entropy(logits, target)
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    if temperature is None:
+        return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    p = F.softmax(target / temperature, dim=-1)
+    return -(temperature ** 2) * (p * F.log_softmax(logits / temperature, dim=-1)).sum(-1).mean()
 
 
 def _check_inputs(images, labels, x_test, y_test, num_classes):
@@ -102,19 +116,32 @@ class _Trainer:
     """The training recipe shared by the sequential and the batched paths."""
 
     def __init__(self, x, targets, *, epochs, lr, batch_size, momentum, weight_decay, dsa_strategy, align_corners,
-                 soft_label_fn, mixup=0.0, num_classes=None):
+                 soft_label_fn, mixup=0.0, num_classes=None, label_temperature=None, optimizer="sgd"):
         self.x, self.targets = x, targets
+        self.optim = optimizer
+        self.label_temperature = label_temperature
         self.mixup, self.num_classes = mixup, num_classes
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.momentum, self.weight_decay = momentum, weight_decay
         self.dsa_strategy, self.align_corners, self.soft_label_fn = dsa_strategy, align_corners, soft_label_fn
 
     def optimizer(self, params, epoch):
+        if self.optim == "adamw":  # INFER's / SRe2L's students: AdamW with a cosine rate (set_epoch_lr)
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         lr = self.lr * (0.1 if epoch >= self.epochs // 2 else 1.0)
         return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _soft_ce(logits, targets, self.label_temperature)
+
     def decay_at(self, epoch) -> bool:
-        return epoch == self.epochs // 2 and epoch > 0
+        return self.optim == "sgd" and epoch == self.epochs // 2 and epoch > 0
+
+    def set_epoch_lr(self, opt, epoch) -> None:
+        """AdamW: ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch; SGD: nothing (decay_at)."""
+        if self.optim == "adamw":
+            for group in opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
 
     def batches(self, gen: torch.Generator):
         """(images, targets) minibatches of one epoch for the network drawing from ``gen``."""
@@ -157,9 +184,10 @@ def _train_sequential(nets, gens, trainer: _Trainer, progress) -> List[float]:
         for e in range(trainer.epochs):
             if trainer.decay_at(e):
                 opt = trainer.optimizer(net.parameters(), e)
+            trainer.set_epoch_lr(opt, e)
             total, n = 0.0, 0
             for xb, tb in trainer.batches(gen):
-                loss = _soft_ce(net(xb), tb)
+                loss = trainer.loss(net(xb), tb)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -186,12 +214,13 @@ def _train_batched(nets, gens, trainer: _Trainer, progress):
     for e in range(trainer.epochs):
         if trainer.decay_at(e):
             opt = trainer.optimizer(leaves, e)
+        trainer.set_epoch_lr(opt, e)
         total, n = torch.zeros(len(nets), dtype=torch.float64), 0
         for parts in zip(*(trainer.batches(g) for g in gens)):
             xb = torch.stack([p[0] for p in parts])
             tb = torch.stack([p[1] for p in parts])
             out = batched_forward(params, buffers, xb)
-            losses = torch.stack([_soft_ce(out[m], tb[m]) for m in range(len(nets))])
+            losses = torch.stack([trainer.loss(out[m], tb[m]) for m in range(len(nets))])
             opt.zero_grad()
             losses.sum().backward()
             opt.step()
@@ -233,14 +262,17 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
              weight_decay: float = 5e-4, dsa: bool = False, dsa_strategy: str = DSA_STRATEGY,
              align_corners: bool = False, batched: bool = True, seed: int = 0,
              soft_label_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, progress: bool = False,
-             desc: str = "evaluating", return_networks: bool = False, mixup: float = 0.0):
+             desc: str = "evaluating", return_networks: bool = False, mixup: float = 0.0,
+             label_temperature: Optional[float] = None, optimizer: str = "sgd"):
     """Train ``num_models`` fresh networks on (images, labels), test on ``test_set``; an ``EvalResult``.
 
     test_set: a ``ddfast.data.Dataset`` (its test split) or an ``(x_test, y_test)`` pair.
     model: a ``ddfast.models.get_network`` name (with ``net_width``/``net_depth``) or a zero-argument
     callable building the network. dsa: augment every minibatch with ``dsa_strategy``.
     batched: train all networks at once (module doc). mixup: Beta(α, α) mixup of every minibatch
-    with interpolated targets (0: off; module doc). Everything else as DC's ``evaluate_synset``.
+    with interpolated targets (0: off; module doc). label_temperature: the labels are logits, distilled
+    at this temperature (module doc). optimizer: "sgd" (DC's) or "adamw" (cosine rate; pass its ``lr``
+    and ``weight_decay``). Everything else as DC's ``evaluate_synset``.
     """
     x_test, y_test, num_classes = _test_split(test_set, labels)
     _check_inputs(images, labels, x_test, y_test, num_classes)
@@ -249,6 +281,16 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not 0 <= mixup < math.inf:
         raise ValueError(f"mixup must be a non-negative Beta concentration α (0: off), got {mixup!r}")
+    if label_temperature is not None:
+        if isinstance(label_temperature, bool) or not isinstance(label_temperature, (int, float)) \
+                or not 0 < label_temperature < math.inf:
+            raise ValueError(f"label_temperature must be a positive number (None: labels are probabilities), "
+                             f"got {label_temperature!r}")
+        if not labels.is_floating_point() and soft_label_fn is None:
+            raise ValueError("label_temperature needs logits as labels (a float (N, C) tensor), not class ids")
+        label_temperature = float(label_temperature)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     device, dtype = images.device, images.dtype
     if isinstance(model, str):
         channel, im_size = images.shape[1], tuple(images.shape[2:])
@@ -262,7 +304,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_set, *, model: Uni
     trainer = _Trainer(images.detach(), labels.detach().to(dtype) if labels.is_floating_point() else labels,
                        epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
                        dsa_strategy=dsa_strategy if dsa else None, align_corners=align_corners,
-                       soft_label_fn=soft_label_fn, mixup=float(mixup),
+                       soft_label_fn=soft_label_fn, mixup=float(mixup), label_temperature=label_temperature,
+                       optimizer=optimizer,
                        num_classes=_output_classes(nets[0], images) if mixup and not labels.is_floating_point() else None)
     if batched and has_batchnorm(nets[0]):
         warnings.warn("BatchNorm networks cannot be trained under vmap; evaluating them sequentially")

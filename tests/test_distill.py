@@ -194,3 +194,16 @@ def test_cli_distill_then_evaluate(tmp_path, capsys):
         runs[tuple(extra)] = json.loads((tmp_path / "e.json").read_text())
     assert plain["mixup"] == 0.0 and runs[()]["mixup"] == 0.8 and runs[("--mixup", "0")]["mixup"] == 0.0
     assert runs[("--mixup", "0")]["accuracies"] == plain["accuracies"]
+    # ... and with the saved student recipe (INFER's: AdamW, logit labels at T = 30) unless flags say otherwise
+    blob["labels"] = torch.randn(blob["labels"].shape[0], 10)  # logits
+    blob["args"]["hparams"].update(eval_mixup=0.0, eval_label_temperature=30.0, eval_optimizer="adamw", eval_lr=1e-3,
+                                   eval_weight_decay=0.01)
+    torch.save(blob, syn)
+    for extra in ([], ["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "5e-4", "--label-temperature", "4"]):
+        assert main(["evaluate", str(syn), "--models", "1", "--epochs", "1", "--sequential", "--no-progress",
+                     "--json", str(tmp_path / "e.json")] + extra) == 0
+        runs[tuple(extra)] = json.loads((tmp_path / "e.json").read_text())
+    assert {k: runs[()][k] for k in ("label_temperature", "optimizer", "lr", "weight_decay")} == \
+        dict(label_temperature=30.0, optimizer="adamw", lr=1e-3, weight_decay=0.01)
+    flags = runs[tuple(extra)]
+    assert (flags["optimizer"], flags["lr"], flags["label_temperature"]) == ("sgd", 0.01, 4.0)

@@ -131,3 +131,75 @@ def test_mixup_evaluation_batched_equals_sequential_and_changes_training(data64)
     res = evaluate(x[keep], y[keep], few, mixup=0.8, model=lambda: get_network("convnet", 1, 10, (8, 8), width=6,
                                                                                depth=1), **dict(SMALL, num_models=1))
     assert len(res.accuracies) == 1
+
+
+def test_label_temperature_loss_is_hintons_distillation_loss_float64():
+    from ddfast.evaluate import _soft_ce
+
+    s = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(7, 5, dtype=torch.float64) * 3
+    for T in (1.0, 4.0, 30.0):
+        loss = _soft_ce(s, t, T)
+        kl = T ** 2 * F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+        entropy = -(F.softmax(t / T, 1) * F.log_softmax(t / T, 1)).sum(1).mean()
+        torch.testing.assert_close(loss, kl + T ** 2 * entropy, rtol=1e-12, atol=1e-12)
+        g, = torch.autograd.grad(loss, s)
+        torch.testing.assert_close(g, T * (F.softmax(s / T, 1) - F.softmax(t / T, 1)) / 7, rtol=1e-12, atol=1e-14)
+    # at a high temperature the gradient is logit matching: (s − t, centred) / C per row
+    s0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t0 = torch.randn(4, 5, dtype=torch.float64)
+    g, = torch.autograd.grad(_soft_ce(s0, t0, 1e6), s0)
+    d = s0.detach() - t0
+    torch.testing.assert_close(g, (d - d.mean(1, keepdim=True)) / 5 / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_adamw_recipe_with_logit_labels_equals_a_plain_loop_float64(data64):
+    """INFER's students: AdamW + per-epoch cosine rate, T² · KL on logits; the same as written out."""
+    import math
+
+    from ddfast.methods._common import derive_seed, generator, seeded_network
+    from ddfast.models import get_network
+
+    x, y, test = data64
+    logits = torch.randn(len(x), 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4
+    kw = dict(SMALL, num_models=1, epochs=5)
+    res, (net,) = evaluate(x, logits, test, optimizer="adamw", lr=1e-3, weight_decay=0.01, label_temperature=30.0,
+                           batched=False, return_networks=True, **kw)
+    build = lambda: get_network("convnet", 1, 10, (8, 8), width=6, depth=1)  # noqa: E731
+    ref = seeded_network(build, derive_seed(0, "eval-init", 0), "cpu").double()
+    gen = generator(0, "eval-order", 0)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    ref.train()
+    for _ in range(5):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 8):
+            idx = order[i:i + 8]
+            out = ref(x[idx])
+            loss = 900.0 * F.kl_div(F.log_softmax(out / 30, 1), F.softmax(logits[idx] / 30, 1), reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert math.isfinite(res.train_losses[0])
+    # batched (vmap) training follows the same recipe network by network
+    a = evaluate(x, logits, test, optimizer="adamw", lr=1e-3, weight_decay=0.01, label_temperature=30.0, mixup=0.8,
+                 batched=True, **SMALL)
+    b = evaluate(x, logits, test, optimizer="adamw", lr=1e-3, weight_decay=0.01, label_temperature=30.0, mixup=0.8,
+                 batched=False, **SMALL)
+    torch.testing.assert_close(torch.tensor(a.train_losses), torch.tensor(b.train_losses), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_student_recipe(data64):
+    x, y, test = data64
+    tiny = dict(SMALL, epochs=1, num_models=1)
+    logits = torch.randn(len(x), 10, dtype=torch.float64)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="label_temperature"):
+            evaluate(x, logits, test, label_temperature=bad, **tiny)
+    with pytest.raises(ValueError, match="label_temperature"):
+        evaluate(x, y, test, label_temperature=30.0, **tiny)  # class ids are not logits
+    with pytest.raises(ValueError, match="optimizer"):
+        evaluate(x, y, test, optimizer="adam", **tiny)

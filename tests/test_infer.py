@@ -61,7 +61,13 @@ def test_infer_pipeline_smoke(tmp_path, monkeypatch):
     budget = out.extra["budget"]  # ipc 2, 10 classes, 1 architecture: 1 group + 1 compensator
     assert budget["base_per_class"] == 1 and budget["stored_images"] == 11 and budget["instances"] == 20
     assert out.images.shape == (20, 1, 8, 8) and out.labels.shape == (20, 10)
-    torch.testing.assert_close(out.labels.sum(1), torch.ones(20))
+    # the labels are the teacher's logits on the instances (INFER distils them at T = 30) ...
+    torch.testing.assert_close(out.labels, infer.static_soft_labels(out.teachers, out.images))
+    torch.testing.assert_close(out.static_label_fn(out.images), out.labels)
+    # ... or, without a label temperature, probabilities at the relabelling temperature
+    probs = get_method("infer").run(ds, 2, hparams=dict(iterations=3, squeeze_epochs=1, teacher_width=16, num_archs=1,
+                                                          eval_label_temperature=None), progress=False)
+    torch.testing.assert_close(probs.labels, torch.softmax(out.labels / 4.0, 1))
     assert out.extra["label_storage"]["static_label_bytes"] == 20 * 10 * 2
     # the generated instances of a class differ from their base image by the one shared compensator
     x, y = out.images, torch.arange(10).repeat_interleave(2)  # class-major instances
@@ -94,7 +100,8 @@ def test_distill_scores_the_random_subset_with_the_methods_labels(tmp_path, monk
     from ddfast.evaluate import EvalResult
 
     def fake_evaluate(images, labels, dataset, **kwargs):
-        seen.append((kwargs.get("desc"), labels.dtype, tuple(labels.shape), kwargs.get("mixup")))
+        seen.append((kwargs.get("desc"), labels.dtype, tuple(labels.shape), kwargs.get("mixup"),
+                     {k: kwargs.get(k) for k in ("label_temperature", "optimizer", "lr", "weight_decay")}, labels))
         return EvalResult([50.0], 0.0, False)
 
     monkeypatch.setattr("ddfast.evaluate.evaluate", fake_evaluate)
@@ -107,3 +114,10 @@ def test_distill_scores_the_random_subset_with_the_methods_labels(tmp_path, monk
     assert r.summary["random_labels"] == "static teacher labels"
     # INFER's students train with mixup of the static labels: the distilled set and its baseline alike
     assert {s[3] for s in seen} == {0.8} and r.summary["eval_mixup"] == 0.8
+    # ... and INFER's student recipe (val_static.py): logit labels at T = 30, AdamW(1e-3, wd 0.01)
+    recipe = dict(label_temperature=30.0, optimizer="adamw", lr=1e-3, weight_decay=0.01)
+    assert len(seen) == 2 and all(s[4] == recipe for s in seen)
+    assert r.summary["eval_label_temperature"] == 30.0 and r.summary["eval_optimizer"] == "adamw"
+    for s in seen:  # the labels are the teachers' logits, not probabilities
+        assert not torch.allclose(s[5].sum(1), torch.ones(s[5].shape[0]))
+    torch.testing.assert_close(r.labels, seen[0][5].cpu())

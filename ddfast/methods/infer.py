@@ -15,11 +15,14 @@ Budget (INFER's accounting, images stored per class = ipc):
     base = ⌊ipc / (M / C + 1)⌋ groups, M · base compensators,
     stored = base · (C + M) ≤ ipc · C images, instances = base · C · (M + 1).
 
-Labels: one soft label per instance, the teachers' mean logits on the un-augmented instance
-(static); storage instances × C values. INFER trains its students with mixup whose labels are
-interpolated like the images (``lam · l_i + (1 − lam) · l_j``): ``eval_mixup`` (α of Beta(α, α),
-default 0.8) makes ``ddfast distill`` evaluate INFER and its random-subset baseline alike so
-(``evaluate(..., mixup=α)``, after the runner's DSA); 0 turns it off.
+Labels: one static label per instance, the teachers' mean logits on the un-augmented instance;
+storage instances × C values (fp16). INFER's students (``val_static.py``) train with mixup whose
+logits are interpolated like the images (``lam · l_i + (1 − lam) · l_j``), distil them at temperature
+30 and use AdamW (lr 1e-3, weight decay 0.01, cosine). ``ddfast distill`` evaluates INFER and its
+random-subset baseline alike with that recipe (after the runner's DSA): ``eval_mixup`` (α of Beta(α, α),
+0.8; 0 turns mixup off), ``eval_label_temperature`` (30), ``eval_optimizer`` ("adamw"), ``eval_lr``
+(1e-3), ``eval_weight_decay`` (0.01). With ``eval_label_temperature=None`` the labels are
+probabilities instead, ``softmax(logits / temperature)``, trained by plain soft cross-entropy.
 """
 from __future__ import annotations
 
@@ -150,7 +153,8 @@ class INFER:
     def default_hparams(cls, dataset, ipc: int = 10):
         from .sre2l import DEFAULTS, small_image_defaults, teacher_hparams
 
-        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real", eval_mixup=0.8)
+        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real", eval_mixup=0.8,
+                  eval_label_temperature=30.0, eval_optimizer="adamw", eval_lr=1e-3, eval_weight_decay=0.01)
         hp.update(teacher_hparams(dataset))
         small = small_image_defaults(dataset)
         if small:  # the compensators at lr 0.05 from herding base images, at every ipc (measured: README;
@@ -164,8 +168,9 @@ class INFER:
 
     @classmethod
     def run(cls, dataset, ipc: int, *, hparams=None, seed: int = 0, device="cpu", progress: bool = True):
-        """The pipeline; labels are INFER's static soft labels (probabilities at ``temperature``),
-        ``extra`` (JSON-safe): budget, label storage, diversity, compensator losses."""
+        """The pipeline; labels are INFER's static labels (the teachers' mean logits; its students
+        distil them at ``eval_label_temperature``), ``extra`` (JSON-safe): budget, label storage,
+        diversity, compensator losses."""
         from ._common import DistillOutput
         from ._common import merge_hparams
         from .sre2l import initial_images, squeeze_for
@@ -186,15 +191,18 @@ class INFER:
                                           jitter=hp["jitter"])
         x, y = cset.instances()
         logits = static_soft_labels(teachers, x)
-        soft = torch.softmax(logits / hp["temperature"], dim=1)
         from .relabel import parameter_bytes
         from .sre2l import feature_diversity
 
         extra = {"budget": budget, "recover": log,
-                 "label_storage": {"static_label_bytes": soft.numel() * 2,  # one fp16 C-vector per instance
+                 "label_storage": {"static_label_bytes": logits.numel() * 2,  # one fp16 C-vector per instance
                                    "teacher_bytes_not_needed": sum(parameter_bytes(t) for t in teachers)},
                  "diversity": feature_diversity(teachers[0], x, y)}
-        out = DistillOutput(x, soft, losses=log["loss_last"], soft_label_fn=None, extra=extra)
+        def as_labels(z: torch.Tensor) -> torch.Tensor:  # logits, or probabilities without a label temperature
+            return z if hp["eval_label_temperature"] is not None else torch.softmax(z / hp["temperature"], 1)
+
+        out = DistillOutput(x, as_labels(logits).detach(), losses=log["loss_last"], soft_label_fn=None, extra=extra)
         # INFER's labeller for any images (e.g. the random-real baseline): the same static labels
-        out.static_label_fn = lambda images: torch.softmax(static_soft_labels(teachers, images) / hp["temperature"], 1)
+        out.static_label_fn = lambda images: as_labels(static_soft_labels(teachers, images))
+        out.teachers = teachers
         return out
