@@ -49,8 +49,7 @@ def _eval_settings(hp: dict, eval_dsa: Optional[bool]) -> dict:
     dsa = bool(hp.get("dsa_strategy")) if eval_dsa is None else bool(eval_dsa)
     return {"model": hp.get("model", "convnet"), "net_width": hp.get("net_width"), "net_depth": hp.get("net_depth"),
             "dsa": dsa, "align_corners": bool(hp.get("align_corners", False)),
-            "mixup": float(hp.get("eval_mixup", 0.0)),  # INFER: its students train with mixup
-            **student_recipe(hp)}
+            "mixup": float(hp.get("eval_mixup", 0.0))}  # INFER: its students train with mixup
 
 
 def student_recipe(hp: dict) -> dict:
@@ -154,7 +153,7 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
     }
     if evaluate:
         ev = _eval_settings(dict(hp, model=model), eval_dsa)
-        recipe = {k: ev[k] for k in ("label_temperature", "optimizer", "lr", "weight_decay") if k in ev}
+        recipe = student_recipe(hp)
         common = dict(model=ev["model"], net_width=ev["net_width"], net_depth=ev["net_depth"], num_models=eval_models,
                       epochs=eval_epochs, seed=seed, batched=batched, progress=progress, dsa=ev["dsa"],
                       align_corners=ev["align_corners"], mixup=ev["mixup"], **recipe)

@@ -71,9 +71,9 @@ class EvalResult:
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor, temperature: Optional[float] = None) -> torch.Tensor:
     """Cross-entropy with class ids or probabilities; with ``temperature`` T the targets are logits and
-    the loss is T² · CE(softmax(target / T), softmax(logits / T)): Hinton's distillation loss, whose
-    gradient differs from T² · KL only by a constant (INFER's static-label loss; the T² keeps SGD's
-    step size independent of T)."""
+    the loss is T² · CE(softmax(target / T), softmax(logits / T)): Hinton's distillation loss, which
+    differs from T² · KL by a constant (the targets' entropy), so its gradient is T² · KL's (INFER's
+    static-label loss; the T² keeps SGD's step size independent of T)."""
     if target.dtype == torch.long:
         return F.cross_entropy(logits, target)
     if temperature is None:
@@ -118,8 +118,7 @@ class _Trainer:
     def __init__(self, x, targets, *, epochs, lr, batch_size, momentum, weight_decay, dsa_strategy, align_corners,
                  soft_label_fn, mixup=0.0, num_classes=None, label_temperature=None, optimizer="sgd"):
         self.x, self.targets = x, targets
-        self.optim = optimizer
-        self.label_temperature = label_temperature
+        self.optim, self.label_temperature = optimizer, label_temperature
         self.mixup, self.num_classes = mixup, num_classes
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.momentum, self.weight_decay = momentum, weight_decay

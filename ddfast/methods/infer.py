@@ -200,6 +200,7 @@ class INFER:
                  "label_storage": {"static_label_bytes": logits.numel() * 2,  # one fp16 C-vector per instance
                                    "teacher_bytes_not_needed": sum(parameter_bytes(t) for t in teachers)},
                  "diversity": feature_diversity(teachers[0], x, y)}
+
         def as_labels(z: torch.Tensor) -> torch.Tensor:  # logits, or probabilities without a label temperature
             return z if hp["eval_label_temperature"] is not None else torch.softmax(z / hp["temperature"], 1)
 
