@@ -161,3 +161,28 @@ def test_summary_lists_the_kernel_bandwidth_of_each_bandwidth_case():
     summary = V.summarize([result], {"device": "d", "torch": "t", "cuda": None, "commit": "c", "python": "3"},
                           "now", 1.0, "ddfast validate")
     assert "- param_match/x: kernels 96 % (triton); wall clock 18 %" in V.markdown(summary)
+
+
+def test_gpu_lease_scripts_parse_and_name_existing_cases_and_providers():
+    """bench/gpu/*.sh run unattended on a rare GPU lease: a renamed case or provider must fail here."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    from bench.cases import all_cases
+    from bench.runner import providers_for
+
+    root = Path(__file__).resolve().parent.parent / "bench" / "gpu"
+    for script in ("validate.sh", "profile.sh"):
+        subprocess.run(["bash", "-n", str(root / script)], check=True)
+    text = (root / "profile.sh").read_text()
+    specs = re.findall(r'"((?:dc_step|dm_step|norm_relu_pool)/[\w.-]+) (\w[\w-]*)"', text)
+    assert len(specs) == 3
+    cases = {c.name: c for c in all_cases()}
+    for name, provider in specs:
+        assert name in cases and "cuda" in cases[name].devices, name
+        assert provider in providers_for(cases[name], torch.device("cuda")), (name, provider)
+    for test_file in re.findall(r"tests/\w+\.py", text):
+        assert (root.parent.parent / test_file).exists(), test_file
