@@ -171,8 +171,8 @@ def test_gpu_lease_scripts_parse_and_name_existing_cases_and_providers():
 
     import torch
 
-    from bench.cases import all_cases
-    from bench.runner import providers_for
+    from ddfast.bench.cases import all_cases
+    from ddfast.bench.runner import providers_for
 
     root = Path(__file__).resolve().parent.parent / "bench" / "gpu"
     for script in ("validate.sh", "profile.sh"):
