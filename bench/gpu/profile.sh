@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' | tr 'H' 'h')
 V=bench/results/validate-$(date +%F)-${GPU:-gpu}/profile; mkdir -p "$V"
 cp "$0" "$V/"
-git rev-parse HEAD > "$V/commit.txt" 2>/dev/null
+(git rev-parse HEAD 2>/dev/null || echo "unknown: no git metadata in the device copy; see the session notes") > "$V/commit.txt"
 if ! ls ddfast/_C_*.so > /dev/null 2>&1 || ! python3 -c "import ddfast" 2>/dev/null; then
   DDFAST_NO_EXTENSION=1 timeout 40 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$V/install.log" 2>&1
   timeout 90 python3 setup.py build_ext --inplace > "$V/build.log" 2>&1

@@ -8,7 +8,7 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0
 V=bench/results/validate-$(date +%F)-${GPU:-gpu}; mkdir -p "$V/scripts"
 cp "$0" "$V/scripts/"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$V/nvidia-smi.csv" 2>&1
-git rev-parse HEAD > "$V/commit.txt" 2>/dev/null
+(git rev-parse HEAD 2>/dev/null || echo "unknown: no git metadata in the device copy; see the session notes") > "$V/commit.txt"
 DDFAST_NO_EXTENSION=1 timeout 40 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$V/install.log" 2>&1
 echo "install rc=$? t=$(el)" | tee -a "$V/stages.log"
 timeout 90 python3 setup.py build_ext --inplace > "$V/build.log" 2>&1
