@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models import get_network, has_batchnorm
-from .methods._common import DSA_STRATEGY, augment_per_image, derive_seed, generator, seeded_network
+from .methods._common import DSA_STRATEGY, augment_per_image, cosine_lr, derive_seed, generator, seeded_network
 
 __all__ = ["evaluate", "EvalResult", "random_subset"]
 
@@ -140,7 +140,7 @@ class _Trainer:
         """AdamW: ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch; SGD: nothing (decay_at)."""
         if self.optim == "adamw":
             for group in opt.param_groups:
-                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+                group["lr"] = cosine_lr(self.lr, epoch, self.epochs)
 
     def batches(self, gen: torch.Generator):
         """(images, targets) minibatches of one epoch for the network drawing from ``gen``."""

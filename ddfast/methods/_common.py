@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -317,3 +318,8 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()
+
+
+def cosine_lr(base_lr: float, step: int, steps: int) -> float:
+    """SRe2L's ``lr_cosine_policy`` without warm-up (= ``CosineAnnealingLR(T_max=steps)`` at ``step``)."""
+    return 0.5 * (1 + math.cos(math.pi * step / steps)) * base_lr

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..ops.bn_stat import BNStatMatcher
 from . import sre2l
+from ._common import cosine_lr
 
 
 def infer_budget(ipc: int, num_classes: int, num_archs: int, base: Optional[int] = None) -> Dict[str, int]:
@@ -71,7 +72,7 @@ def optimise_compensator(teacher: nn.Module, base_images: torch.Tensor, targets:
     with BNStatMatcher(teacher, first_layer_weight=first_bn_multiplier) as matcher:
         for it in range(iterations):
             for group in opt.param_groups:
-                group["lr"] = sre2l.cosine_lr(lr, it, iterations)
+                group["lr"] = cosine_lr(lr, it, iterations)
             x = base_images + ufc
             if jitter > 0:
                 x = torch.roll(x, shifts=(rng.randint(0, jitter), rng.randint(0, jitter)), dims=(2, 3))

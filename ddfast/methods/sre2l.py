@@ -37,7 +37,7 @@ from torch import nn
 
 from ..ops.bn_stat import BNStatMatcher
 from . import relabel
-from ._common import DSA_STRATEGY
+from ._common import DSA_STRATEGY, cosine_lr
 
 DEFAULTS = dict(iterations=1000, lr=0.25, r_bn=0.01, first_bn_multiplier=10.0, jitter=4)
 
@@ -130,11 +130,6 @@ def recover_loss(matcher: BNStatMatcher, x_jit: torch.Tensor, targets: torch.Ten
     out, bn = matcher(x_jit)
     ce = F.cross_entropy(out, targets)
     return ce + r_bn * bn, ce, bn
-
-
-def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
-    """SRe2L's ``lr_cosine_policy`` without warm-up."""
-    return 0.5 * (1 + math.cos(math.pi * iteration / iterations)) * base_lr
 
 
 def jitter_batch(x: torch.Tensor, *, crop_scale, flip: bool, jitter: int, rng: random.Random,
