@@ -4,6 +4,7 @@
 // elementwise pass grad_x = a_c + b_c (x − μ_c). The CUDA kernels live in cuda/bn_stat.cu: one
 // launch each way (the forward's counters are zeroed by a memset on the stream).
 #include "ddfast_common.h"
+#include "eager_autograd.h"
 
 #ifdef DDFAST_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -172,13 +173,49 @@ at::Tensor bn_stat_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const a
 }
 #endif
 
+// Eager path (eager_autograd.h): one C++ node; gradient to x only.
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&);
+
+class BnStatEager : public torch::autograd::Function<BnStatEager> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::bn_stat_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // apply() only turns grad mode off: skip the Python autograd
+    auto out = fwd.call(x, rm, rv);
+    ctx->save_for_backward({x, rm, rv, std::get<1>(out), std::get<2>(out)});
+    return std::get<0>(out);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::bn_stat_bwd");
+    check_once_differentiable("bn_stat_loss");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto s = ctx->get_saved_variables();
+    return {bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4]), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor bn_stat_eager(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
+  return BnStatEager::apply(x, rm, rv);
+}
+
+at::Tensor bn_stat_eager_nograd(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::bn_stat_fwd");
+  return std::get<0>(fwd.call(x, rm, rv));
+}
+
 }  // namespace
 }  // namespace ddfast
 
 TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("bn_stat_fwd(Tensor x, Tensor running_mean, Tensor running_var) -> (Tensor, Tensor, Tensor)");
   m.def("bn_stat_bwd(Tensor grad, Tensor x, Tensor running_mean, Tensor running_var, Tensor mean, Tensor var) -> Tensor");
+  m.def("bn_stat_eager(Tensor x, Tensor running_mean, Tensor running_var) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("bn_stat_eager", &ddfast::bn_stat_eager); }
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) { m.impl("bn_stat_eager", &ddfast::bn_stat_eager_nograd); }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
   m.impl("bn_stat_fwd", &ddfast::bn_stat_fwd_cpu);

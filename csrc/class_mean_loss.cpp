@@ -3,6 +3,7 @@
 // diff and its per-class squared norm; backward: 2 g_c diff_c / n_c gathered per syn row.
 // The CUDA kernels live in cuda/class_mean_loss.cu.
 #include "ddfast_common.h"
+#include "eager_autograd.h"
 #include "class_means_cpu.h"
 
 #ifdef DDFAST_WITH_CUDA
@@ -111,6 +112,43 @@ at::Tensor class_mean_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tenso
 }
 #endif
 
+// Eager path (eager_autograd.h): one C++ node; gradient to f_syn only.
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, int64_t);
+using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType);
+
+class ClassMeanLossEager : public torch::autograd::Function<ClassMeanLossEager> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f_syn, const at::Tensor& y_syn,
+                            const at::Tensor& mean_real, const at::Tensor& count_real, int64_t num_classes) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::class_mean_loss_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // apply() only turns grad mode off: skip the Python autograd
+    auto out = fwd.call(f_syn, y_syn, mean_real, count_real, num_classes);
+    ctx->save_for_backward({y_syn, std::get<1>(out), std::get<2>(out)});
+    ctx->saved_data["dtype"] = f_syn.scalar_type();
+    return std::get<0>(out);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::class_mean_loss_bwd");
+    check_once_differentiable("class_mean_loss");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto saved = ctx->get_saved_variables();
+    return {bwd.call(grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["dtype"].toScalarType()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor class_mean_loss_eager(const at::Tensor& f_syn, const at::Tensor& y_syn, const at::Tensor& mean_real,
+                                 const at::Tensor& count_real, int64_t num_classes) {
+  return ClassMeanLossEager::apply(f_syn, y_syn, mean_real, count_real, num_classes);
+}
+
+at::Tensor class_mean_loss_eager_nograd(const at::Tensor& f_syn, const at::Tensor& y_syn, const at::Tensor& mean_real,
+                                        const at::Tensor& count_real, int64_t num_classes) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::class_mean_loss_fwd");
+  return std::get<0>(fwd.call(f_syn, y_syn, mean_real, count_real, num_classes));
+}
+
 }  // namespace
 }  // namespace ddfast
 
@@ -118,6 +156,13 @@ TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("class_mean_loss_fwd(Tensor f_syn, Tensor y_syn, Tensor mean_real, Tensor count_real, int num_classes) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("class_mean_loss_bwd(Tensor grad_loss, Tensor y_syn, Tensor diff, Tensor count_syn, ScalarType dtype) -> Tensor");
+  m.def("class_mean_loss_eager(Tensor f_syn, Tensor y_syn, Tensor mean_real, Tensor count_real, int num_classes) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("class_mean_loss_eager", &ddfast::class_mean_loss_eager); }
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) {
+  m.impl("class_mean_loss_eager", &ddfast::class_mean_loss_eager_nograd);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {

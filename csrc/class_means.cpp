@@ -1,6 +1,7 @@
 // class_means: per-class means of the rows of x (N, D) in one pass (ops ddfast::class_means_fwd/_bwd).
 // CPU kernel from class_means_cpu.h (fp32 blocks flushed into fp64); the CUDA kernel lives in cuda/class_means.cu.
 #include "ddfast_common.h"
+#include "eager_autograd.h"
 #include "class_means_cpu.h"
 
 #ifdef DDFAST_WITH_CUDA
@@ -76,12 +77,54 @@ at::Tensor class_means_bwd_cuda(const at::Tensor& grad_means, const at::Tensor& 
 }
 #endif
 
+// Eager path (eager_autograd.h): one C++ node; gradient to x only, counts non-differentiable.
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
+using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+class ClassMeansEager : public torch::autograd::Function<ClassMeansEager> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
+                               int64_t num_classes) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::class_means_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // apply() only turns grad mode off: skip the Python autograd
+    auto out = fwd.call(x, labels, num_classes);
+    ctx->save_for_backward({labels, std::get<1>(out)});
+    ctx->mark_non_differentiable({std::get<1>(out)});
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::class_means_bwd");
+    check_once_differentiable("class_means");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto saved = ctx->get_saved_variables();
+    return {bwd.call(grads[0].contiguous(), saved[0], saved[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> class_means_eager(const at::Tensor& x, const at::Tensor& labels,
+                                                     int64_t num_classes) {
+  auto out = ClassMeansEager::apply(x, labels, num_classes);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> class_means_eager_nograd(const at::Tensor& x, const at::Tensor& labels,
+                                                            int64_t num_classes) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::class_means_fwd");
+  return fwd.call(x, labels, num_classes);
+}
+
 }  // namespace
 }  // namespace ddfast
 
 TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("class_means_fwd(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");
   m.def("class_means_bwd(Tensor grad_means, Tensor labels, Tensor counts) -> Tensor");
+  m.def("class_means_eager(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("class_means_eager", &ddfast::class_means_eager); }
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) {
+  m.impl("class_means_eager", &ddfast::class_means_eager_nograd);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {

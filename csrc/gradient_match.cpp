@@ -5,6 +5,7 @@
 // long rows into kGradientMatchSegment columns, one warp per segment, and fold them back in the
 // last block of each group (one forward launch, one backward launch).
 #include "ddfast_common.h"
+#include "eager_autograd.h"
 
 #ifdef DDFAST_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -424,6 +425,53 @@ std::vector<at::Tensor> gradient_match_bwd_cuda(const at::Tensor& grad, at::Tens
 }
 #endif
 
+// Eager path (eager_autograd.h): one C++ node; gradient to g_syn only.
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList, c10::string_view, double, bool,
+                                                  c10::string_view);
+using BwdSig = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
+                                       c10::string_view, bool);
+
+class GradientMatchEager : public torch::autograd::Function<GradientMatchEager> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList g_syn, at::TensorList g_real,
+                            c10::string_view metric, double eps, bool grouped, c10::string_view reduction) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::gradient_match_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // apply() only turns grad mode off: skip the Python autograd
+    auto out = fwd.call(g_syn, g_real, metric, eps, grouped, reduction);
+    std::vector<at::Tensor> saved(g_syn.begin(), g_syn.end());
+    saved.insert(saved.end(), g_real.begin(), g_real.end());
+    saved.push_back(std::get<1>(out));
+    ctx->save_for_backward(saved);
+    ctx->saved_data["metric"] = std::string(metric);
+    ctx->saved_data["grouped"] = grouped;
+    return std::get<0>(out);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::gradient_match_bwd");
+    check_once_differentiable("gradient_match");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto saved = ctx->get_saved_variables();
+    const size_t k = (saved.size() - 1) / 2;
+    const at::TensorList all(saved);
+    const std::string metric = ctx->saved_data["metric"].toStringRef();
+    variable_list out = bwd.call(grads[0], all.slice(0, k), all.slice(k, k), saved.back(), metric,
+                                 ctx->saved_data["grouped"].toBool());
+    out.resize(2 * k + 4);  // no gradient to g_real, metric, eps, grouped, reduction
+    return out;
+  }
+};
+
+at::Tensor gradient_match_eager(at::TensorList g_syn, at::TensorList g_real, c10::string_view metric, double eps,
+                                bool grouped, c10::string_view reduction) {
+  return GradientMatchEager::apply(g_syn, g_real, metric, eps, grouped, reduction);
+}
+
+at::Tensor gradient_match_eager_nograd(at::TensorList g_syn, at::TensorList g_real, c10::string_view metric,
+                                       double eps, bool grouped, c10::string_view reduction) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::gradient_match_fwd");
+  return std::get<0>(fwd.call(g_syn, g_real, metric, eps, grouped, reduction));
+}
+
 }  // namespace
 }  // namespace ddfast
 
@@ -432,6 +480,13 @@ TORCH_LIBRARY_FRAGMENT(ddfast, m) {
         " -> (Tensor, Tensor)");
   m.def("gradient_match_bwd(Tensor grad, Tensor[] g_syn, Tensor[] g_real, Tensor coefs, str metric, bool grouped)"
         " -> Tensor[]");
+  m.def("gradient_match_eager(Tensor[] g_syn, Tensor[] g_real, str metric, float eps, bool grouped, str reduction)"
+        " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("gradient_match_eager", &ddfast::gradient_match_eager); }
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) {
+  m.impl("gradient_match_eager", &ddfast::gradient_match_eager_nograd);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {

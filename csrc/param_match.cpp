@@ -2,6 +2,7 @@
 // CPU kernel here (at::parallel_for over chunks, fp64 partials for a reference-grade sum);
 // the CUDA kernel lives in cuda/param_match.cu and is registered when built with CUDA.
 #include "ddfast_common.h"
+#include "eager_autograd.h"
 
 #ifdef DDFAST_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -119,12 +120,49 @@ at::Tensor param_match_bwd_cuda(const at::Tensor& grad, const at::Tensor& s, con
 }
 #endif
 
+// Eager path (eager_autograd.h): one C++ node; gradient to student only.
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+class ParamMatchEager : public torch::autograd::Function<ParamMatchEager> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& a, const at::Tensor& t) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::param_match_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;  // apply() only turns grad mode off: skip the Python autograd
+    auto out = fwd.call(s, a, t);
+    ctx->save_for_backward({s, t, std::get<1>(out)});
+    return std::get<0>(out);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::param_match_bwd");
+    check_once_differentiable("param_match");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto saved = ctx->get_saved_variables();
+    return {bwd.call(grads[0], saved[0], saved[1], saved[2]), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor param_match_eager(const at::Tensor& s, const at::Tensor& a, const at::Tensor& t) {
+  return ParamMatchEager::apply(s, a, t);
+}
+
+at::Tensor param_match_eager_nograd(const at::Tensor& s, const at::Tensor& a, const at::Tensor& t) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::param_match_fwd");
+  return std::get<0>(fwd.call(s, a, t));
+}
+
 }  // namespace
 }  // namespace ddfast
 
 TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("param_match_fwd(Tensor student, Tensor start, Tensor target) -> (Tensor, Tensor)");
   m.def("param_match_bwd(Tensor grad, Tensor student, Tensor target, Tensor den) -> Tensor");
+  m.def("param_match_eager(Tensor student, Tensor start, Tensor target) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("param_match_eager", &ddfast::param_match_eager); }
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) {
+  m.impl("param_match_eager", &ddfast::param_match_eager_nograd);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {

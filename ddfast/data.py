@@ -11,6 +11,10 @@ training set's statistics):
 * a directory laid out like torchvision's ImageFolder: ``root/<class>/*.png`` (or ``root/train/<class>``
   and ``root/test/<class>``), read with PIL when installed, else matplotlib. Classes are the sorted
   sub-directory names; all images must have the same size.
+* a directory holding the four IDX files of MNIST-style datasets (MNIST, Fashion-MNIST, KMNIST, as
+  their authors and torchvision's ``<root>/<Name>/raw`` ship them): ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
+  gzipped; the official train/test split, pixels / 255.
 
 ``RealData`` is the real-image sampler every method draws from: per-class index lists and
 ``get_images(c, n, generator)``.
@@ -131,6 +135,50 @@ def load_npz(path: str, split_seed: int = 0, test_fraction: float = 0.3) -> Data
     return _finish(os.path.basename(path), x[tr], y[tr], x[te], y[te])
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _idx_path(root: str, stem: str) -> Optional[str]:
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def read_idx(path: str) -> np.ndarray:
+    """One IDX file (LeCun's MNIST format; ``.gz`` read through gzip): magic 0 0 dtype ndim, big-endian dims."""
+    import gzip
+
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = 4 + 4 * ndim
+    if len(data) - body != int(np.prod(dims)) * dtype.itemsize:
+        raise ValueError(f"{path}: header says {dims} of {dtype}, the file holds {len(data) - body} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=body).reshape(dims).copy()  # writable, native order
+
+
+def is_idx_folder(root: str) -> bool:
+    return os.path.isdir(root) and all(_idx_path(root, stem) for stem in IDX_FILES)
+
+
+def load_idx_folder(root: str) -> Dataset:
+    """MNIST-style IDX files (module doc): the official train/test split."""
+    x, y, x_te, y_te = (read_idx(_idx_path(root, stem)) for stem in IDX_FILES)
+    x, x_te = _to_nchw("train images", x), _to_nchw("t10k images", x_te)
+    if x_te.shape[1:] != x.shape[1:]:
+        raise ValueError(f"t10k images are {tuple(x_te.shape[1:])}, train images {tuple(x.shape[1:])}")
+    name = os.path.basename(root.rstrip("/"))
+    if name == "raw":  # torchvision's <root>/<Name>/raw: name it after <Name>
+        name = os.path.basename(os.path.dirname(root.rstrip("/")))
+    return _finish(name, x, _labels("train labels", y, x.shape[0]), x_te, _labels("t10k labels", y_te, x_te.shape[0]))
+
+
 def _read_image(path: str) -> np.ndarray:
     try:
         from PIL import Image
@@ -177,18 +225,20 @@ def load_image_folder(root: str, split_seed: int = 0, test_fraction: float = 0.3
 
 
 def load_dataset(spec: str = "digits", *, split_seed: int = 0, device="cpu") -> Dataset:
-    """``"digits"``, a ``.npz`` path or an ImageFolder directory (module doc). Never downloads."""
+    """``"digits"``, a ``.npz`` path, an IDX folder or an ImageFolder directory (module doc). Never downloads."""
     if not isinstance(spec, str):
         raise TypeError(f"dataset must be 'digits' or a path, got {type(spec).__name__}")
     if spec == "digits":
         ds = load_digits(split_seed)
+    elif is_idx_folder(spec):
+        ds = load_idx_folder(spec)
     elif os.path.isdir(spec):
         ds = load_image_folder(spec, split_seed)
     elif os.path.isfile(spec) and spec.endswith(".npz"):
         ds = load_npz(spec, split_seed)
     else:
-        raise ValueError(f"dataset must be 'digits', a .npz file or an ImageFolder directory; {spec!r} is none "
-                         "(ddfast never downloads data)")
+        raise ValueError(f"dataset must be 'digits', a .npz file, an IDX folder or an ImageFolder directory; "
+                         f"{spec!r} is none (ddfast never downloads data)")
     return ds.to(device)
 
 

@@ -96,7 +96,8 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
             plot: Optional[str] = None) -> DistillResult:
     """Distil ``dataset`` with ``method`` at ``ipc`` images per class and evaluate it (module doc).
 
-    dataset: "digits", a .npz path, an ImageFolder directory, or a ``ddfast.data.Dataset``.
+    dataset: "digits", a .npz path, an MNIST-style IDX folder, an ImageFolder directory, or a
+        ``ddfast.data.Dataset``.
     iterations: distillation iterations (default: the method's default for the data).
     mim4dd: weight λ of the MIM4DD contrastive term (None: off). low_rank: rank r of the low-rank
     image parameterisation at the same storage (None: full images).
@@ -247,7 +248,7 @@ def save_plot(path: str, images: torch.Tensor, labels: torch.Tensor, losses: Lis
 
 def build_parser(prog: str = "ddfast distill") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Distil a dataset with a DD method and evaluate it")
-    p.add_argument("--dataset", default="digits", help="'digits', a .npz file or an ImageFolder directory")
+    p.add_argument("--dataset", default="digits", help="'digits', a .npz file, an IDX folder (MNIST-style) or an ImageFolder directory")
     p.add_argument("--method", default="dm",
                    help="dc, dsa, dm, cafe, mtt, tesla, sre2l, dwa, infer (and any registered method)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")

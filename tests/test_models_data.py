@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast.data import RealData, load_dataset, load_npz, stratified_split
+from ddfast.data import RealData, load_dataset, load_npz, read_idx, stratified_split
 from ddfast.models import ConvNet, ConvNetBN, ResNet, embed, get_network, has_batchnorm
 from ddfast.ops.gradient_matcher import ConvNet as OpsConvNet
 
@@ -49,6 +49,48 @@ def test_npz_with_and_without_test_split(tmp_path):
     np.savez(tmp_path / "c.npz", x=x, y=y.astype(np.float32))
     with pytest.raises(ValueError, match="y"):
         load_npz(str(tmp_path / "c.npz"))
+
+
+def _write_idx(path, array, gz):
+    import gzip
+    import struct
+
+    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}[array.dtype]
+    head = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open(str(path) + ".gz", "wb") if gz else open(path, "wb")) as f:
+        f.write(head + array.tobytes())
+
+
+def test_idx_folder_mnist_layout(tmp_path):
+    """MNIST/Fashion-MNIST raw files, gzipped or not (torchvision's <Name>/raw): the official split, pixels/255."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "FashionMNIST" / "raw"
+    root.mkdir(parents=True)
+    x, x_te = rng.integers(0, 256, (30, 5, 7), dtype=np.uint8), rng.integers(0, 256, (6, 5, 7), dtype=np.uint8)
+    y, y_te = np.arange(30, dtype=np.uint8) % 3, np.arange(6, dtype=np.uint8) % 3
+    _write_idx(root / "train-images-idx3-ubyte", x, gz=True)
+    _write_idx(root / "train-labels-idx1-ubyte", y, gz=True)
+    _write_idx(root / "t10k-images-idx3-ubyte", x_te, gz=False)
+    _write_idx(root / "t10k-labels-idx1-ubyte", y_te, gz=False)
+    assert np.array_equal(read_idx(str(root / "t10k-images-idx3-ubyte")), x_te)
+    ds = load_dataset(str(root))
+    assert ds.name == "FashionMNIST" and ds.num_classes == 3
+    assert ds.x_train.shape == (30, 1, 5, 7) and ds.x_test.shape == (6, 1, 5, 7)
+    assert torch.equal(ds.y_train, torch.from_numpy(y.astype(np.int64)))
+    assert torch.allclose(ds.denormalize(ds.x_test)[:, 0], torch.from_numpy(x_te / 255.0).float(), atol=1e-5)
+    wide = np.arange(12, dtype=">i4").reshape(3, 4)  # a big-endian int32 payload reads as its values
+    _write_idx(tmp_path / "w", wide, gz=False)
+    assert read_idx(str(tmp_path / "w")).tolist() == wide.tolist()
+
+
+def test_idx_files_that_are_not_idx_are_refused(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(str(tmp_path / "bad"))
+    _write_idx(tmp_path / "short", np.zeros((4, 2), np.uint8), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(str(tmp_path / "short"))
 
 
 def test_image_folder(tmp_path):

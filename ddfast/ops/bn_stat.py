@@ -82,6 +82,7 @@ def _register_compiled():
     torch.library.register_fake("ddfast::bn_stat_bwd")(_fake_bwd)
     torch.library.register_autograd("ddfast::bn_stat_fwd", _make_backward(torch.ops.ddfast.bn_stat_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_fake("ddfast::bn_stat_eager")(lambda *a: _fake_fwd(*a)[0])
 
 
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
@@ -124,8 +125,14 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         x3 = x if x.dim() == 3 else x.reshape(x.shape[0], c, -1)
         stats = [t if t.is_contiguous() else t.contiguous() for t in (x3, running_mean, running_var)]
         fwd, bwd = _backend.op_pair(OP, which)
-        # eager: a plain autograd.Function; compiled: the registered op (its autograd is traceable)
-        loss = _Eager.apply((fwd, bwd), *stats) if _backend.eager_path() else fwd(*stats)[0]
+        # eager: the C++ autograd op (compiled kernels) or a plain autograd.Function (Triton);
+        # under torch.compile / torch.func: the registered op (its autograd is traceable)
+        if not _backend.eager_path():
+            loss = fwd(*stats)[0]
+        elif which == _backend.COMPILED:
+            loss = torch.ops.ddfast.bn_stat_eager(*stats)
+        else:
+            loss = _Eager.apply((fwd, bwd), *stats)
     if loss.dtype != out_dtype:
         loss = loss.to(out_dtype)
     check_result_finite(loss, x=x, running_mean=running_mean, running_var=running_var)

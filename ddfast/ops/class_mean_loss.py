@@ -97,6 +97,7 @@ def _register_compiled():
     torch.library.register_fake("ddfast::class_mean_loss_bwd")(_fake_bwd)
     torch.library.register_autograd("ddfast::class_mean_loss_fwd",
                                     _make_backward(torch.ops.ddfast.class_mean_loss_bwd), setup_context=_setup_context)
+    torch.library.register_fake("ddfast::class_mean_loss_eager")(lambda *a: _fake_fwd(*a)[0])
 
 
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
@@ -198,7 +199,9 @@ def class_mean_loss(f_real: Features, y_real: torch.Tensor, f_syn: Features, y_s
             fr2 = fr2 if fr2.dtype in (torch.float32, torch.float64) else fr2.float()
             mean_r, count_r = class_means_impl(fr2, y_r, num_classes, means_backend)
             fs2 = _rows(fs)
-            if eager:
+            if eager and which == _backend.COMPILED:  # the C++ autograd op: no Python in the backward
+                loss_c = torch.ops.ddfast.class_mean_loss_eager(fs2, y_s, mean_r, count_r, num_classes)
+            elif eager:  # Triton: a plain autograd.Function
                 loss_c = _Eager.apply((fwd, bwd, num_classes), fs2, y_s, mean_r, count_r)
             else:
                 loss_c = fwd(fs2, y_s, mean_r, count_r, num_classes)[0]

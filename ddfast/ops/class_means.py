@@ -80,6 +80,7 @@ def _register_compiled():
     torch.library.register_fake("ddfast::class_means_bwd")(_fake_bwd)
     torch.library.register_autograd("ddfast::class_means_fwd", _make_backward(torch.ops.ddfast.class_means_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_fake("ddfast::class_means_eager")(_fake_fwd)
 
 
 # measured (ddfast bench, 2-core CPU): torch index_add wins on CPU, so auto keeps torch there
@@ -111,8 +112,10 @@ def class_means_impl(x2d: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     fwd, bwd = _backend.op_pair(OP, which)
     if not _backend.eager_path():  # torch.compile: the registered op and its traceable autograd
         return fwd(x2d, labels, num_classes)
-    if x2d.requires_grad and torch.is_grad_enabled():  # a plain autograd.Function
-        return _Eager.apply((fwd, bwd, num_classes), x2d, labels)
+    if x2d.requires_grad and torch.is_grad_enabled():
+        if which == _backend.COMPILED:  # the C++ autograd op: one C++ node, no Python in the backward
+            return torch.ops.ddfast.class_means_eager(x2d, labels, num_classes)
+        return _Eager.apply((fwd, bwd, num_classes), x2d, labels)  # Triton: a plain autograd.Function
     with torch._C._AutoDispatchBelowAutograd():  # no graph wanted (e.g. class_mean_loss's real side)
         return fwd(x2d, labels, num_classes)
 

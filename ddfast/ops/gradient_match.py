@@ -196,6 +196,7 @@ def _register_compiled():
     torch.library.register_fake("ddfast::gradient_match_bwd")(_fake_bwd)
     torch.library.register_autograd("ddfast::gradient_match_fwd", _make_backward(torch.ops.ddfast.gradient_match_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_fake("ddfast::gradient_match_eager")(lambda *a: _fake_fwd(*a)[0])
 
 
 # measured (ddfast bench -k gradient_match/convnet --device cpu, 2-core Xeon): C++ 101 ms vs torch 632 ms
@@ -246,9 +247,11 @@ def gradient_match(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor]
         g_real = [r.contiguous() for r in g_real]
         fwd, bwd = _backend.op_pair(OP, which)
         static = (fwd, bwd, metric, float(eps), bool(grouped), reduction)
-        if _backend.eager_path():  # a plain autograd.Function: no pytree pass over the lists
-            loss = _Eager.apply(static, *g_syn, *g_real)
-        else:  # torch.compile: the registered op and its traceable autograd
+        if not _backend.eager_path():  # torch.compile / torch.func: the registered op, traceable autograd
             loss = fwd(g_syn, [r.detach() for r in g_real], *static[2:])[0]
+        elif which == _backend.COMPILED:  # the C++ autograd op: one C++ node, no Python in the backward
+            loss = torch.ops.ddfast.gradient_match_eager(g_syn, g_real, *static[2:])
+        else:  # Triton: a plain autograd.Function (no pytree pass over the lists)
+            loss = _Eager.apply(static, *g_syn, *g_real)
     check_result_finite(loss, g_syn=g_syn, g_real=g_real)
     return loss

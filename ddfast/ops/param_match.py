@@ -72,6 +72,7 @@ def _register_compiled():
     torch.library.register_fake("ddfast::param_match_bwd")(_fake_bwd)
     torch.library.register_autograd("ddfast::param_match_fwd", _make_backward(torch.ops.ddfast.param_match_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_fake("ddfast::param_match_eager")(lambda s, a, t: _fake_fwd(s, a, t)[0])
 
 
 _backend.register_op(_backend.OpSpec(OP, cpu_compiled_is_faster=True, on_load=_register_compiled))
@@ -112,7 +113,13 @@ def param_match(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor
         flat = [t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
                 for t in (student, start, target)]
         fwd, bwd = _backend.op_pair(OP, which)
-        # eager: a plain autograd.Function; compiled: the registered op (its autograd is traceable)
-        loss = _Eager.apply((fwd, bwd), *flat) if _backend.eager_path() else fwd(*flat)[0]
+        # eager: the C++ autograd op (compiled kernels) or a plain autograd.Function (Triton);
+        # under torch.compile / torch.func: the registered op (its autograd is traceable)
+        if not _backend.eager_path():
+            loss = fwd(*flat)[0]
+        elif which == _backend.COMPILED:
+            loss = torch.ops.ddfast.param_match_eager(*flat)
+        else:
+            loss = _Eager.apply((fwd, bwd), *flat)
     check_result_finite(loss, student=student, start=start, target=target)
     return loss
