@@ -104,7 +104,8 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
     hparams: overrides of the method's default hyper-parameters.
     eval_*: networks and epochs of the evaluation; eval_dsa: DSA while evaluating (default: when
     the method distils with DSA). baselines: also evaluate a random real subset of the same size
-    and (cached) the full training set with ``full_models`` networks × ``full_epochs``.
+    and (cached) the full training set with ``full_models`` networks × ``full_epochs`` (0 networks:
+    skipped, e.g. a large local dataset on a CPU).
     """
     import ddfast
 
@@ -117,6 +118,8 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    if isinstance(full_models, bool) or not isinstance(full_models, int) or full_models < 0:
+        raise ValueError(f"full_models must be a non-negative int (0 skips the full-data baseline), got {full_models!r}")
     if low_rank is not None and (isinstance(low_rank, bool) or not isinstance(low_rank, int) or low_rank < 1):
         raise ValueError(f"low_rank must be a positive int rank, got {low_rank!r}")
     if mim4dd is not None and not (isinstance(mim4dd, (int, float)) and mim4dd > 0):
@@ -173,11 +176,13 @@ def distill(dataset: Any = "digits", method: str = "dm", ipc: int = 10, *, itera
                     y_eval = static_fn(x_r.to(dev)).to(x_r.device) if static_fn is not None else y_r
                 rnd = evaluate_fn(x_r, y_eval, ds, soft_label_fn=soft_fn, desc="evaluating random real", **common)
                 summary["random_labels"] = "static teacher labels" if static_fn is not None else "teacher on the fly"
-            full = full_train_accuracy(ds, model=ev["model"], net_width=ev["net_width"], net_depth=ev["net_depth"],
-                                       num_models=full_models, epochs=full_epochs, seed=seed, batched=batched,
-                                       progress=progress)
-            summary.update(random_acc=rnd.mean, random_acc_std=rnd.std, full_acc=full.mean, full_acc_std=full.std,
-                           full_models=full_models, full_epochs=full_epochs)
+            summary.update(random_acc=rnd.mean, random_acc_std=rnd.std)
+            if full_models > 0:  # 0: skipped (a large local dataset on a CPU)
+                full = full_train_accuracy(ds, model=ev["model"], net_width=ev["net_width"],
+                                           net_depth=ev["net_depth"], num_models=full_models, epochs=full_epochs,
+                                           seed=seed, batched=batched, progress=progress)
+                summary.update(full_acc=full.mean, full_acc_std=full.std, full_models=full_models,
+                               full_epochs=full_epochs)
     result = DistillResult(images.cpu(), labels.cpu(), losses, summary, soft_fn)
     if progress or save or json_path or plot:
         print(format_summary(summary))
@@ -265,6 +270,8 @@ def build_parser(prog: str = "ddfast distill") -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="evaluate the networks one after the other")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--full-models", type=int, default=2, metavar="N",
+                   help="networks of the whole-training-set baseline (30 epochs each; 0 skips it)")
     p.add_argument("--save", default=None, metavar="OUT.pt")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("--plot", default=None, metavar="OUT.png")
@@ -295,7 +302,8 @@ def main(argv=None, prog: str = "ddfast distill") -> int:
             low_rank=a.low_rank, hparams=_parse_overrides(a.set), model=a.model, evaluate=not a.no_eval,
             eval_models=a.eval_models, eval_epochs=a.eval_epochs,
             eval_dsa=None if a.eval_dsa == "auto" else a.eval_dsa == "on", batched=not a.sequential,
-            baselines=not a.no_baselines, progress=not a.no_progress, save=a.save, json_path=a.json, plot=a.plot)
+            baselines=not a.no_baselines, full_models=a.full_models, progress=not a.no_progress, save=a.save,
+            json_path=a.json, plot=a.plot)
     return 0
 
 

@@ -167,9 +167,26 @@ def test_bad_arguments(digits):
         ddfast.distill(digits, "dm", 1, low_rank=0)
     with pytest.raises(ValueError, match="mim4dd"):
         ddfast.distill(digits, "dm", 1, mim4dd=-1.0)
+    with pytest.raises(ValueError, match="full_models"):
+        ddfast.distill(digits, "dm", 1, full_models=-1)
     with pytest.raises(TypeError, match="step"):
         register("broken-test", type("Broken", (), {}))
         get_method("broken-test")
+
+
+def test_full_models_zero_keeps_the_random_baseline_and_skips_the_full_one(tmp_path, monkeypatch):
+    from ddfast import evaluate as ev
+    from ddfast.cli import main
+
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "cache"))
+    called = []
+    monkeypatch.setattr(ev, "full_train_accuracy", lambda *a, **k: called.append(1))
+    out = tmp_path / "r.json"
+    assert main(["distill", "--method", "dm", "--ipc", "1", "--iterations", "1", "--eval-models", "1",
+                 "--eval-epochs", "1", "--set", "net_width=8", "--set", "net_depth=1", "--full-models", "0",
+                 "--no-progress", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert "random_acc" in summary and "full_acc" not in summary and not called
 
 
 def test_cli_distill_then_evaluate(tmp_path, capsys):
