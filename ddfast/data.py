@@ -167,9 +167,15 @@ def is_idx_folder(root: str) -> bool:
     return os.path.isdir(root) and all(_idx_path(root, stem) for stem in IDX_FILES)
 
 
+def read_idx_folder(root: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The raw arrays of an IDX folder: train images, train labels, test images, test labels."""
+    x, y, x_te, y_te = (read_idx(_idx_path(root, stem)) for stem in IDX_FILES)
+    return x, y, x_te, y_te
+
+
 def load_idx_folder(root: str) -> Dataset:
     """MNIST-style IDX files (module doc): the official train/test split."""
-    x, y, x_te, y_te = (read_idx(_idx_path(root, stem)) for stem in IDX_FILES)
+    x, y, x_te, y_te = read_idx_folder(root)
     x, x_te = _to_nchw("train images", x), _to_nchw("t10k images", x_te)
     if x_te.shape[1:] != x.shape[1:]:
         raise ValueError(f"t10k images are {tuple(x_te.shape[1:])}, train images {tuple(x.shape[1:])}")

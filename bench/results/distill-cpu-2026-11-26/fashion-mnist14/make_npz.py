@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ddfast.data import IDX_FILES, _idx_path, read_idx
+from ddfast.data import read_idx_folder
 
 
 def pool2(x: np.ndarray) -> np.ndarray:
@@ -21,7 +21,7 @@ def pool2(x: np.ndarray) -> np.ndarray:
 
 
 def main(root: str, out: str, per_class: int = 600, seed: int = 0) -> None:
-    x, y, x_te, y_te = (read_idx(_idx_path(root, stem)) for stem in IDX_FILES)
+    x, y, x_te, y_te = read_idx_folder(root)
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(10)])
     keep.sort()
