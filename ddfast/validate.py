@@ -362,6 +362,9 @@ def plan(args, cuda: bool, out_dir: str) -> List[Step]:
         else:
             cmd, parts = [], [tool_cmd + [f, "-k", k] for f in files]
         steps.append(Step(tool, cmd, timeout, needs_cuda=True, env=sanitize_env, parts=parts))
+    for step in steps:
+        if step.name in getattr(args, "skip", ()) and not step.skip_reason:
+            step.skip_reason = "--skip"
     return steps
 
 
@@ -438,6 +441,17 @@ def _detail_text(r: Dict) -> str:
 
 # --- entry points ---------------------------------------------------------------------------
 
+STEP_NAMES = ("info", "info-kernels", "tests", "bench", "bench-compiled", "memcheck", "racecheck")
+
+
+def _step_names(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in STEP_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(STEP_NAMES)}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for logs, results and SUMMARY.md")
     p.add_argument("--quick", action="store_true",
@@ -460,6 +474,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: 12 on CUDA when xdist is installed, else 0)")
     p.add_argument("--tests-timeout", type=float, default=None, help="seconds for the tests step (600; 100 on CUDA)")
     p.add_argument("--bench-timeout", type=float, default=None, help="seconds for each bench step (360; 140 on CUDA)")
+    p.add_argument("--skip", type=_step_names, default=(), metavar="STEP[,STEP]",
+                   help=f"steps not to run, comma-separated ({', '.join(STEP_NAMES)}); e.g. racecheck on a lease "
+                        "whose CUDA kernels a previous run already checked")
     p.add_argument("--budget-min", type=float, default=None,
                    help="minutes for the whole run (25; 9.5 on CUDA, to fit a 15-minute GPU lease)")
 

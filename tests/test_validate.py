@@ -4,6 +4,8 @@ import json
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from ddfast import validate as V
 
 
@@ -175,14 +177,29 @@ def test_gpu_lease_scripts_parse_and_name_existing_cases_and_providers():
     from ddfast.bench.runner import providers_for
 
     root = Path(__file__).resolve().parent.parent / "bench" / "gpu"
-    for script in ("validate.sh", "profile.sh"):
+    for script in ("validate.sh", "profile.sh", "lease.sh"):
         subprocess.run(["bash", "-n", str(root / script)], check=True)
-    text = (root / "profile.sh").read_text()
-    specs = re.findall(r'"((?:dc_step|dm_step|norm_relu_pool)/[\w.-]+) (\w[\w-]*)"', text)
-    assert len(specs) == 3
     cases = {c.name: c for c in all_cases()}
-    for name, provider in specs:
-        assert name in cases and "cuda" in cases[name].devices, name
-        assert provider in providers_for(cases[name], torch.device("cuda")), (name, provider)
-    for test_file in re.findall(r"tests/\w+\.py", text):
-        assert (root.parent.parent / test_file).exists(), test_file
+    for script, count in (("profile.sh", 3), ("lease.sh", 4)):
+        text = (root / script).read_text()
+        specs = re.findall(r'"((?:dc_step|dm_step|norm_relu_pool)/[\w.-]+) (\w[\w-]*)"', text)
+        assert len(specs) == count, script
+        for name, provider in specs:
+            assert name in cases and "cuda" in cases[name].devices, name
+            assert provider in providers_for(cases[name], torch.device("cuda")), (name, provider)
+        for test_file in re.findall(r"tests/\w+\.py", text):
+            assert (root.parent.parent / test_file).exists(), test_file
+    # lease.sh's validate options parse, and its skipped step exists
+    for options in re.findall(r"ddfast\.cli validate (.*?) >", (root / "lease.sh").read_text()):
+        args = _args(Path("/tmp"), *[o for o in options.split() if not o.startswith('"$V"') and o != "--out"])
+        assert args.skip == ("racecheck",)
+
+
+def test_skip_turns_named_steps_into_skips_and_rejects_unknown_names(tmp_path):
+    args = _args(tmp_path, "--skip", "racecheck,bench-compiled")
+    V.apply_device_defaults(args, cuda=True)
+    steps = {s.name: s for s in V.plan(args, True, str(tmp_path))}
+    assert steps["racecheck"].skip_reason == "--skip" and steps["bench-compiled"].skip_reason
+    assert steps["memcheck"].skip_reason is None and steps["tests"].skip_reason is None
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--skip", "racechek")
