@@ -177,7 +177,7 @@ def test_gpu_lease_scripts_parse_and_name_existing_cases_and_providers():
     from ddfast.bench.runner import providers_for
 
     root = Path(__file__).resolve().parent.parent / "bench" / "gpu"
-    for script in ("validate.sh", "profile.sh", "lease.sh"):
+    for script in ("setup.sh", "validate.sh", "profile.sh", "lease.sh"):
         subprocess.run(["bash", "-n", str(root / script)], check=True)
     cases = {c.name: c for c in all_cases()}
     for script, count in (("profile.sh", 3), ("lease.sh", 4)):

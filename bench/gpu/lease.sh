@@ -8,17 +8,8 @@
 # (bench/results/validate-2026-11-26c-h200, commit c0391b1); run validate.sh when one does.
 # Expected (H200 timings of 2026-11-26): build 30 s, tests 100 s, bench 120 s, memcheck 45 s,
 # profiles 4 x 15 s: about 6.5 minutes.
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' | tr 'H' 'h')
-V=bench/results/validate-$(date +%F)-${GPU:-gpu}; mkdir -p "$V/scripts" "$V/profile"
-cp "$0" "$V/scripts/"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$V/nvidia-smi.csv" 2>&1
-(git rev-parse HEAD 2>/dev/null || echo "unknown: no git metadata in the device copy; see the session notes") > "$V/commit.txt"
-DDFAST_NO_EXTENSION=1 timeout 40 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$V/install.log" 2>&1
-echo "install rc=$? t=$(el)" | tee -a "$V/stages.log"
-timeout 90 python3 setup.py build_ext --inplace > "$V/build.log" 2>&1
-echo "build rc=$? t=$(el) so=$(ls ddfast/_C_*.so 2>/dev/null | wc -l)" | tee -a "$V/stages.log"
+source bench/gpu/setup.sh
+mkdir -p "$V/profile"
 timeout 370 python3 -m ddfast.cli validate --out "$V" --budget-min 6 --skip racecheck > "$V/validate.log" 2>&1
 echo "validate rc=$? t=$(el)" | tee -a "$V/stages.log"
 for spec in "dm_step/convnet3-cifar10-ipc50-device-rng ddfast" "dm_step/convnet3-cifar10-ipc50-device-rng modules" \

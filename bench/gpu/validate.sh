@@ -2,17 +2,7 @@
 # Call 1 of a GPU lease: install, build, `ddfast validate` sized to one 10-minute command.
 #   run(command="bash bench/gpu/validate.sh", timeout_s=590)
 # Output: bench/results/validate-<date>-<gpu>/ (also tarred to $OUT). Commit it with the device name.
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' | tr 'H' 'h')
-V=bench/results/validate-$(date +%F)-${GPU:-gpu}; mkdir -p "$V/scripts"
-cp "$0" "$V/scripts/"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$V/nvidia-smi.csv" 2>&1
-(git rev-parse HEAD 2>/dev/null || echo "unknown: no git metadata in the device copy; see the session notes") > "$V/commit.txt"
-DDFAST_NO_EXTENSION=1 timeout 40 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$V/install.log" 2>&1
-echo "install rc=$? t=$(el)" | tee -a "$V/stages.log"
-timeout 90 python3 setup.py build_ext --inplace > "$V/build.log" 2>&1
-echo "build rc=$? t=$(el) so=$(ls ddfast/_C_*.so 2>/dev/null | wc -l)" | tee -a "$V/stages.log"
+source bench/gpu/setup.sh
 timeout 480 python3 -m ddfast.cli validate --out "$V" --budget-min 7.8 > "$V/validate.log" 2>&1
 echo "validate rc=$? t=$(el)" | tee -a "$V/stages.log"
 [ -n "$OUT" ] && tar czf "$OUT/validate.tar.gz" "$V" && cp "$V/SUMMARY.md" "$V/stages.log" "$OUT/" 2>/dev/null
