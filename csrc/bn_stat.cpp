@@ -205,6 +205,69 @@ at::Tensor bn_stat_eager_nograd(const at::Tensor& x, const at::Tensor& rm, const
   return std::get<0>(fwd.call(x, rm, rv));
 }
 
+// Σ_l w_l · bn_stat_loss(x_l) over many layers as one C++ node (BNStatMatcher's loss over a
+// model's BatchNorms): the per-layer kernels run in a C++ loop, so a model with L BatchNorms costs
+// one Python call and one autograd node instead of L of each, and no Python add/mul per layer.
+// The sum is taken in order, w_l applied where it is not 1 (as the per-layer sum in Python).
+class BnStatSumEager : public torch::autograd::Function<BnStatSumEager> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList xs, at::TensorList rms, at::TensorList rvs,
+                            at::ArrayRef<double> weights) {
+    static const auto fwd = op_handle<FwdSig>("ddfast::bn_stat_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::vector<at::Tensor> saved;
+    saved.reserve(5 * xs.size());
+    at::Tensor total;
+    for (size_t l = 0; l < xs.size(); ++l) {
+      auto out = fwd.call(xs[l], rms[l], rvs[l]);
+      at::Tensor term = weights[l] == 1.0 ? std::get<0>(out) : std::get<0>(out) * weights[l];
+      total = total.defined() ? total + term : term;
+      saved.insert(saved.end(), {xs[l], rms[l], rvs[l], std::get<1>(out), std::get<2>(out)});
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["weights"] = std::vector<double>(weights.begin(), weights.end());
+    return total;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<BwdSig>("ddfast::bn_stat_bwd");
+    check_once_differentiable("bn_stat_loss_sum");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const auto s = ctx->get_saved_variables();
+    const auto weights = ctx->saved_data["weights"].toDoubleVector();
+    const size_t layers = weights.size();
+    variable_list out(3 * layers + 1);  // gradients to xs only (not the running statistics, not weights)
+    for (size_t l = 0; l < layers; ++l) {
+      const at::Tensor grad = weights[l] == 1.0 ? grads[0] : grads[0] * weights[l];
+      out[l] = bwd.call(grad, s[5 * l], s[5 * l + 1], s[5 * l + 2], s[5 * l + 3], s[5 * l + 4]);
+    }
+    return out;
+  }
+};
+
+void check_sum_args(at::TensorList xs, at::TensorList rms, at::TensorList rvs, at::ArrayRef<double> weights) {
+  TORCH_CHECK(!xs.empty(), "bn_stat_loss_sum: xs is empty");
+  TORCH_CHECK(rms.size() == xs.size() && rvs.size() == xs.size() && weights.size() == xs.size(),
+              "bn_stat_loss_sum: xs, running_means, running_vars and weights must have one entry per layer");
+}
+
+at::Tensor bn_stat_sum_eager(at::TensorList xs, at::TensorList rms, at::TensorList rvs, at::ArrayRef<double> weights) {
+  check_sum_args(xs, rms, rvs, weights);
+  return BnStatSumEager::apply(xs, rms, rvs, weights);
+}
+
+at::Tensor bn_stat_sum_eager_nograd(at::TensorList xs, at::TensorList rms, at::TensorList rvs,
+                                    at::ArrayRef<double> weights) {
+  static const auto fwd = op_handle<FwdSig>("ddfast::bn_stat_fwd");
+  check_sum_args(xs, rms, rvs, weights);
+  at::Tensor total;
+  for (size_t l = 0; l < xs.size(); ++l) {
+    at::Tensor loss = std::get<0>(fwd.call(xs[l], rms[l], rvs[l]));
+    at::Tensor term = weights[l] == 1.0 ? loss : loss * weights[l];
+    total = total.defined() ? total + term : term;
+  }
+  return total;
+}
+
 }  // namespace
 }  // namespace ddfast
 
@@ -212,10 +275,17 @@ TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("bn_stat_fwd(Tensor x, Tensor running_mean, Tensor running_var) -> (Tensor, Tensor, Tensor)");
   m.def("bn_stat_bwd(Tensor grad, Tensor x, Tensor running_mean, Tensor running_var, Tensor mean, Tensor var) -> Tensor");
   m.def("bn_stat_eager(Tensor x, Tensor running_mean, Tensor running_var) -> Tensor");
+  m.def("bn_stat_sum_eager(Tensor[] xs, Tensor[] running_means, Tensor[] running_vars, float[] weights) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ddfast, Autograd, m) { m.impl("bn_stat_eager", &ddfast::bn_stat_eager); }
-TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) { m.impl("bn_stat_eager", &ddfast::bn_stat_eager_nograd); }
+TORCH_LIBRARY_IMPL(ddfast, Autograd, m) {
+  m.impl("bn_stat_eager", &ddfast::bn_stat_eager);
+  m.impl("bn_stat_sum_eager", &ddfast::bn_stat_sum_eager);
+}
+TORCH_LIBRARY_IMPL(ddfast, CompositeExplicitAutograd, m) {
+  m.impl("bn_stat_eager", &ddfast::bn_stat_eager_nograd);
+  m.impl("bn_stat_sum_eager", &ddfast::bn_stat_sum_eager_nograd);
+}
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
   m.impl("bn_stat_fwd", &ddfast::bn_stat_fwd_cpu);

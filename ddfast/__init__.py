@@ -22,6 +22,7 @@ _PUBLIC = {
     "class_mean_loss": "ddfast.ops.class_mean_loss",
     "mmd": "ddfast.ops.mmd",
     "bn_stat_loss": "ddfast.ops.bn_stat",
+    "bn_stat_loss_sum": "ddfast.ops.bn_stat",
     "BNStatMatcher": "ddfast.ops.bn_stat",
     "DistributionMatcher": "ddfast.ops.distribution_matcher",
     "supcon_nce": "ddfast.ops.supcon_nce",

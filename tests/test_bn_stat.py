@@ -444,3 +444,178 @@ def test_no_host_sync_after_warm_up(device, backend_kind):
     with count_syncs() as syncs:
         step()
     assert syncs.count == 0, syncs.events
+
+
+# --- bn_stat_loss_sum and the deferred matcher loss ------------------------------------------
+
+def _layers(device, dtype=torch.float32, shapes=((4, 3, 5, 6), (17, 5), (2, 3, 2, 3, 4), (1, 7, 9, 11))):
+    out = [_inputs(sh, device, dtype, seed=i) for i, sh in enumerate(shapes)]
+    xs = [x.requires_grad_(True) for x, _, _ in out]
+    return xs, [rm.to(dtype) for _, rm, _ in out], [rv.to(dtype) for _, _, rv in out]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_equals_weighted_sum_of_the_reference(device, backend_kind, dtype):
+    backend = require_backend(OP, backend_kind, device)
+    xs, rms, rvs = _layers(device, dtype)
+    weights = [10.0, 1.0, 0.25, 1.0]
+    got = ddfast.bn_stat_loss_sum(xs, rms, rvs, weights, backend=backend)
+    g_got = torch.autograd.grad(got, xs)
+    want = sum(w * bn_stat_loss_reference(x, rm, rv) for x, rm, rv, w in zip(xs, rms, rvs, weights))
+    g_want = torch.autograd.grad(want, xs)
+    assert got.shape == () and got.dtype == dtype
+    t = tol(device, dtype)
+    torch.testing.assert_close(got, want, **t)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, **t)
+
+
+def test_sum_is_bit_equal_to_the_per_layer_sum(device, backend_kind):
+    """One call gives the per-layer losses summed in layer order, bit for bit (fp32), weights default 1."""
+    backend = require_backend(OP, backend_kind, device)
+    xs, rms, rvs = _layers(device)
+    got = ddfast.bn_stat_loss_sum(xs, rms, rvs, backend=backend)
+    g_got = torch.autograd.grad(got, xs)
+    want = None
+    for x, rm, rv in zip(xs, rms, rvs):
+        loss = ddfast.bn_stat_loss(x, rm, rv, backend=backend)
+        want = loss if want is None else want + loss
+    g_want = torch.autograd.grad(want, xs)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(g_got, g_want))
+
+
+def test_sum_gradcheck_float64(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    xs, rms, rvs = _layers(device, torch.float64, shapes=((3, 2, 2, 3), (5, 3)))
+    assert torch.autograd.gradcheck(lambda a, b: ddfast.bn_stat_loss_sum([a, b], rms, rvs, [2.0, 1.0],
+                                                                         backend=backend), tuple(xs))
+
+
+def test_sum_noncontiguous_single_layer_and_mixed_dtypes(device, backend_kind):
+    backend = require_backend(OP, backend_kind, device)
+    x, rm, rv = _inputs((4, 6, 5, 5), device)
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_(True)
+    got = ddfast.bn_stat_loss_sum([x_cl], [rm.float()], [rv.float()], [3.0], backend=backend)
+    torch.testing.assert_close(got, 3.0 * bn_stat_loss_reference(x, rm.float(), rv.float()), **tol(device, torch.float32))
+    # an fp32 layer with float64 statistics promotes the sum to float64, as bn_stat_loss does
+    y, rm2, rv2 = _inputs((3, 2, 4), device)
+    mixed = ddfast.bn_stat_loss_sum([x_cl, y], [rm.float(), rm2], [rv.float(), rv2], backend=backend)
+    assert mixed.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum(x, [rm], [rv]), TypeError, "xs must be a list"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([], [], []), ValueError, "xs is empty"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x, x], [rm], [rv, rv]), ValueError, "one entry per layer"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x], [rm], [rv], weights=2.0), TypeError, "weights must be a list"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x], [rm], [rv], weights=["a"]), TypeError, r"weights\[0\]"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x], [rm[:2]], [rv]), ValueError, r"running_means\[0\]"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x, x[0]], [rm, rm], [rv, rv]), ValueError, r"xs\[1\]"),
+    (lambda x, rm, rv: ddfast.bn_stat_loss_sum([x, x.long()], [rm, rm], [rv, rv]), TypeError, r"xs\[1\]"),
+])
+def test_sum_bad_input(bad, err, match):
+    x, rm, rv = _inputs((4, 3, 5, 5), "cpu")
+    with pytest.raises(err, match=match):
+        bad(x, rm, rv)
+
+
+def test_sum_on_two_devices_is_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x, rm, rv = _inputs((4, 3, 5, 5), "cpu")
+    with pytest.raises(ValueError, match="one device"):
+        ddfast.bn_stat_loss_sum([x, x.cuda()], [rm, rm.cuda()], [rv, rv.cuda()])
+
+
+def test_matcher_loss_is_one_call_and_bit_equal_to_the_per_layer_losses(device, backend_kind):
+    """A recover step (images that require grad): the hooks only record, loss() is one
+    bn_stat_loss_sum (with compiled kernels one C++ node whatever the depth), bit-equal (fp32) to
+    summing the per-call losses with the first layer weighted."""
+    backend = require_backend(OP, backend_kind, device)
+    net = _trained(_ReorderedNet, device)
+    x = torch.randn(5, 3, 8, 8, device=device, requires_grad=True)
+    with ddfast.BNStatMatcher(net, first_layer_weight=10.0, backend=backend) as matcher:
+        net(x)
+        loss = matcher.loss()
+        per_call = matcher.losses  # four calls; the shared layer's second one is kept
+        g = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    if backend_kind == "compiled":
+        assert "BnStatSumEager" in loss.grad_fn.name()
+    kept = {index: value for (index, _), value in zip(matcher.calls, per_call)}  # a layer's last call
+    want = None
+    for index in sorted(kept):
+        term = kept[index] * 10.0 if index == 0 else kept[index]
+        want = term if want is None else want + term
+    assert torch.equal(loss, want)
+    assert torch.equal(g, torch.autograd.grad(want, x)[0])
+
+
+def test_matcher_without_grad_keeps_no_activation():
+    net = _trained_net("cpu")
+    matcher = ddfast.BNStatMatcher(net)
+    with torch.no_grad():
+        net(torch.randn(4, 3, 8, 8))
+    assert all(isinstance(entry, torch.Tensor) for _, entry in matcher.calls)  # losses, not inputs
+    net.requires_grad_(False)  # a frozen teacher and plain inputs: no BatchNorm input needs grad
+    net(torch.randn(4, 3, 8, 8))
+    assert all(isinstance(entry, torch.Tensor) for _, entry in matcher.calls)
+    with_grad = torch.randn(4, 3, 8, 8, requires_grad=True)
+    net(with_grad)
+    assert not any(isinstance(entry, torch.Tensor) for _, entry in matcher.calls)
+    matcher.remove()
+
+
+def test_matcher_refuses_an_input_modified_in_place_after_the_forward():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.conv(x)
+            out = self.bn(h)
+            h.mul_(2)  # the BatchNorm's input, changed after its hook recorded it
+            return out + h
+
+    net = InPlace().eval()
+    with ddfast.BNStatMatcher(net) as matcher:
+        net(torch.randn(2, 3, 5, 5, requires_grad=True))
+        with pytest.raises(RuntimeError, match="modified in place"):
+            matcher.loss()
+
+
+def test_matcher_train_mode_uses_each_call_s_running_statistics():
+    """Train mode moves the running statistics at every call: a layer called twice is matched to the
+    statistics as they were after each call, as the per-call hooks of the former matcher computed."""
+    net = _trained(_ReorderedNet, "cpu", torch.float64).train()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    expected = []
+
+    def hook(module, inputs, _out):
+        expected.append(bn_stat_loss_reference(inputs[0], module.running_mean.clone(), module.running_var.clone()))
+
+    handle = net.shared.register_forward_hook(hook)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with ddfast.BNStatMatcher(net, repeated_calls="sum") as matcher:
+        net(x)
+        got = matcher.loss()
+    handle.remove()
+    net.load_state_dict(state)
+    with ddfast.BNStatMatcher(net, repeated_calls="sum") as plain:
+        with torch.no_grad():
+            net(x)  # computed at once (no grad): the reference of the deferred path
+        want = plain.loss()
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+    shared = [v for (i, _), v in zip(matcher.calls, matcher.losses) if matcher.layers[i] is net.shared]
+    torch.testing.assert_close(torch.stack(shared).detach(), torch.stack(expected).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_bn_matcher_host_tool_runs():
+    """bench/bn_matcher_host.py (the README's host-time numbers) runs and times every variant."""
+    from ddfast.bench.bn_matcher_host import measure
+
+    layers, best = measure(batch=1, size=16, width=4, rounds=1, calls=1)
+    assert layers == 20 and set(best) == {"plain", "per-layer", "matcher", "sre2l"}
+    assert all(0 < v < float("inf") for v in best.values())

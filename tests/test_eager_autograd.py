@@ -51,8 +51,20 @@ def _bn_stat(device, dtype):
     return [x], lambda b: ddfast.bn_stat_loss(x, rm, rv, backend=b)
 
 
+def _bn_stat_sum(device, dtype):
+    """Three layers of other ranks and batch sizes (BatchNorm2d, 1d, 3d inputs), weighted."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(sh, generator=g, dtype=dtype).to(device).requires_grad_(True)
+          for sh in ((5, 3, 4, 4), (6, 2), (2, 3, 2, 3, 2))]
+    rms = [torch.randn(x.shape[1], generator=g, dtype=dtype).to(device) for x in xs]
+    rvs = [(torch.rand(x.shape[1], generator=g, dtype=dtype) + 0.5).to(device) for x in xs]
+    return xs, lambda b: ddfast.bn_stat_loss_sum(xs, rms, rvs, [10.0, 1.0, 0.5], backend=b)
+
+
 CASES = {"param_match": _param_match, "gradient_match": _gradient_match, "class_means": _class_means,
-         "class_mean_loss": _class_mean_loss, "bn_stat": _bn_stat}
+         "class_mean_loss": _class_mean_loss, "bn_stat": _bn_stat, "bn_stat_sum": _bn_stat_sum}
+OP_OF = {"bn_stat_sum": "bn_stat"}  # the op whose kernels a case runs
+NAME_OF = {"bn_stat": "bn_stat_loss", "bn_stat_sum": "bn_stat_loss_sum"}  # the public name errors give
 
 
 def _run(make, device, dtype, backend, eager=True, monkeypatch=None):
@@ -69,7 +81,7 @@ def _run(make, device, dtype, backend, eager=True, monkeypatch=None):
 @pytest.mark.parametrize("op", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_node_equals_the_registered_autograd_bitwise(op, dtype, device, monkeypatch):
-    backend = require_backend(op, "compiled", device)
+    backend = require_backend(OP_OF.get(op, op), "compiled", device)
     leaves, call = CASES[op](device, dtype)
     names, todo = [], [call(backend).grad_fn]
     while todo:  # the graph's nodes (class_means: below the weighting)
@@ -92,16 +104,16 @@ def test_cpp_node_equals_the_registered_autograd_bitwise(op, dtype, device, monk
 
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_backward_with_create_graph_raises_naming_the_op(op, device):
-    backend = require_backend(op, "compiled", device)
+    backend = require_backend(OP_OF.get(op, op), "compiled", device)
     leaves, call = CASES[op](device, torch.float64)
-    name = "bn_stat_loss" if op == "bn_stat" else op
+    name = NAME_OF.get(op, op)
     with pytest.raises(RuntimeError, match=f"ddfast.{name}: its backward is not differentiable"):
         torch.autograd.grad(call(backend), leaves, create_graph=True)
 
 
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_no_grad_and_inference_mode_give_the_same_value(op, device):
-    backend = require_backend(op, "compiled", device)
+    backend = require_backend(OP_OF.get(op, op), "compiled", device)
     leaves, call = CASES[op](device, torch.float64)
     want = call(backend).detach()
     with torch.no_grad():
