@@ -249,6 +249,52 @@ def kernel_bandwidth(rows: List[Dict]) -> Dict[str, Dict]:
     return best
 
 
+# Issue 13's speed targets on an H100 (one run): (label, case, measure, threshold). measure:
+# "reference" or a baseline provider (speed-up of the fastest exact ddfast provider over it), or
+# "kernel_bw" (the kernels' share of the copy peak measured in the same run).
+TARGETS = (
+    ("DC step, ConvNet-3 CIFAR-10 ipc 10", "dc_step/convnet3-cifar10-ipc10", "reference", 4.0),
+    ("DC step, ipc 50", "dc_step/convnet3-cifar10-ipc50", "reference", 3.0),
+    ("DM step (device DSA) vs DM's loop", "dm_step/convnet3-cifar10-ipc50-device-rng", "dm-loop", 4.0),
+    ("DM step (DM's own DSA draws, exact) vs its loop", "dm_step/convnet3-cifar10-ipc50", "reference", 4.0),
+    ("gradient_match vs DC's per-class loop, 10 classes", "gradient_match/convnet3-cifar10-c10", "dc-loop", 20.0),
+    ("gradient_match, ResNet-18 gradient sets", "gradient_match/resnet18-c10", "kernel_bw", 0.70),
+    ("class_means", "class_mean/n65536-d2048-c100", "kernel_bw", 0.70),
+    ("param_match, ResNet-18", "param_match/resnet18-11M", "kernel_bw", 0.70),
+    ("DSA (device RNG, the default)", "dsa/cifar10-b2560-device-rng", "reference", 5.0),
+    ("DSA (reference RNG)", "dsa/cifar10-b2560", "reference", 5.0),
+    ("BN statistics, one layer", "bn_stat/b32-c64-32x32", "reference", 2.0),
+    ("BN statistics, one large layer", "bn_stat/b100-c64-112x112", "reference", 2.0),
+    ("BN statistics, SRe2L step on ResNet-18", "bn_stat/resnet18-224-b100", "reference", 2.0),
+)
+# opt-in lossy modes: not what the targets are about
+APPROXIMATE_PROVIDERS = ("bf16-real",)
+
+
+def target_verdicts(rows: List[Dict]) -> List[Dict]:
+    """Each issue-13 target against the bench rows: the best exact ddfast provider's value, MET or
+    MISSED, or "not measured" when the run has no such row (a CPU run, a case left out)."""
+    out = []
+    for label, case, measure, threshold in TARGETS:
+        mine = [r for r in rows if r.get("case") == case and r.get("role", "ddfast") == "ddfast"
+                and r.get("check") == "ok" and r.get("provider") not in APPROXIMATE_PROVIDERS]
+        if measure == "kernel_bw":
+            scored = [(r.get("frac_peak_bw_kernel"), r["provider"]) for r in mine]
+        elif measure == "reference":
+            scored = [(r.get("speedup"), r["provider"]) for r in mine]
+        else:
+            scored = [((r.get("speedup_vs") or {}).get(measure), r["provider"]) for r in mine]
+        scored = [(v, p) for v, p in scored if v]
+        verdict = {"target": label, "case": case, "measure": measure, "threshold": threshold}
+        if scored:
+            value, provider = max(scored)
+            verdict.update(value=round(value, 3), provider=provider, status="MET" if value >= threshold else "MISSED")
+        else:
+            verdict["status"] = "not measured"
+        out.append(verdict)
+    return out
+
+
 def _post_bench(json_name: str):
     def post(result: Dict, out_dir: str) -> None:
         path = os.path.join(out_dir, json_name)
@@ -260,6 +306,7 @@ def _post_bench(json_name: str):
             report = json.load(f)
         result["details"] = bench_details(report)
         result["details"]["json"] = json_name
+        result["details"]["targets"] = target_verdicts(report.get("results", []))
         if report.get("partial"):
             result["details"]["partial"] = report["partial"]
     return post
@@ -391,7 +438,9 @@ def summarize(results: List[Dict], env: Dict, started: str, duration_s: float, c
     worst = {r["name"]: r["details"]["worst_speedup"] for r in results if r.get("details", {}).get("worst_speedup")}
     worst_vs = {f"{r['name']} vs {b}": v for r in results for b, v in r.get("details", {}).get("worst_speedup_vs", {}).items()}
     kernel_bw = {case: v for r in results for case, v in r.get("details", {}).get("kernel_bandwidth", {}).items()}
-    return {"kernel_bandwidth": kernel_bw, "status": FAIL if any(r["status"] == FAIL for r in results) else PASS, "command": command,
+    targets = next((r["details"]["targets"] for r in results if r["name"] == "bench" and r.get("details", {}).get("targets")),
+                   [])
+    return {"kernel_bandwidth": kernel_bw, "targets": targets, "status": FAIL if any(r["status"] == FAIL for r in results) else PASS, "command": command,
             "started": started, "duration_s": round(duration_s, 1), **env, "steps": results,
             "worst_speedup": worst, "worst_speedup_vs": worst_vs, "failures": failures}
 
@@ -415,6 +464,19 @@ def markdown(summary: Dict) -> str:
         lines += ["", "## Kernel bandwidth (bytes ÷ device time of the kernels, share of the copy peak)"]
         for case, v in summary["kernel_bandwidth"].items():
             lines.append(f"- {case}: kernels {100 * v['kernel']:.0f} % ({v['provider']}); wall clock {100 * v['wall']:.0f} %")
+    measured = [t for t in summary.get("targets", []) if t["status"] != "not measured"]
+    if measured:
+        lines += ["", "## Issue-13 targets (fastest exact ddfast provider; opt-in bf16 modes left out)",
+                  "", "| target | case | measured | target | status |", "|---|---|---:|---:|---|"]
+        for t in summary["targets"]:
+            unit = "of copy peak" if t["measure"] == "kernel_bw" else f"x vs {t['measure']}"
+            if t["measure"] == "kernel_bw":
+                got = f"{100 * t['value']:.0f} % ({t['provider']})" if "value" in t else "–"
+                want = f"≥ {100 * t['threshold']:.0f} %"
+            else:
+                got = f"{t['value']:.2f}x ({t['provider']})" if "value" in t else "–"
+                want = f"≥ {t['threshold']:g}x"
+            lines.append(f"| {t['target']} | `{t['case']}` ({unit}) | {got} | {want} | {t['status']} |")
     lines += ["", "## Failures"] + ([f"- {f}" for f in summary["failures"]] or ["- none"])
     lines += ["", "Logs: `<step>.log` in this folder; tests: `tests.xml`; bench: `bench.json`, `plots/`, "
               "`bench-compiled.json`; this summary: `summary.json`."]

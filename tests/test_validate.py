@@ -203,3 +203,49 @@ def test_skip_turns_named_steps_into_skips_and_rejects_unknown_names(tmp_path):
     assert steps["memcheck"].skip_reason is None and steps["tests"].skip_reason is None
     with pytest.raises(SystemExit):
         _args(tmp_path, "--skip", "racechek")
+
+
+def test_issue13_targets_are_judged_from_the_bench_rows():
+    rows = [
+        {"case": "dc_step/convnet3-cifar10-ipc10", "provider": "reference", "role": "reference", "speedup": 1.0},
+        {"case": "dc_step/convnet3-cifar10-ipc10", "provider": "ddfast", "role": "ddfast", "check": "ok", "speedup": 3.7},
+        {"case": "dc_step/convnet3-cifar10-ipc10", "provider": "graph", "role": "ddfast", "check": "ok", "speedup": 4.2},
+        {"case": "dc_step/convnet3-cifar10-ipc50", "provider": "bf16-real", "role": "ddfast", "check": "ok",
+         "speedup": 3.5},  # an opt-in lossy mode does not count
+        {"case": "dc_step/convnet3-cifar10-ipc50", "provider": "ddfast", "role": "ddfast", "check": "ok", "speedup": 2.7},
+        {"case": "gradient_match/convnet3-cifar10-c10", "provider": "cuda", "role": "ddfast", "check": "ok",
+         "speedup": 2.5, "speedup_vs": {"dc-loop": 19.8}},
+        {"case": "param_match/resnet18-11M", "provider": "triton", "role": "ddfast", "check": "ok",
+         "frac_peak_bw_kernel": 0.96},
+        {"case": "bn_stat/b32-c64-32x32", "provider": "cuda", "role": "ddfast", "check": "MISMATCH", "speedup": 9.0},
+    ]
+    got = {t["case"]: t for t in V.target_verdicts(rows)}
+    assert len(got) == len(V.TARGETS)
+    assert got["dc_step/convnet3-cifar10-ipc10"]["status"] == "MET"
+    assert got["dc_step/convnet3-cifar10-ipc10"]["provider"] == "graph"
+    assert got["dc_step/convnet3-cifar10-ipc50"]["status"] == "MISSED"
+    assert got["dc_step/convnet3-cifar10-ipc50"]["value"] == 2.7
+    assert got["gradient_match/convnet3-cifar10-c10"]["status"] == "MISSED"  # 19.8 < 20 against the loop
+    assert got["param_match/resnet18-11M"]["status"] == "MET"
+    assert got["bn_stat/b32-c64-32x32"]["status"] == "not measured"  # a failed check proves nothing
+    summary = V.summarize([{"name": "bench", "status": V.PASS, "details": {"targets": V.target_verdicts(rows)}}],
+                          {"device": "d", "torch": "t", "cuda": None, "commit": "c", "python": "3"}, "now", 1.0, "cmd")
+    text = V.markdown(summary)
+    assert "## Issue-13 targets" in text
+    assert "| DC step, ipc 50 | `dc_step/convnet3-cifar10-ipc50` (x vs reference) | 2.70x (ddfast) | ≥ 3x | MISSED |" in text
+    assert "96 % (triton) | ≥ 70 % | MET" in text
+
+
+def test_issue13_targets_name_existing_cases_and_baselines():
+    import torch
+
+    from ddfast.bench.cases import all_cases
+    from ddfast.bench.runner import providers_for
+
+    cases = {c.name: c for c in all_cases()}
+    for _label, case, measure, _threshold in V.TARGETS:
+        assert case in cases and "cuda" in cases[case].devices, case
+        assert measure in ("reference", "kernel_bw") or measure in cases[case].baselines, (case, measure)
+        assert providers_for(cases[case], torch.device("cuda")), case
+        if measure == "kernel_bw":
+            assert cases[case].bytes_moved is not None, case
