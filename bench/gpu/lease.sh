@@ -19,5 +19,5 @@ for spec in "dm_step/convnet3-cifar10-ipc50-device-rng ddfast" "dm_step/convnet3
   echo "profile $1 $2 rc=$? t=$(el)" | tee -a "$V/stages.log"
 done
 [ -n "$OUT" ] && tar czf "$OUT/lease.tar.gz" "$V" && cp "$V/SUMMARY.md" "$V/stages.log" "$OUT/" 2>/dev/null
-head -60 "$V/SUMMARY.md"
+cat "$V/SUMMARY.md"
 for f in "$V"/profile/*.log; do echo "== $f"; head -18 "$f"; done
