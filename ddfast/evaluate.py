@@ -19,9 +19,11 @@ cross-entropy ``−Σ p log softmax``). ``soft_label_fn(batch) -> probabilities`
 (augmented) minibatch to produce its targets (knowledge-distillation-style relabelling by a teacher,
 as SRe2L's evaluation does); the labels are then ignored.
 
-``mixup=α > 0``: every minibatch (after DSA and labelling) is mixed with a permutation of itself,
-``λ·x + (1−λ)·x[π]`` with targets ``λ·t + (1−λ)·t[π]`` (class ids become one-hot first), λ ~ Beta(α, α)
-and π drawn from the network's own generator (INFER trains its students so, on static labels).
+``mixup=α > 0``: every minibatch (after DSA) is mixed with a permutation of itself,
+``λ·x + (1−λ)·x[π]``, λ ~ Beta(α, α) and π drawn from the network's own generator. Stored labels are
+mixed the same way, ``λ·t + (1−λ)·t[π]`` (class ids become one-hot first; INFER's ``val_static.py``);
+a ``soft_label_fn`` labels the mixed images instead (the teacher sees what the student sees, as in
+SRe2L's relabelling and INFER's ``val_dyn.py``).
 
 ``label_temperature=T``: the float labels (and ``soft_label_fn``'s outputs) are *logits*; the loss is
 Hinton's ``T² · CE(softmax(t / T), softmax(student / T))`` and mixup interpolates the logits (INFER's
@@ -151,28 +153,37 @@ class _Trainer:
             if self.dsa_strategy:
                 xb = augment_per_image(xb, self.dsa_strategy, gen, align_corners=self.align_corners)
             if self.soft_label_fn is not None:
+                if self.mixup > 0:  # the labeller sees the mixed images (SRe2L's FKD, INFER's val_dyn.py)
+                    xb = mix_images(xb, self.mixup, gen)[0]
                 with torch.no_grad():
                     tb = self.soft_label_fn(xb)
             else:
                 tb = self.targets[idx]
-            if self.mixup > 0:
-                xb, tb = mix_batch(xb, tb, self.mixup, gen, self.num_classes)
+                if self.mixup > 0:
+                    xb, tb = mix_batch(xb, tb, self.mixup, gen, self.num_classes)
             yield xb, tb
 
 
-def mix_batch(x: torch.Tensor, targets: torch.Tensor, alpha: float, gen: torch.Generator, num_classes: int):
-    """Mixup of a minibatch with a permutation of itself; the targets are interpolated like the
-    images (class ids as one-hot). λ ~ Beta(α, α) and π come from ``gen`` alone (no global RNG)."""
+def mix_images(x: torch.Tensor, alpha: float, gen: torch.Generator):
+    """(λ·x + (1 − λ)·x[π], λ, π): mixup of a minibatch with a permutation of itself; λ ~ Beta(α, α)
+    and π come from ``gen`` alone (no global RNG)."""
     import numpy as np
 
     lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen))).beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam, perm
+
+
+def mix_batch(x: torch.Tensor, targets: torch.Tensor, alpha: float, gen: torch.Generator, num_classes: int):
+    """Mixup of a minibatch with a permutation of itself (``mix_images``); the targets are
+    interpolated like the images (class ids as one-hot)."""
+    mixed, lam, perm = mix_images(x, alpha, gen)
     if not targets.is_floating_point():
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes (the one-hot width of class-id targets) must be a positive int, "
                              f"got {num_classes!r}")
         targets = F.one_hot(targets.long(), num_classes).to(x.dtype)
-    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
+    return mixed, lam * targets + (1 - lam) * targets[perm]
 
 
 def _train_sequential(nets, gens, trainer: _Trainer, progress) -> List[float]:

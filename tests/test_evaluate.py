@@ -203,3 +203,26 @@ def test_bad_student_recipe(data64):
         evaluate(x, y, test, label_temperature=30.0, **tiny)  # class ids are not logits
     with pytest.raises(ValueError, match="optimizer"):
         evaluate(x, y, test, optimizer="adam", **tiny)
+
+
+def test_mixup_with_a_labeller_labels_the_mixed_images():
+    """With soft_label_fn and mixup the labeller sees the mixed minibatch (SRe2L's relabelling,
+    INFER's val_dyn.py), drawn from the network's generator as mix_images draws it."""
+    from ddfast.evaluate import _Trainer, mix_images
+
+    x = torch.randn(6, 1, 4, 4)
+    seen = []
+
+    def labeller(xb):
+        seen.append(xb.clone())
+        return torch.softmax(xb.mean((1, 2, 3)).unsqueeze(1) * torch.arange(3.0), 1)
+
+    trainer = _Trainer(x, None, epochs=1, lr=0.1, batch_size=6, momentum=0.9, weight_decay=0.0, dsa_strategy=None,
+                       align_corners=False, soft_label_fn=labeller, mixup=0.8, num_classes=3)
+    (xb, tb), = list(trainer.batches(torch.Generator().manual_seed(5)))
+    gen = torch.Generator().manual_seed(5)
+    order = torch.randperm(6, generator=gen)
+    want = mix_images(x[order], 0.8, gen)[0]
+    torch.testing.assert_close(xb, want)
+    torch.testing.assert_close(seen[0], want)
+    torch.testing.assert_close(tb, labeller(want))

@@ -121,3 +121,35 @@ def test_distill_scores_the_random_subset_with_the_methods_labels(tmp_path, monk
     for s in seen:  # the labels are the teachers' logits, not probabilities
         assert not torch.allclose(s[5].sum(1), torch.ones(s[5].shape[0]))
     torch.testing.assert_close(r.labels, seen[0][5].cpu())
+
+
+def test_dynamic_labels_are_infer_dyn_for_both_sets(tmp_path, monkeypatch):
+    """labels="dynamic" (INFER+Dyn, val_dyn.py): no stored labels; the teachers label every minibatch
+    of the distilled set and of its random baseline alike; an unknown mode is refused."""
+    import importlib
+
+    from ddfast.data import load_dataset
+    from ddfast.evaluate import EvalResult
+
+    runner = importlib.import_module("ddfast.distill")
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path))
+    hp = dict(iterations=2, squeeze_epochs=1, teacher_width=16, num_archs=1)
+    out = get_method("infer").run(load_dataset("digits"), 2, hparams=dict(hp, labels="dynamic"), progress=False)
+    assert out.static_label_fn is None and out.soft_label_fn is not None
+    torch.testing.assert_close(out.soft_label_fn(out.images), infer.static_soft_labels(out.teachers, out.images))
+    assert out.extra["label_storage"]["static_label_bytes"] == 0 and out.extra["label_storage"]["teacher_bytes_kept"]
+    seen = []
+
+    def fake_evaluate(images, labels, dataset, **kwargs):
+        seen.append((kwargs.get("desc"), kwargs.get("soft_label_fn"), kwargs.get("mixup")))
+        return EvalResult([50.0], 0.0, False)
+
+    monkeypatch.setattr("ddfast.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("ddfast.evaluate.full_train_accuracy", lambda *a, **k: EvalResult([90.0], 0.0, False))
+    r = runner.distill("digits", "infer", 2, hparams=dict(hp, labels="dynamic"), eval_models=1, eval_epochs=1,
+                       progress=False)
+    assert [s[0] for s in seen] == ["evaluating distilled", "evaluating random real"]
+    assert seen[0][1] is not None and seen[1][1] is seen[0][1] and {s[2] for s in seen} == {0.8}
+    assert r.summary["random_labels"] == "teacher on the fly"
+    with pytest.raises(ValueError, match="labels must be one of"):
+        get_method("infer").run(load_dataset("digits"), 2, hparams=dict(hp, labels="bogus"), progress=False)

@@ -23,6 +23,8 @@ random-subset baseline alike with that recipe (after the runner's DSA): ``eval_m
 0.8; 0 turns mixup off), ``eval_label_temperature`` (30), ``eval_optimizer`` ("adamw"), ``eval_lr``
 (1e-3), ``eval_weight_decay`` (0.01). With ``eval_label_temperature=None`` the labels are
 probabilities instead, ``softmax(logits / temperature)``, trained by plain soft cross-entropy.
+``labels="dynamic"`` is the paper's INFER+Dyn (``val_dyn.py``): no stored labels, the teachers' mean
+logits on every augmented and mixed minibatch, for INFER's instances and the random baseline alike.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from torch import nn
 from ..ops.bn_stat import BNStatMatcher
 from . import sre2l
 from ._common import cosine_lr
+
+
+LABEL_MODES = ("static", "dynamic")
 
 
 def infer_budget(ipc: int, num_classes: int, num_archs: int, base: Optional[int] = None) -> Dict[str, int]:
@@ -154,7 +159,7 @@ class INFER:
     def default_hparams(cls, dataset, ipc: int = 10):
         from .sre2l import DEFAULTS, small_image_defaults, teacher_hparams
 
-        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real", eval_mixup=0.8,
+        hp = dict(DEFAULTS, r_bn=1.0, num_archs=3, base=None, init="real", labels="static", eval_mixup=0.8,
                   eval_label_temperature=30.0, eval_optimizer="adamw", eval_lr=1e-3, eval_weight_decay=0.01)
         hp.update(teacher_hparams(dataset))
         small = small_image_defaults(dataset)
@@ -179,6 +184,8 @@ class INFER:
         from .sre2l import initial_images, squeeze_for
 
         hp = merge_hparams(cls.default_hparams(dataset, ipc), hparams, cls.name)
+        if hp["labels"] not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {hp['labels']!r}")
         dataset = dataset.to(device)
         budget = infer_budget(ipc, dataset.num_classes, hp["num_archs"], hp["base"])
         if budget["stored_images"] > budget["budget_images"] and progress:
@@ -197,16 +204,23 @@ class INFER:
         from .relabel import parameter_bytes
         from .sre2l import feature_diversity
 
-        extra = {"budget": budget, "recover": log,
-                 "label_storage": {"static_label_bytes": logits.numel() * 2,  # one fp16 C-vector per instance
-                                   "teacher_bytes_not_needed": sum(parameter_bytes(t) for t in teachers)},
+        teacher_bytes = sum(parameter_bytes(t) for t in teachers)
+        storage = ({"static_label_bytes": logits.numel() * 2,  # one fp16 C-vector per instance
+                    "teacher_bytes_not_needed": teacher_bytes} if hp["labels"] == "static" else
+                   {"static_label_bytes": 0, "teacher_bytes_kept": teacher_bytes})
+        extra = {"budget": budget, "recover": log, "label_storage": storage,
                  "diversity": feature_diversity(teachers[0], x, y)}
 
         def as_labels(z: torch.Tensor) -> torch.Tensor:  # logits, or probabilities without a label temperature
             return z if hp["eval_label_temperature"] is not None else torch.softmax(z / hp["temperature"], 1)
 
-        out = DistillOutput(x, as_labels(logits).detach(), losses=log["loss_last"], soft_label_fn=None, extra=extra)
-        # INFER's labeller for any images (e.g. the random-real baseline): the same static labels
-        out.static_label_fn = lambda images: as_labels(static_soft_labels(teachers, images))
+        def teacher_labels(images: torch.Tensor) -> torch.Tensor:
+            return as_labels(static_soft_labels(teachers, images))
+
+        # "dynamic" (INFER+Dyn, val_dyn.py): the teachers label every (augmented, mixed) minibatch
+        out = DistillOutput(x, as_labels(logits).detach(), losses=log["loss_last"],
+                            soft_label_fn=teacher_labels if hp["labels"] == "dynamic" else None, extra=extra)
+        # static: INFER's labeller for any images (e.g. the random-real baseline), the same static labels
+        out.static_label_fn = teacher_labels if hp["labels"] == "static" else None
         out.teachers = teachers
         return out
