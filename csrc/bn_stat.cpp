@@ -209,6 +209,11 @@ at::Tensor bn_stat_eager_nograd(const at::Tensor& x, const at::Tensor& rm, const
 // model's BatchNorms): the per-layer kernels run in a C++ loop, so a model with L BatchNorms costs
 // one Python call and one autograd node instead of L of each, and no Python add/mul per layer.
 // The sum is taken in order, w_l applied where it is not 1 (as the per-layer sum in Python).
+at::Tensor add_weighted(const at::Tensor& total, const at::Tensor& loss, double w) {
+  at::Tensor term = w == 1.0 ? loss : loss * w;
+  return total.defined() ? total + term : term;
+}
+
 class BnStatSumEager : public torch::autograd::Function<BnStatSumEager> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList xs, at::TensorList rms, at::TensorList rvs,
@@ -220,8 +225,7 @@ class BnStatSumEager : public torch::autograd::Function<BnStatSumEager> {
     at::Tensor total;
     for (size_t l = 0; l < xs.size(); ++l) {
       auto out = fwd.call(xs[l], rms[l], rvs[l]);
-      at::Tensor term = weights[l] == 1.0 ? std::get<0>(out) : std::get<0>(out) * weights[l];
-      total = total.defined() ? total + term : term;
+      total = add_weighted(total, std::get<0>(out), weights[l]);
       saved.insert(saved.end(), {xs[l], rms[l], rvs[l], std::get<1>(out), std::get<2>(out)});
     }
     ctx->save_for_backward(saved);
@@ -261,9 +265,7 @@ at::Tensor bn_stat_sum_eager_nograd(at::TensorList xs, at::TensorList rms, at::T
   check_sum_args(xs, rms, rvs, weights);
   at::Tensor total;
   for (size_t l = 0; l < xs.size(); ++l) {
-    at::Tensor loss = std::get<0>(fwd.call(xs[l], rms[l], rvs[l]));
-    at::Tensor term = weights[l] == 1.0 ? loss : loss * weights[l];
-    total = total.defined() ? total + term : term;
+    total = add_weighted(total, std::get<0>(fwd.call(xs[l], rms[l], rvs[l])), weights[l]);
   }
   return total;
 }

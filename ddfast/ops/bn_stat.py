@@ -108,25 +108,46 @@ def _eager_backward(ctx, grad_loss):
 _Eager = _backend.eager_function("BNStatLossEager", _eager_forward, _eager_backward)
 
 
+def _checked_layer(x, running_mean, running_var, names=("x", "running_mean", "running_var")) -> torch.dtype:
+    """One layer's arguments checked (``names`` for the messages); returns the loss's dtype."""
+    x_name, mean_name, var_name = names
+    check_float_tensor(x_name, x, min_dim=2)
+    check_float_tensor(mean_name, running_mean, min_dim=1)
+    check_float_tensor(var_name, running_var, min_dim=1)
+    c = x.shape[1]
+    for name, t in ((mean_name, running_mean), (var_name, running_var)):
+        if t.dim() != 1 or t.shape[0] != c:
+            raise ValueError(f"{name} must be 1-D with one entry per channel of {x_name} ({c}), got shape "
+                             f"{tuple(t.shape)}")
+    check_same_device(**{x_name: x, mean_name: running_mean, var_name: running_var})
+    return torch.promote_types(x.dtype, torch.promote_types(running_mean.dtype, running_var.dtype))
+
+
+def _kernel_inputs(x, running_mean, running_var) -> List[torch.Tensor]:
+    """What the kernels take: x as (N, C, S) and all three contiguous."""
+    x3 = x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1)
+    return [t if t.is_contiguous() else t.contiguous() for t in (x3, running_mean, running_var)]
+
+
+def _weighted_sum(terms) -> torch.Tensor:
+    """Σ w·loss over (loss, w) pairs in order, multiplying only where w ≠ 1."""
+    total = None
+    for loss, w in terms:
+        term = loss if w == 1.0 else loss * w
+        total = term if total is None else total + term
+    return total
+
+
 def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, *,
                  backend: str = "auto") -> torch.Tensor:
     """``‖mean(x) − running_mean‖₂ + ‖var_biased(x) − running_var‖₂`` over the channels (dim 1) of
     ``x`` (N, C, ...). Scalar in the promoted dtype of ``x`` and the running stats; gradient to ``x``."""
-    check_float_tensor("x", x, min_dim=2)
-    check_float_tensor("running_mean", running_mean, min_dim=1)
-    check_float_tensor("running_var", running_var, min_dim=1)
-    c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"{name} must be 1-D with one entry per channel of x ({c}), got shape {tuple(t.shape)}")
-    check_same_device(x=x, running_mean=running_mean, running_var=running_var)
-    out_dtype = torch.promote_types(x.dtype, torch.promote_types(running_mean.dtype, running_var.dtype))
+    out_dtype = _checked_layer(x, running_mean, running_var)
     which = _backend.resolve(OP, backend, x.device)
     if which == "torch":
         loss = bn_stat_loss_reference(x, running_mean.detach(), running_var.detach())
     else:  # the kernels give no gradient to the running statistics
-        x3 = x if x.dim() == 3 else x.reshape(x.shape[0], c, -1)
-        stats = [t if t.is_contiguous() else t.contiguous() for t in (x3, running_mean, running_var)]
+        stats = _kernel_inputs(x, running_mean, running_var)
         fwd, bwd = _backend.op_pair(OP, which)
         # eager: the C++ autograd op (compiled kernels) or a plain autograd.Function (Triton);
         # under torch.compile / torch.func: the registered op (its autograd is traceable)
@@ -148,15 +169,13 @@ def _sum_eager_forward(ctx, static, *tensors):
     fwd, ctx.bwd, weights = static
     k = len(weights)
     ctx.weights = weights
-    total, saved = None, []
+    losses, saved = [], []
     for x, rm, rv in zip(tensors[:k], tensors[k:2 * k], tensors[2 * k:]):
         loss, mean, var = fwd(x, rm, rv)
+        losses.append(loss)
         saved += [x, rm, rv, mean, var]
-        w = weights[len(saved) // 5 - 1]
-        term = loss if w == 1.0 else loss * w
-        total = term if total is None else total + term
     ctx.save_for_backward(*saved)
-    return total
+    return _weighted_sum(zip(losses, weights))
 
 
 def _sum_eager_backward(ctx, grad):
@@ -200,33 +219,17 @@ def bn_stat_loss_sum(xs: Sequence[torch.Tensor], running_means: Sequence[torch.T
     checked as ``bn_stat_loss`` checks it; all on one device. Scalar in the promoted dtype of every
     input; gradients to ``xs``."""
     weights = _check_layers(xs, running_means, running_vars, weights)
-    device, out_dtype = None, None
+    out_dtype = None
     for i, (x, rm, rv) in enumerate(zip(xs, running_means, running_vars)):
-        check_float_tensor(f"xs[{i}]", x, min_dim=2)
-        check_float_tensor(f"running_means[{i}]", rm, min_dim=1)
-        check_float_tensor(f"running_vars[{i}]", rv, min_dim=1)
-        for name, t in ((f"running_means[{i}]", rm), (f"running_vars[{i}]", rv)):
-            if t.dim() != 1 or t.shape[0] != x.shape[1]:
-                raise ValueError(f"{name} must be 1-D with one entry per channel of xs[{i}] ({x.shape[1]}), got "
-                                 f"shape {tuple(t.shape)}")
-        device = x.device if device is None else device
-        if x.device != device or rm.device != device or rv.device != device:
-            raise ValueError(f"all layers must be on one device; layer {i} has tensors on {x.device}, {rm.device} "
-                             f"and {rv.device}, layer 0 on {device}")
-        dtype = torch.promote_types(x.dtype, torch.promote_types(rm.dtype, rv.dtype))
+        dtype = _checked_layer(x, rm, rv, (f"xs[{i}]", f"running_means[{i}]", f"running_vars[{i}]"))
         out_dtype = dtype if out_dtype is None else torch.promote_types(out_dtype, dtype)
-    which = _backend.resolve(OP, backend, device)
+        if x.device != xs[0].device:
+            raise ValueError(f"all layers must be on one device; layer {i} is on {x.device}, layer 0 on {xs[0].device}")
+    which = _backend.resolve(OP, backend, xs[0].device)
     if which == "torch" or not _backend.eager_path():  # the reference, or per-layer registered ops (traceable)
-        total = None
-        for x, rm, rv, w in zip(xs, running_means, running_vars, weights):
-            loss = bn_stat_loss(x, rm, rv, backend=backend).to(out_dtype)
-            term = loss if w == 1.0 else loss * w
-            total = term if total is None else total + term
-        return total
-    stats = [[t if t.is_contiguous() else t.contiguous() for t in
-              (x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1), rm, rv)]
-             for x, rm, rv in zip(xs, running_means, running_vars)]
-    x3s, rms, rvs = (list(col) for col in zip(*stats))
+        return _weighted_sum((bn_stat_loss(x, rm, rv, backend=backend).to(out_dtype), w)
+                             for x, rm, rv, w in zip(xs, running_means, running_vars, weights))
+    x3s, rms, rvs = (list(col) for col in zip(*map(_kernel_inputs, xs, running_means, running_vars)))
     if which == _backend.COMPILED:
         loss = torch.ops.ddfast.bn_stat_sum_eager(x3s, rms, rvs, weights)
     else:
@@ -344,17 +347,13 @@ class BNStatMatcher:
             weight = self.first_layer_weight if index == first else 1.0
             for entry in entries:
                 (recorded if isinstance(entry, _Recorded) else computed).append((entry, weight))
-        total: Optional[torch.Tensor] = None
         if recorded:
             for entry, _ in recorded:
                 entry.check_unmodified()
-            total = bn_stat_loss_sum([e.x for e, _ in recorded], [e.running_mean for e, _ in recorded],
-                                     [e.running_var for e, _ in recorded], [w for _, w in recorded],
-                                     backend=self.backend)
-        for loss, weight in computed:
-            term = loss * weight if weight != 1.0 else loss
-            total = term if total is None else total + term
-        return total
+            computed.insert(0, (bn_stat_loss_sum([e.x for e, _ in recorded], [e.running_mean for e, _ in recorded],
+                                                 [e.running_var for e, _ in recorded], [w for _, w in recorded],
+                                                 backend=self.backend), 1.0))
+        return _weighted_sum(computed)
 
     def __call__(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
