@@ -42,7 +42,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = 90
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-_REPORT_VERSION = "3"  # bump when the parsed fields change: invalidates the cache
+_REPORT_VERSION = "4"  # bump when the parsed fields change: invalidates the cache
 
 # Kernels on the hot path of a DD step: a register spill there fails the gate.
 HOT_TRITON = {
@@ -382,6 +382,16 @@ def _bind(fn, launch, backend):
     return fn._pack_args(backend, kwargs, bound, specialization, options)
 
 
+def fp32_float_arguments(launch: dict, signature: dict) -> List[str]:
+    """Names of the launch's Python-float arguments that Triton's binder typed fp32 (its type for an
+    unannotated float): on a GPU a float64 kernel then sees the value rounded (1e-5 → 9.99999974e-6)."""
+    names = list(signature)
+    passed = {names[i]: a for i, a in enumerate(launch["args"]) if i < len(names)}
+    passed.update(launch["kwargs"])
+    return [n for n, a in passed.items() if isinstance(a, dict) and isinstance(a.get("value"), float)
+            and not isinstance(a.get("value"), bool) and signature.get(n) == "fp32"]
+
+
 def _spec_text(launch, signature, constexprs, options) -> str:
     names = list(signature)
     consts = [f"{names[k[0]]}={getattr(v, 'name', v)}" for k, v in sorted(constexprs.items())
@@ -425,6 +435,11 @@ def _compile_one(job) -> dict:
     log = io.StringIO()
     try:
         options, signature, constexprs, attrs = _bind(fn, launch, _backend())
+        narrowed = fp32_float_arguments(launch, signature)
+        if narrowed:  # compiles, but a float64 kernel would compute with a rounded scalar
+            row["error"] = (f"float argument(s) {', '.join(narrowed)} typed fp32 (a Python float): "
+                            "annotate them tl.float64 and convert with _common.acc_scalar")
+            return row
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                       options=options.__dict__)

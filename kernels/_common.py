@@ -78,6 +78,14 @@ def sm_count(device: torch.device, cpu: int) -> int:
 
 
 @triton.jit
+def acc_scalar(value, ACC_DTYPE: tl.constexpr):
+    """A float kernel argument in the accumulation type. Annotate the argument ``tl.float64``: Triton
+    types a Python float fp32, which costs float64 kernels ~1e-8 relative (an eps, a 1/temperature).
+    The fp64 zero keeps the interpreter exact too (its Python float meets an fp64 tensor)."""
+    return (tl.full((), 0.0, tl.float64) + value).to(ACC_DTYPE)
+
+
+@triton.jit
 def last_to_arrive(counter_ptr, arrivals):
     """Last-program epilogues: after this program's stores, bump ``*counter_ptr`` (acq_rel, GPU scope;
     the barrier puts every thread's stores before the release). True in the program that completes

@@ -5,7 +5,8 @@ DM's real side runs DC's ConvNet block (conv → GroupNorm(C, C) → ReLU → Av
 gradients. ATen makes four passes over the conv output for it (moments, normalise, ReLU, pool:
 about 5 reads/writes of the full-size tensor); here it is read once and only the pooled plane is
 written. Statistics in fp32 (fp64 for fp64) over the plane: mean, then the mean squared deviation
-(biased, as GroupNorm), both from registers.
+(biased, as GroupNorm), both from registers. ``eps`` is typed fp64 (Triton types a Python float
+fp32): an fp32-rounded eps puts 1/σ 1e-9 off in float64 where eps dominates the variance.
 
 The backward (the real side of DC's segmented step, first order only) recomputes the statistics
 from the saved input and writes ``dx`` from it and the pooled output's gradient: one read of the
@@ -35,7 +36,8 @@ def _normalized_plane(x_ptr, w_ptr, b_ptr, plane, C, H, W, eps, HAS_AFFINE: tl.c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / (H * W)
     xhat = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xhat * xhat, axis=1), axis=0) / (H * W) + eps)
+    # eps is fp64 (see the module doc): one scalar add in fp64, then back to the accumulation type
+    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(xhat * xhat, axis=1), axis=0) / (H * W) + eps).to(ACC_DTYPE))
     xhat = xhat * rstd
     if HAS_AFFINE:
         c = plane % C
@@ -48,7 +50,7 @@ def _normalized_plane(x_ptr, w_ptr, b_ptr, plane, C, H, W, eps, HAS_AFFINE: tl.c
 
 
 @triton.jit
-def _norm_relu_pool_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, eps,
+def _norm_relu_pool_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, eps: tl.float64,
                            HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
@@ -69,7 +71,7 @@ def _norm_relu_pool_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, eps,
 
 
 @triton.jit
-def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps,
+def _norm_relu_pool_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, C, H, W, eps: tl.float64,
                                HAS_AFFINE: tl.constexpr, POOL: tl.constexpr, BLOCK_H: tl.constexpr,
                                BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes, sm_count
+from ._common import acc_dtypes, acc_scalar, sm_count
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 BLOCK_M = 64  # anchor rows per program (every kernel, every dtype)
@@ -88,13 +88,14 @@ def _softplus(x):
 
 @triton.jit
 def _forward_kernel(fs_ptr, ys_ptr, fr_ptr, yr_ptr, rs_ptr, rr_ptr, part_a_ptr, part_b_ptr, ws_ptr, ws_stride,
-                    n_syn, n_real, dim, cols_per_split, inv_temp, log_c,
+                    n_syn, n_real, dim, cols_per_split, inv_temp: tl.float64, log_c: tl.float64,
                     NCE: tl.constexpr, STORE_LOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Partials of one (anchor block, column split): infonce → lse over all / positive columns
     (−inf when the split has none), nce → the sum of the critic's softplus terms (part_b unused).
     STORE_LOGITS: also write each logit tile to ws[i, j] (row stride ws_stride), for the
     gradient-in-forward path, which then never recomputes them."""
+    inv_temp, log_c = acc_scalar(inv_temp, ACC_DTYPE), acc_scalar(log_c, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_syn
     split = tl.program_id(1)
@@ -144,13 +145,14 @@ def _forward_kernel(fs_ptr, ys_ptr, fr_ptr, yr_ptr, rs_ptr, rr_ptr, part_a_ptr, 
 
 @triton.jit
 def _grad_logits_kernel(fs_ptr, ys_ptr, fr_ptr, yr_ptr, rs_ptr, rr_ptr, g_ptr, lse_all_ptr, lse_pos_ptr,
-                        ws_ptr, q_syn_ptr, q_real_ptr, n_syn, n_real, dim, c0, ws_cols, inv_temp, log_c,
-                        NCE: tl.constexpr, NORMALIZE: tl.constexpr, LOAD_LOGITS: tl.constexpr,
+                        ws_ptr, q_syn_ptr, q_real_ptr, n_syn, n_real, dim, c0, ws_cols, inv_temp: tl.float64,
+                        log_c: tl.float64, NCE: tl.constexpr, NORMALIZE: tl.constexpr, LOAD_LOGITS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One (anchor block, column tile) of the chunk starting at real column c0: the logit tile once
     (LOAD_LOGITS: read from ws, where _forward_kernel stored it; else recomputed from the features),
     G' = T⁻¹ r_i r_j dL/ds into ws[:, j − c0] (in place), and q = Σ dL/ds ∘ s per anchor / real column."""
+    inv_temp, log_c = acc_scalar(inv_temp, ACC_DTYPE), acc_scalar(log_c, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_syn
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

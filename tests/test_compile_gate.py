@@ -271,3 +271,14 @@ def test_may_spill_kernels_are_tolerated_but_others_fail(monkeypatch):
     assert kr.gate_failures([row]) == []
     other = dict(row, kernel="_mmd_gemm_kernel")
     assert len(kr.gate_failures([other])) == 1
+
+
+def test_fp32_float_arguments_names_python_floats_typed_fp32():
+    """The gate's check: a Python float bound to an fp32 parameter (Triton's type for an unannotated
+    float) is named; fp64-annotated floats, ints, bools and tensors are not."""
+    launch = {"args": [{"tensor": "float64", "align": 0}, {"value": 1e-5}, {"value": 3}, {"value": True}],
+              "kwargs": {"inv_temp": {"value": 14.28}, "log_c": {"value": 1.1}}}
+    signature = {"x_ptr": "*fp64", "eps": "fp32", "n": "i32", "FLAG": "constexpr", "inv_temp": "fp32", "log_c": "fp64"}
+    assert kr.fp32_float_arguments(launch, signature) == ["eps", "inv_temp"]
+    signature.update(eps="fp64", inv_temp="fp64")
+    assert kr.fp32_float_arguments(launch, signature) == []

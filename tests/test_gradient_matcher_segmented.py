@@ -452,23 +452,23 @@ def test_real_side_chunks_keep_no_graph_so_their_activations_are_freed(monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tile_avg_pool_equals_atens_pooling_bit_for_bit(device, dtype):
     """The segmented path's disjoint-tile pooling: same forward and input gradient as nn.AvgPool2d
-    (both divide by the tile size), odd channel counts, non-contiguous gradient."""
+    (both divide by the tile size), odd channel counts, non-rectangular tile, non-contiguous gradient."""
     if dtype == torch.float16 and device == "cpu":
         pytest.skip("not applicable: float16 pooling on CPU is not what the segmented path runs there")
-    m = nn.AvgPool2d((2, 3))
-    assert sg.tile_kernel(m) == (2, 3)
-    x = (torch.randn(3, 5, 8, 12) * 100).to(device=device, dtype=dtype).requires_grad_()
+    m = nn.AvgPool2d((2, 4))
+    assert sg.tile_kernel(m) == (2, 4)
+    x = (torch.randn(3, 5, 8, 16) * 100).to(device=device, dtype=dtype).requires_grad_()
     g = torch.randn(3, 5, 4, 4).to(device=device, dtype=dtype).transpose(2, 3)  # strided
     want_y = m(x)
     want_g, = torch.autograd.grad(want_y, x, g)
-    got_y = sg.tile_avg_pool2d(x, (2, 3))
+    got_y = sg.tile_avg_pool2d(x, (2, 4))
     got_g, = torch.autograd.grad(got_y, x, g)
     assert torch.equal(got_y, want_y) and torch.equal(got_g, want_g)
     # the double backward (the synthetic side's create_graph) is the pooling again, as ATen's
     g = g.detach().requires_grad_(True)
     v = torch.randn_like(x)
     second = []
-    for pool in (m, lambda t: sg.tile_avg_pool2d(t, (2, 3))):
+    for pool in (m, lambda t: sg.tile_avg_pool2d(t, (2, 4))):
         gx, = torch.autograd.grad(pool(x), x, g, create_graph=True)
         second.append(torch.autograd.grad(gx, g, v)[0])
     assert torch.equal(second[0], second[1])
@@ -483,6 +483,8 @@ def test_tile_avg_pool_gradgradcheck_and_which_pools_qualify():
     assert sg.tile_kernel(nn.AvgPool2d(2, padding=1)) is None
     assert sg.tile_kernel(nn.AvgPool2d(2, ceil_mode=True)) is None
     assert sg.tile_kernel(nn.AvgPool2d(2, divisor_override=3)) is None
+    # areas other than 2^k: CUDA's reciprocal multiply is not ATen's division bit for bit
+    assert sg.tile_kernel(nn.AvgPool2d((2, 3))) is None and sg.tile_kernel(nn.AvgPool2d(3)) is None
     assert sg.tiles_fit(torch.zeros(1, 1, 4, 6), (2, 2)) and not sg.tiles_fit(torch.zeros(1, 1, 5, 6), (2, 2))
 
 
@@ -519,7 +521,8 @@ def test_segmented_real_side_through_norm_relu_pool_equals_the_modules(metric):
     """backend "triton" (the interpreter here): under "ours" the real side's instance norm → ReLU →
     pool blocks run as norm_relu_pool kernels (no ATen group norm at all: the synthetic side uses
     var_mean), and the loss and image gradient equal the matcher without fusion; "mse" needs the
-    norms' per-class gradients, so nothing fuses."""
+    norms' per-class gradients, so nothing fuses. The real side's convs before fused blocks skip
+    their bias (the norm cancels it: large biases here, the numbers still equal)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from conftest import require_backend
@@ -533,6 +536,8 @@ def test_segmented_real_side_through_norm_relu_pool_equals_the_modules(metric):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.seen.add(str(func.overloadpacket))
+            if func.overloadpacket is torch.ops.aten.convolution:
+                self.biasless += args[2] is None
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
@@ -541,6 +546,8 @@ def test_segmented_real_side_through_norm_relu_pool_equals_the_modules(metric):
         if isinstance(m, nn.GroupNorm):
             nn.init.normal_(m.weight)
             nn.init.normal_(m.bias)
+        if isinstance(m, nn.Conv2d):
+            nn.init.uniform_(m.bias, 5.0, 10.0)
     x_real, y_real, x_syn, y_syn = (t.float() if t.is_floating_point() else t
                                     for t in _data(3, 4, 2, (3, 8, 8), "cpu"))
 
@@ -548,12 +555,14 @@ def test_segmented_real_side_through_norm_relu_pool_equals_the_modules(metric):
         x = x_syn.detach().clone().requires_grad_(True)
         matcher = GradientMatcher(model, metric, strategy="segmented", backend="triton", fuse_real=fuse_real)
         with Names() as names:
+            names.biasless = 0
             loss = matcher(x_real, y_real, x, y_syn)
             loss.backward()
-        return loss.detach(), x.grad, names.seen
+        return loss.detach(), x.grad, names.seen, names.biasless
 
-    want, g_want, seen_plain = run(False)  # first: builds and verifies the plan (model(x) runs once)
-    got, g_got, seen = run(True)
+    want, g_want, seen_plain, biasless_plain = run(False)  # first: builds and verifies the plan
+    got, g_got, seen, biasless = run(True)
+    assert biasless - biasless_plain == (2 if metric == "ours" else 0)  # the real side's two convs' forwards
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-6)
     assert "aten.native_group_norm" in seen_plain

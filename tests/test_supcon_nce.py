@@ -57,6 +57,20 @@ def test_matches_reference(device, backend_kind, variant, n_syn, n_real, dim):
 
 
 @pytest.mark.parametrize("variant", ["infonce", "nce"])
+def test_float64_keeps_temperature_and_noise_ratio_exact(device, backend_kind, variant):
+    """1/0.07 and log 3 are not fp32 numbers: typed fp32 (Triton's type for a Python float on a GPU)
+    they cost ~3e-8 relative, far over float64's tolerance."""
+    backend = require_backend(OP, backend_kind, device)
+    inputs = _inputs(9, 13, 11, device, dtype=torch.float64, classes=3)
+    kw = dict(temperature=0.07, noise_ratio=3.0, variant=variant)
+    got, got_grads = _value_and_grads(ddfast.supcon_nce, *inputs, backend=backend, **kw)
+    want, want_grads = _value_and_grads(_reference, *inputs, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["infonce", "nce"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_reductions_and_normalize(device, backend_kind, variant, reduction, normalize):

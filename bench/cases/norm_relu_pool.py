@@ -10,11 +10,35 @@ from ddfast.ops.norm_relu_pool import norm_relu_pool_reference
 from ..case import Case
 
 
+def _away_from_relu_kink(x, weight, bias, eps=1e-5, margin=1e-3, rounds=4):
+    """``x`` with the few elements whose pre-activation γ·x̂ + β lies within ``margin`` of 0 moved
+    2·margin further from it. At the kink the input gradient jumps by γ/(4σ): an fp32 rounding
+    that flips one of those ReLUs made the max-normalised gradient error 0.22 for the fp32
+    reference and 0.47 for Triton against float64 (H200, 2026-11-26, 2085 elements within 1e-5 of
+    the kink), which says nothing about either's arithmetic. Moving x shifts its plane's statistics
+    a little, hence a few rounds."""
+    xd, w, b = x.double(), weight.double().view(1, -1, 1, 1), bias.double().view(1, -1, 1, 1)
+    for _ in range(rounds):
+        mean = xd.mean((2, 3), keepdim=True)
+        rstd = (xd.var((2, 3), unbiased=False, keepdim=True) + eps).rsqrt()
+        pre = (xd - mean) * rstd * w + b
+        near = pre.abs() < margin
+        if not bool(near.any()):
+            return xd.to(x.dtype)
+        slope = w * rstd  # d pre / d x, per plane (the statistics' own change is second order)
+        step = 2 * margin / slope.abs().clamp_min(1e-6)
+        direction = torch.where(pre >= 0, 1.0, -1.0) * torch.sign(slope)
+        xd = torch.where(near, xd + direction * step, xd)
+    raise RuntimeError("norm_relu_pool case inputs: elements stay near the ReLU kink")
+
+
 def _inputs(n, c, size, grad):
     def make(device):
         g = torch.Generator().manual_seed(0)
-        x = (torch.randn(n, c, size, size, generator=g) * 3 + 1).to(device).requires_grad_(grad)
-        return {"x": x, "weight": torch.randn(c, generator=g).to(device), "bias": torch.randn(c, generator=g).to(device)}
+        x = (torch.randn(n, c, size, size, generator=g) * 3 + 1).to(device)
+        w, b = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
+        x = _away_from_relu_kink(x, w, b).requires_grad_(grad)
+        return {"x": x, "weight": w, "bias": b}
     return make
 
 

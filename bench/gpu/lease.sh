@@ -6,11 +6,11 @@
 # Output: bench/results/validate-<date>-<gpu>/ (tarred to $OUT). Commit it with the device name.
 # racecheck is skipped: no CUDA kernel (csrc/cuda) changed since its 0-hazard run on an H200
 # (bench/results/validate-2026-11-26c-h200, commit c0391b1); run validate.sh when one does.
-# Expected (H200 timings of 2026-11-26): build 30 s, tests 100 s, bench 120 s, memcheck 45 s,
-# profiles 4 x 15 s: about 6.5 minutes.
+# Measured (H100, 2026-11-26, d37bfa9): install + build 51 s, validate 282 s with the tests cut at
+# 100 s (now 160 s), profiles 4 x 14 s: 389 s; about 7.5 minutes with the longer tests step.
 source bench/gpu/setup.sh
 mkdir -p "$V/profile"
-timeout 370 python3 -m ddfast.cli validate --out "$V" --budget-min 6 --skip racecheck > "$V/validate.log" 2>&1
+timeout 410 python3 -m ddfast.cli validate --out "$V" --budget-min 6.7 --skip racecheck > "$V/validate.log" 2>&1
 echo "validate rc=$? t=$(el)" | tee -a "$V/stages.log"
 for spec in "dm_step/convnet3-cifar10-ipc50-device-rng ddfast" "dm_step/convnet3-cifar10-ipc50-device-rng modules" \
             "dc_step/convnet3-cifar10-ipc10 ddfast" "dc_step/convnet3-cifar10-ipc50 ddfast"; do

@@ -100,9 +100,10 @@ class _Conv:
             self.params["bias"] = prefix + "bias"
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.weight.dim() - 2]
 
-    def forward(self, h, p):
+    def forward(self, h, p, bias=True):
         m = self.m
-        return self.conv(_batched(m, h), p["weight"], p.get("bias"), m.stride, m.padding, m.dilation), h
+        b = p.get("bias") if bias else None
+        return self.conv(_batched(m, h), p["weight"], b, m.stride, m.padding, m.dilation), h
 
     def class_grads(self, h, go, G, n, p, roles):
         m, spatial = self.m, h.dim() - 2
@@ -253,12 +254,15 @@ def _step_for(m: nn.Module, prefix: str):
 
 def tile_kernel(m: nn.AvgPool2d) -> Optional[Tuple[int, int]]:
     """(kh, kw) when ``m`` averages disjoint tiles (kernel = stride, no padding, floor mode, plain
-    divisor), else None."""
+    divisor) of a power-of-two area, else None. Only there is the broadcast division bit-equal to
+    ATen's pooling backward: CUDA divides by a scalar as a multiply by its reciprocal, which for a
+    tile of 6 is 1 ulp off x / 6 (H200, 2026-11-26); by 2^k the two are the same exact number."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     k, stride, pad = pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size), pair(m.padding)
     if k != stride or pad != (0, 0) or m.ceil_mode or m.divisor_override is not None:
         return None
-    return k
+    area = k[0] * k[1]
+    return k if area & (area - 1) == 0 else None
 
 
 def tiles_fit(h: torch.Tensor, k: Tuple[int, int]) -> bool:
@@ -468,11 +472,21 @@ def _fused_block(plan, i: int, wanted, h: torch.Tensor) -> Optional[Tuple[int, b
     return (3, True) if pool and fits(h, True) else ((2, False) if fits(h, False) else None)
 
 
+def _bias_cancels(plan, i: int, wanted) -> bool:
+    """plan[i] is a 2-D conv whose bias nobody wants a gradient of, right before an instance norm:
+    the norm subtracts each plane's mean, so the bias cancels (see norm_relu_pool._BiaslessConv)."""
+    step = plan[i]
+    return (isinstance(step, _Conv) and "bias" in step.params and step.m.weight.dim() == 4
+            and wanted is not None and step.params["bias"] not in wanted
+            and i + 1 < len(plan) and getattr(plan[i + 1], "instance_norm", False))
+
+
 def _forward(plan, state, x, wanted=None, graph=False, fuse=False):
     """Interpreted forward; returns logits and, per step with a parameter in ``wanted`` (all steps
     with parameters when None), (step, z, saved, roles). ``graph``: the data backward will keep its
     graph (steps may then pick a form with a cheaper double backward). ``fuse`` (first-order data
-    backward only): instance norm → ReLU → 2×2 pool blocks run as ``norm_relu_pool`` kernels."""
+    backward only): instance norm → ReLU → 2×2 pool blocks run as ``norm_relu_pool`` kernels, and
+    the conv before such a block skips its bias add (``_bias_cancels``)."""
     from .norm_relu_pool import norm_relu_pool
 
     records = []
@@ -485,8 +499,14 @@ def _forward(plan, state, x, wanted=None, graph=False, fuse=False):
             h = norm_relu_pool(h, p.get("weight"), p.get("bias"), step.m.eps, block[1], backend="triton")
             i += block[0]
             continue
-        forward = step.forward_graph if graph and hasattr(step, "forward_graph") else step.forward
-        h, saved = forward(h, _params_of(step, state))
+        if fuse and not graph and _bias_cancels(plan, i, wanted):
+            p = _params_of(step, state)
+            h, saved = step.forward(h, p, bias=False)
+            if _fused_block(plan, i + 1, wanted, h) is None:  # the norm runs unfused after all
+                h = h + p["bias"].view(1, -1, 1, 1)
+        else:
+            forward = step.forward_graph if graph and hasattr(step, "forward_graph") else step.forward
+            h, saved = forward(h, _params_of(step, state))
         roles = [role for role, full in step.params.items() if wanted is None or full in wanted]
         if roles:
             records.append((step, h, saved, roles))

@@ -234,7 +234,11 @@ def _with_zero_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return _with_zero_sample(x)[index]
+    """The rows of ``x`` (index N: the zero sample) in ``index``'s shape. index_select, not
+    advanced indexing: its backward is one index_add (advanced indexing's is a sorting
+    index_put), and the samples in a layout are distinct, so the sum order is fixed."""
+    rows = _with_zero_sample(x).index_select(0, index.reshape(-1))
+    return rows.reshape(tuple(index.shape) + tuple(x.shape[1:]))
 
 
 def _class_rows(x: torch.Tensor, slots: _Slots, g: int) -> torch.Tensor:
@@ -397,7 +401,7 @@ class GradientMatcher:
             index, weight = slots.index, _slot_weight(slots, x.shape[0], x.dtype).reshape(-1)
             G, n = index.shape
             # class-major input: used as is; else the slots are gathered from x and a zero sample
-            samples = x if slots.identity else _with_zero_sample(x)[index.reshape(-1)]
+            samples = x if slots.identity else _gather_padded(x, index.reshape(-1))
             bounds = segment_bounds(G, n, chunk)
             fuse = not create_graph and self._fuses(x.device)
             if len(bounds) == 1:
