@@ -1,14 +1,12 @@
 """ddfast.compat.dc / mtt DiffAugment against a transcription of the reference semantics.
 
-``_reference_diff_augment`` below restates DatasetCondensation's utils.py DiffAugment (and
-mtt-distillation's, with align_corners=True) op by op: the same generator calls in the same
+``_reference_diff_augment`` (``bench/dc_diffaugment.py``) restates DatasetCondensation's utils.py
+DiffAugment (and mtt-distillation's, with align_corners=True) op by op: the same generator calls in the same
 order, torch's global generators re-seeded with seed, seed+1, … before every draw, element 0
 of each draw broadcast when seed != −1. On CPU the compat shim must give the same random
 parameters bit for bit (so equal outputs), the same param side effects and the same global
 generator state afterwards.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,111 +14,12 @@ import torch.nn.functional as F
 from ddfast.compat import dc, mtt
 from ddfast.ops import dsa
 
+from ddfast.bench.dc_diffaugment import dc_diff_augment as _reference_diff_augment
+
 from conftest import assert_close_fp32, require_backend
 
 OP = "dsa"
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-def _reference_diff_augment(x, strategy, seed, param, align_corners):
-    param.batchmode = seed != -1
-    param.latestseed = seed
-    if strategy in ("None", "none") or not strategy:
-        return x
-
-    def reseed():
-        if param.latestseed != -1:
-            torch.random.manual_seed(param.latestseed)
-            param.latestseed += 1
-
-    def same_for_batch(t):
-        if param.batchmode:
-            t[:] = t[0].clone()  # the reference writes t[0] in place, which torch refuses for n == 1
-        return t
-
-    n, _, h, w = x.shape
-
-    def sample(x, theta):
-        theta = same_for_batch(torch.tensor(theta, dtype=torch.float))
-        if x.dtype == torch.float64:  # the reference's float32 grid cannot sample float64 images
-            theta = theta.double()
-        grid = F.affine_grid(theta, x.shape, align_corners=align_corners).to(x.device)
-        return F.grid_sample(x, grid, align_corners=align_corners)
-
-    def scale(x):
-        r = param.ratio_scale
-        reseed()
-        sx = torch.rand(n) * (r - 1.0 / r) + 1.0 / r
-        reseed()
-        sy = torch.rand(n) * (r - 1.0 / r) + 1.0 / r
-        return sample(x, [[[sx[i], 0, 0], [0, sy[i], 0]] for i in range(n)])
-
-    def rotate(x):
-        reseed()
-        a = (torch.rand(n) - 0.5) * 2 * param.ratio_rotate / 180 * float(math.pi)
-        return sample(x, [[[torch.cos(a[i]), torch.sin(-a[i]), 0], [torch.sin(a[i]), torch.cos(a[i]), 0]]
-                          for i in range(n)])
-
-    def flip(x):
-        reseed()
-        r = same_for_batch(torch.rand(n, 1, 1, 1, device=x.device))
-        return torch.where(r < param.prob_flip, x.flip(3), x)
-
-    def brightness(x):
-        reseed()
-        r = same_for_batch(torch.rand(n, 1, 1, 1, dtype=x.dtype, device=x.device))
-        return x + (r - 0.5) * param.brightness
-
-    def saturation(x):
-        m = x.mean(dim=1, keepdim=True)
-        reseed()
-        r = same_for_batch(torch.rand(n, 1, 1, 1, dtype=x.dtype, device=x.device))
-        return (x - m) * (r * param.saturation) + m
-
-    def contrast(x):
-        m = x.mean(dim=[1, 2, 3], keepdim=True)
-        reseed()
-        r = same_for_batch(torch.rand(n, 1, 1, 1, dtype=x.dtype, device=x.device))
-        return (x - m) * (r + param.contrast) + m
-
-    def crop(x):
-        ph, pw = int(h * param.ratio_crop_pad + 0.5), int(w * param.ratio_crop_pad + 0.5)
-        reseed()
-        th = torch.randint(-ph, ph + 1, size=[n, 1, 1], device=x.device)
-        reseed()
-        tw = torch.randint(-pw, pw + 1, size=[n, 1, 1], device=x.device)
-        th, tw = same_for_batch(th), same_for_batch(tw)
-        b, gi, gj = torch.meshgrid(*(torch.arange(k, device=x.device) for k in (n, h, w)), indexing="ij")
-        gi = torch.clamp(gi + th + 1, 0, h + 1)
-        gj = torch.clamp(gj + tw + 1, 0, w + 1)
-        return F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1).contiguous()[b, gi, gj].permute(0, 3, 1, 2)
-
-    def cutout(x):
-        sh, sw = int(h * param.ratio_cutout + 0.5), int(w * param.ratio_cutout + 0.5)
-        reseed()
-        oh = torch.randint(0, h + (1 - sh % 2), size=[n, 1, 1], device=x.device)
-        reseed()
-        ow = torch.randint(0, w + (1 - sw % 2), size=[n, 1, 1], device=x.device)
-        oh, ow = same_for_batch(oh), same_for_batch(ow)
-        b, gi, gj = torch.meshgrid(*(torch.arange(k, device=x.device) for k in (n, sh, sw)), indexing="ij")
-        gi = torch.clamp(gi + oh - sh // 2, min=0, max=h - 1)
-        gj = torch.clamp(gj + ow - sw // 2, min=0, max=w - 1)
-        mask = torch.ones(n, h, w, dtype=x.dtype, device=x.device)
-        mask[b, gi, gj] = 0
-        return x * mask.unsqueeze(1)
-
-    fns = {"color": [brightness, saturation, contrast], "crop": [crop], "cutout": [cutout], "flip": [flip],
-           "scale": [scale], "rotate": [rotate]}
-    names = strategy.split("_")
-    if param.aug_mode == "M":
-        chosen = names
-    else:
-        reseed()
-        chosen = [names[torch.randint(0, len(names), size=(1,)).item()]]
-    for name in chosen:
-        for f in fns[name]:
-            x = f(x)
-    return x.contiguous()
 
 
 def _images(n, c=3, h=32, w=32, seed=0, dtype=torch.float32):

@@ -141,6 +141,61 @@ def test_mixed_seeds_and_generator_state_equal_per_group_calls_float64(mode, see
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_cuda_reference_stream_leaves_cpu_and_cuda_generators_as_the_per_group_calls(mode):
+    """On CUDA the re-seeds set the CPU and CUDA generators directly (no torch.random.manual_seed
+    per draw); the draws, the output and both generators' states equal the reference's calls."""
+    x = _images(11, h=10, w=12, dtype=torch.float64, device="cuda")
+    groups = torch.tensor([0, 1, 2, 3, 1, 0, 3, 3, 2, 1, 1], device="cuda")
+    seeds = [5, -1, 7, -1]
+    torch.manual_seed(42)
+    want = _transcribed_per_group(x, groups, STRATEGY, seeds, mode)
+    states_want = torch.random.get_rng_state(), torch.cuda.get_rng_state_all()
+    torch.manual_seed(42)
+    got = _reference_stream(x, groups, STRATEGY, seeds, param=_param(mode), backend="torch")
+    assert torch.equal(got, want)
+    assert torch.equal(torch.random.get_rng_state(), states_want[0])
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), states_want[1]))
+
+
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_device_draw_reseeds_skip_torch_manual_seed(monkeypatch, mode):
+    """The re-seed path of device draws (CUDA initialised, emulated here on CPU tensors): the CPU
+    generator and CUDA's manual_seed_all get every seed directly, torch.random.manual_seed (which
+    formats the Python stack for each backend not initialised) runs once at the end, and the
+    draws and the CPU generator equal the per-draw torch.random.manual_seed path."""
+    real_manual_seed = torch.random.manual_seed
+    calls = {"manual_seed": 0, "cuda_seeds": []}
+
+    def counting_manual_seed(seed):
+        calls["manual_seed"] += 1
+        return torch.default_generator.manual_seed(seed)  # the CPU part (no backend queues)
+
+    def draw(initialised):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+        torch.default_generator.manual_seed(3)
+        calls.update(manual_seed=0, cuda_seeds=[])
+        stream = dsa.SeedStream(11, cpu_draws=False)
+        stages = dsa.draw_stages(dsa.parse_strategy(STRATEGY, _param(mode)), stream, 6, 10, 12, _param(mode),
+                                 torch.float32, "cpu", siamese=True)
+        stream.finish()
+        return stages, torch.random.get_rng_state(), dict(calls)
+
+    monkeypatch.setattr(torch.random, "manual_seed", counting_manual_seed)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls["cuda_seeds"].append(seed))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: None)
+    want, state_want, per_draw = draw(False)
+    got, state_got, direct = draw(True)
+    monkeypatch.setattr(torch.random, "manual_seed", real_manual_seed)
+    assert per_draw["manual_seed"] >= 2 and per_draw["cuda_seeds"] == []
+    assert direct["manual_seed"] == 1 and direct["cuda_seeds"] == list(range(11, 11 + per_draw["manual_seed"]))
+    assert torch.equal(state_got, state_want)
+    for (ip_g, fp_g), (ip_w, fp_w) in zip(got, want):
+        assert torch.equal(ip_g, ip_w) and torch.equal(fp_g, fp_w)
+
+
 def test_empty_group_makes_no_call():
     x = _images(5, h=8, w=8, dtype=torch.float64)
     groups = torch.tensor([0, 2, 0, 2, 2])  # group 1 has no image: the reference would make no call

@@ -310,3 +310,24 @@ def test_host_overhead_close_to_a_bare_autograd_function():
             break
     for op, ratio in best.items():
         assert ratio < 2.0, (op, ratio, results[op])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_is_exact_with_overflowing_sums(dtype):
+    """The finiteness check sums first: a finite sum proves every element finite; NaN, ±Inf and
+    +Inf with −Inf are caught, and finite values whose sum overflows still count as finite."""
+    from ddfast._checks import _all_finite
+
+    big = torch.finfo(dtype).max
+    base = torch.ones(1000, dtype=dtype)
+    assert _all_finite(base) and _all_finite(torch.full((7,), big, dtype=dtype))  # the sum overflows
+    assert _all_finite(torch.tensor([big, -big, big], dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = base.clone()
+        x[517] = bad
+        assert not _all_finite(x)
+        assert not _all_finite(x.view(10, 100).t())  # non-contiguous
+    both = base.clone()
+    both[3], both[900] = float("inf"), -float("inf")
+    assert not _all_finite(both)
+    assert not _all_finite(torch.tensor([float("nan")], dtype=dtype))

@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 import ddfast
-from ddfast.compat.dc import DiffAugment, ParamDiffAug
+from ddfast.compat.dc import ParamDiffAug
 from ddfast.ops.distribution_matcher import dm_reference_loop
 from ddfast.ops.gradient_matcher import ConvNet
 
 from ..case import Case, persistent
+from ..dc_diffaugment import dc_diff_augment
 from .dsa import STRATEGY, class_seeds
 
 
@@ -38,7 +39,7 @@ def _reference(embed, x_real, y_real, x_syn, y_syn, num_classes):
     param = ParamDiffAug()
 
     def augment(images, seed):
-        return DiffAugment(images, STRATEGY, seed=seed, param=param)
+        return dc_diff_augment(images, STRATEGY, seed, param)  # DC's own, manual_seed per draw
     return dm_reference_loop(embed, x_real, y_real, x_syn, y_syn, num_classes, augment, class_seeds(num_classes))
 
 

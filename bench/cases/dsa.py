@@ -1,5 +1,6 @@
 """dsa cases: DSA's per-iteration augmentation, every class's real and synthetic batch with its own
-Siamese transform. Reference: one DiffAugment call per class and batch (the DSA loop, torch ops);
+Siamese transform. Reference: one DiffAugment call per class and batch (the DSA loop: DC's
+DiffAugment restated op by op in ``bench/dc_diffaugment.py``, its torch.random.manual_seed per draw included);
 ddfast: one dsa_augment call over all of them (groups = classes), with the reference's random
 stream (rng="reference": its generator calls per class, host work per class) or with Philox draws
 on the device (rng="device": no host sync, no host work per image). Forward+backward; the gradient
@@ -7,9 +8,10 @@ flows to the synthetic images."""
 import torch
 
 import ddfast
-from ddfast.ops.dsa import diff_augment
+from ddfast.ops.dsa import ParamDiffAug
 
 from ..case import Case
+from ..dc_diffaugment import dc_diff_augment
 
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
@@ -32,11 +34,11 @@ def _inputs(classes, n_real, n_syn, size):
 
 
 def _reference(real, syn, groups, seeds, n_real, n_syn):
-    outs = []
+    param, outs = ParamDiffAug(), []  # one settings object for the whole loop, as DC's args.dsa_param
     for c, seed in enumerate(seeds):
-        outs.append(diff_augment(real[c * n_real:(c + 1) * n_real], STRATEGY, seed, backend="torch"))
+        outs.append(dc_diff_augment(real[c * n_real:(c + 1) * n_real], STRATEGY, seed, param))
     for c, seed in enumerate(seeds):
-        outs.append(diff_augment(syn[c * n_syn:(c + 1) * n_syn], STRATEGY, seed, backend="torch"))
+        outs.append(dc_diff_augment(syn[c * n_syn:(c + 1) * n_syn], STRATEGY, seed, param))
     return torch.cat(outs)
 
 

@@ -38,13 +38,15 @@ The output is checked for NaN/Inf (one pass; DDFAST_CHECK_FINITE=0 turns it off)
 RNG: ``rng="device"`` (the default) draws on the device (see ``dsa_augment``). With
 ``rng="reference"`` the groups are drawn one after another with the
 generator calls of ``DiffAugment(x[groups == g], strategy, seeds[g], param)``: torch's global
-generators, re-seeded through ``torch.random.manual_seed`` with seed, seed+1, … exactly where the
-reference calls ``set_seed_DiffAug``, every draw of the group's full size on x's device (flip,
-color, crop, cutout) or on the CPU (scale, rotate, the mode-'S' pick). So the parameters of every
-group (seeded, or seed −1 drawing from wherever the previous groups left the generator) and the
-state of every generator afterwards are those of the per-group reference calls, on CPU and CUDA.
-A group without images makes no call. Cost: host work and small launches per group (and, on
-CUDA, a device-to-host copy per drawn family). ``rng="fast"`` draws every parameter of every group
+generators, re-seeded with seed, seed+1, … exactly where the reference calls ``set_seed_DiffAug``
+(``torch.random.manual_seed``; ``SeedStream`` seeds the CPU and CUDA generators directly and the
+other backends once per call, the same end state without a formatted Python stack per draw),
+every draw of the group's full size on x's device (flip, color, crop, cutout) or on the CPU
+(scale, rotate, the mode-'S' pick). So the parameters of every group (seeded, or seed −1 drawing
+from wherever the previous groups left the generator) and the state of every generator afterwards
+are those of the per-group reference calls, on CPU and CUDA. A group without images makes no
+call. Cost: host work and small launches per group, and on CUDA one device-to-host read per call
+(``HostReads``). ``rng="fast"`` draws every parameter of every group
 from one CPU generator in a single call: same distributions, not the reference's stream.
 """
 from __future__ import annotations
@@ -105,11 +107,14 @@ class SeedStream:
     generator (``None`` = torch's global generators, like ``torch.random.manual_seed``) with the
     next seed.
 
-    ``cpu_draws=True`` (every draw made on the CPU): a re-seed sets the CPU generator only and
-    ``finish`` then seeds the other devices' generators once with the last seed, which leaves every
-    generator as the per-draw ``torch.random.manual_seed`` calls leave it (those generators are
-    re-seeded but not drawn from) without paying for each call (on a machine where CUDA is not
-    initialised, each one queues a lazy CUDA seeding that records a stack trace)."""
+    With the global generators a re-seed sets the CPU generator and, unless ``cpu_draws`` (every
+    draw made on the CPU), the initialised CUDA devices' generators, directly; ``finish`` then
+    seeds the rest once with the last seed (``seed_other_devices``). That leaves every generator as
+    the per-draw ``torch.random.manual_seed`` calls leave it, without their cost: each one also
+    queues a lazy seed for every backend not initialised here (XPU, MTIA; CUDA too when it is not),
+    formatting the Python stack each time: 160 µs per call, 650 µs 40 frames deep (CPU, 2026-11-26),
+    about 4 per group, which made the reference-stream DSA host-bound on an H100 (8.7 ms of host
+    time for 10 groups against 0.24 ms of kernels)."""
 
     def __init__(self, seed: int, generator: Optional[torch.Generator] = None, cpu_draws: bool = False):
         self.latest = seed
@@ -122,17 +127,19 @@ class SeedStream:
             return
         if self.generator is not None:
             self.generator.manual_seed(self.latest)
-        elif self.cpu_draws:
+        elif self.cpu_draws or torch.cuda.is_initialized():
             torch.default_generator.manual_seed(self.latest)
+            if not self.cpu_draws:
+                torch.cuda.manual_seed_all(self.latest)  # initialised: no lazy queue, no stack
             self.last_global = self.latest
-        else:
+        else:  # draws on another device type: torch's own call
             torch.random.manual_seed(self.latest)
         self.latest += 1
 
     def finish(self):
-        """Seed the non-CPU generators as the last ``torch.random.manual_seed`` would have."""
+        """Seed the generators ``reseed`` skipped as the last ``torch.random.manual_seed`` would have."""
         if self.last_global is not None:
-            seed_other_devices(self.last_global)
+            seed_other_devices(self.last_global, keep_cuda=not self.cpu_draws)
             self.last_global = None
 
     def rand(self, *size, dtype=None, device="cpu"):
@@ -142,11 +149,15 @@ class SeedStream:
         return torch.randint(low, high, size=size, device=device, generator=self.generator)
 
 
-def seed_other_devices(seed: int) -> None:
-    """``torch.random.manual_seed(seed)``'s effect on every generator but the CPU one (kept)."""
+def seed_other_devices(seed: int, keep_cuda: bool = False) -> None:
+    """``torch.random.manual_seed(seed)``'s effect on every generator but the CPU one (and, with
+    ``keep_cuda``, the initialised CUDA ones), which keep their state."""
     state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if keep_cuda and torch.cuda.is_initialized() else None
     torch.random.manual_seed(seed)
     torch.random.set_rng_state(state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _pixels(extent: int, ratio: float) -> int:
@@ -435,8 +446,8 @@ def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, 
                                        siamese=seed != -1, reads=reads) if count else None)
         last_seed = stream.last_global if stream.last_global is not None else last_seed
     reads.flush()  # every group's device draws in one host read
-    if last_seed is not None:
-        seed_other_devices(last_seed)
+    if last_seed is not None:  # the other generators, once for all groups (SeedStream.finish)
+        seed_other_devices(last_seed, keep_cuda=not cpu_draws)
     return _per_image_tables(seeds, groups_cpu, group_draws)
 
 
