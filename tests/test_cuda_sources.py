@@ -99,6 +99,27 @@ def test_gradient_match_forward_is_one_kernel_with_a_last_block_fold(tmp_path):
     assert len(functions) == 4 * 3 + 4  # (float, double, half, bfloat16) × 3 metrics forward, × 1 backward
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_gradient_match_backward_issues_a_batch_of_loads_before_its_stores(tmp_path):
+    """gradient_match.cu (sm_90 PTX): the backward's 16-byte loop loads 2·kBatch = 8 vectors (syn and
+    real) before its first 16-byte store, in every dtype. Written as a plain unrolled loop the
+    stores could alias the loads (pointers from the table), so nvcc issued load, load, store per
+    vector: 2 loads in flight per lane. The stores stay 128-bit."""
+    ptx_path = str(tmp_path / "gradient_match.ptx")
+    cmd = [NVCC, f"-arch=sm_{kernel_report.ARCH}", "-O3", "-std=c++17", "-ptx", "-o", ptx_path,
+           os.path.join(REPO, "csrc", "cuda", "gradient_match.cu")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = open(ptx_path).read()
+    bodies = [chunk for chunk in ptx.split(".entry ")[1:] if "backward_kernel" in chunk.split("(")[0]]
+    assert len(bodies) == 4, len(bodies)  # float, double, half, bfloat16
+    for body in bodies:
+        ops = [("S" if "st.global" in line else "L") for line in body.splitlines()
+               if ".v4." in line and ("ld.global" in line or "st.global" in line)]
+        assert "S" in ops, body.split("(")[0]
+        assert ops.index("S") >= 8 and ops.count("S") >= 4, (body.split("(")[0], "".join(ops))
+
+
 def test_supcon_logits_are_rounded_before_use():
     """The CUDA backward recomputes each logit and subtracts the forward's lse from it. Written as
     ``dot * inv_temp``, nvcc fused the product into that subtraction (one fma, no rounding of the

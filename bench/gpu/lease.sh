@@ -4,8 +4,9 @@
 # kernel profiles of the issue-13 steps.
 #   run(command="bash bench/gpu/lease.sh", timeout_s=560)
 # Output: bench/results/validate-<date>-<gpu>/ (tarred to $OUT). Commit it with the device name.
-# racecheck is skipped: no CUDA kernel (csrc/cuda) changed since its 0-hazard run on an H200
-# (bench/results/validate-2026-11-26c-h200, commit c0391b1); run validate.sh when one does.
+# racecheck is skipped: since its 0-hazard run on an H200 (bench/results/validate-2026-11-26c-h200,
+# commit c0391b1) only gradient_match's backward changed (batched loads), and it uses no shared
+# memory; run validate.sh when a kernel with shared memory changes.
 # Measured (H100, 2026-11-26, d37bfa9): install + build 51 s, validate 282 s with the tests cut at
 # 100 s (now 160 s), profiles 4 x 14 s: 389 s; about 7.5 minutes with the longer tests step.
 source bench/gpu/setup.sh

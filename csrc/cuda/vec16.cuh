@@ -48,4 +48,13 @@ template <typename T> __device__ __forceinline__ void store16(T* p, const Vec16<
   *reinterpret_cast<uint4*>(p) = bits;
 }
 
+// store16 through the st.global.wb intrinsic: in a loop body that stores several vectors, nvcc
+// split the first plain store16 into four 4-byte stores (sm_90 PTX, CUDA 13); this one stays one
+// 128-bit store.
+template <typename T> __device__ __forceinline__ void store16_wb(T* p, const Vec16<T>& v) {
+  uint4 bits;
+  memcpy(&bits, &v, sizeof(v));
+  __stwb(reinterpret_cast<uint4*>(p), bits);
+}
+
 }  // namespace ddfast
