@@ -388,8 +388,8 @@ def fp32_float_arguments(launch: dict, signature: dict) -> List[str]:
     names = list(signature)
     passed = {names[i]: a for i, a in enumerate(launch["args"]) if i < len(names)}
     passed.update(launch["kwargs"])
-    return [n for n, a in passed.items() if isinstance(a, dict) and isinstance(a.get("value"), float)
-            and not isinstance(a.get("value"), bool) and signature.get(n) == "fp32"]
+    return [n for n, a in passed.items()
+            if isinstance(a, dict) and isinstance(a.get("value"), float) and signature.get(n) == "fp32"]
 
 
 def _spec_text(launch, signature, constexprs, options) -> str:

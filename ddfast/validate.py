@@ -274,17 +274,16 @@ APPROXIMATE_PROVIDERS = ("bf16-real",)
 def target_verdicts(rows: List[Dict]) -> List[Dict]:
     """Each issue-13 target against the bench rows: the best exact ddfast provider's value, MET or
     MISSED, or "not measured" when the run has no such row (a CPU run, a case left out)."""
+    def measured(r: Dict, measure: str):
+        if measure == "kernel_bw":
+            return r.get("frac_peak_bw_kernel")
+        return r.get("speedup") if measure == "reference" else (r.get("speedup_vs") or {}).get(measure)
+
     out = []
     for label, case, measure, threshold in TARGETS:
         mine = [r for r in rows if r.get("case") == case and r.get("role", "ddfast") == "ddfast"
                 and r.get("check") == "ok" and r.get("provider") not in APPROXIMATE_PROVIDERS]
-        if measure == "kernel_bw":
-            scored = [(r.get("frac_peak_bw_kernel"), r["provider"]) for r in mine]
-        elif measure == "reference":
-            scored = [(r.get("speedup"), r["provider"]) for r in mine]
-        else:
-            scored = [((r.get("speedup_vs") or {}).get(measure), r["provider"]) for r in mine]
-        scored = [(v, p) for v, p in scored if v]
+        scored = [(measured(r, measure), r["provider"]) for r in mine if measured(r, measure)]
         verdict = {"target": label, "case": case, "measure": measure, "threshold": threshold}
         if scored:
             value, provider = max(scored)

@@ -145,6 +145,7 @@ def test_cuda_plan_fits_a_gpu_lease(tmp_path, monkeypatch):
         assert len(steps[tool].parts) >= 2 and all(p.count("-k") == 1 and p[-3].startswith("tests/test_")
                                                    for p in steps[tool].parts)
     assert sum(s.timeout_s for s in steps.values() if not s.skip_reason) <= args.budget_min * 60
+    assert tuple(steps) == V.STEP_NAMES  # --skip's list names every step the plan makes
     args = _args(tmp_path)
     V.apply_device_defaults(args, cuda=False)
     assert (args.budget_min, args.tests_k, args.compile_reference) == (25, None, True)

@@ -143,7 +143,7 @@ class _BiaslessConv:
         return F.conv2d(x, c.weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def _bias_cancels(m) -> bool:
+def _conv_bias_droppable(m) -> bool:
     """A plain zero-padded Conv2d with a bias and no hooks (its output goes to an instance norm)."""
     return (type(m) is nn.Conv2d and m.bias is not None and m.padding_mode == "zeros" and not _hooked(m))
 
@@ -209,7 +209,7 @@ def embed_plan(embed) -> Optional[List[Union[nn.Module, _BiaslessConv, _FusedBlo
         if is_instance_norm(norm) and type(act) is nn.ReLU and not (_hooked(norm) or _hooked(act)):
             pool = i + 2 < len(layers) and _tile_pool_2x2(layers[i + 2]) and not _hooked(layers[i + 2])
             block = layers[i:i + (3 if pool else 2)]
-            if plan and _bias_cancels(plan[-1]):
+            if plan and _conv_bias_droppable(plan[-1]):
                 plan[-1] = _BiaslessConv(plan[-1])
             plan.append(_FusedBlock(norm, block, pool))
             i += len(block)
