@@ -5,7 +5,9 @@
 The bench's ResNet-18 layout (20 BatchNorm2d) on CPU at a tiny size, so that host work decides:
 ``plain`` (no hooks), ``per-layer`` (a hook computing ``bn_stat_loss`` for each layer, summed in
 Python: how BNStatMatcher worked before ``bn_stat_loss_sum``), ``matcher`` (BNStatMatcher: record,
-then one call) and ``sre2l`` (SRe2L's BNFeatureHook). Best of ``rounds`` interleaved rounds.
+then one call), ``fused`` (``fuse_batchnorm=True``: each BatchNorm and its loss one ``bn_eval_stat``
+call, replacing the layer's own) and ``sre2l`` (SRe2L's BNFeatureHook). Best of ``rounds``
+interleaved rounds.
 """
 import argparse
 import time
@@ -39,8 +41,8 @@ def _per_layer(model, x):
     return total
 
 
-def _matcher(model, x):
-    with ddfast.BNStatMatcher(model) as matcher:
+def _matcher(model, x, fuse=False):
+    with ddfast.BNStatMatcher(model, fuse_batchnorm=fuse) as matcher:
         model(x)
         return matcher.loss()
 
@@ -50,7 +52,8 @@ def measure(batch=2, size=32, width=8, rounds=15, calls=20):
     model, x = inputs["model"], inputs["x"]
     layers = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     steps = {"plain": lambda: model(x).sum(), "per-layer": lambda: _per_layer(model, x),
-             "matcher": lambda: _matcher(model, x), "sre2l": lambda: _sre2l_step(model, x)}
+             "matcher": lambda: _matcher(model, x), "fused": lambda: _matcher(model, x, fuse=True),
+             "sre2l": lambda: _sre2l_step(model, x)}
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():

@@ -38,6 +38,10 @@ class Case:
     # Work model: work_flops(inputs, provider) -> fwd+bwd flops that provider's algorithm executes
     # (None: unknown). The bench's "work" column is work_flops(provider) / work_flops("reference").
     work_flops: Optional[Callable[[Dict, str], Optional[float]]] = None
+    # The work every provider does alike and none changes (SRe2L's step: the teacher's own forward
+    # and backward to the images): timed as provider "floor" (unchecked), so a row's time above it,
+    # the part the providers differ in, is measured: floor(**inputs) -> tensor.
+    floor: Optional[Callable[..., torch.Tensor]] = None
 
 
 _PERSISTENT: dict = {}

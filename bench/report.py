@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Dict
 
-from .runner import TABLE_COLUMNS, baselines_legend, format_number, table_cells
+from .runner import TABLE_COLUMNS, format_number, legends, table_cells
 
 
 def markdown(report: Dict) -> str:
@@ -23,8 +23,7 @@ def markdown(report: Dict) -> str:
         values = [str(c.get(k, "–")) if f is None else format_number(c.get(k), f, k) for _, k, f in cols]
         values = ["–" if v == "-" else v for v in values]
         lines.append("| " + " | ".join(values) + " |")
-    legend = baselines_legend(rows)
-    if legend:
+    for legend in legends(rows):
         lines += ["", legend]
     if report.get("definitions"):
         lines += ["", "ops, syncs, host µs: see `definitions` in the JSON (one fwd+bwd call after warm-up)."]

@@ -201,7 +201,7 @@ def check(case: Case, inputs: Dict, ref: tuple, fn: Callable[[], torch.Tensor],
 
 # --- running ------------------------------------------------------------------------------
 
-REFERENCE, COMPILED = "reference", "reference-compiled"
+REFERENCE, COMPILED, FLOOR = "reference", "reference-compiled", "floor"
 
 
 def providers_for(case: Case, device: torch.device) -> Dict[str, Callable]:
@@ -238,10 +238,13 @@ def _compiled_reference(case: Case, backend: str) -> Callable:
 
 def all_providers(case: Case, device: torch.device, compile_reference: bool = False,
                   compile_backend: str = "inductor") -> Dict[str, tuple]:
-    """name -> (role, fn(inputs)); roles: "reference", "baseline" (incl. the compiled reference), "ddfast"."""
+    """name -> (role, fn(inputs)); roles: "reference", "baseline" (incl. the compiled reference), "floor"
+    (Case.floor), "ddfast"."""
     provs: Dict[str, tuple] = {REFERENCE: ("reference", lambda inputs: case.reference(**inputs))}
     for name, fn in case.baselines.items():
         provs[name] = ("baseline", lambda inputs, f=fn: f(**inputs))
+    if case.floor is not None:
+        provs[FLOOR] = ("floor", lambda inputs: case.floor(**inputs))
     if compile_reference:
         provs[COMPILED] = ("baseline", None)  # built lazily in run_case so a failure is that row's error
     for name, fn in providers_for(case, device).items():
@@ -276,7 +279,7 @@ def _time_provider(case: Case, name: str, role: str, fn: Callable, inputs: Dict,
     if role == "reference":
         row["check"] = "reference"
         _run_step(fn, inputs, case.grad_inputs, collect=False)
-    elif name in case.unchecked:
+    elif name in case.unchecked or role == "floor":
         row["check"] = "n/a"  # its own random draws: timed only (Case.unchecked)
         _run_step(fn, inputs, case.grad_inputs, collect=False)
     else:
@@ -350,9 +353,13 @@ def run_case(case: Case, device: torch.device, peaks: Dict[str, float], min_repe
 
 
 def _add_speedups(rows: List[Dict]) -> None:
-    """speedup: reference ms / row ms; speedup_vs: {baseline: baseline ms / row ms} for every baseline row."""
+    """speedup: reference ms / row ms (on the floor row: the most any provider can reach);
+    speedup_vs: {baseline: baseline ms / row ms} for every baseline row; with a floor row (Case.floor),
+    above_floor_ms: row ms − floor ms, and speedup_above_floor: the reference's time above the floor
+    ÷ the row's (absent where the row is not above the floor)."""
     ref_ms = rows[0].get("median_ms")
     bases = {r["provider"]: r["median_ms"] for r in rows if r.get("role") == "baseline" and r.get("median_ms")}
+    floor_ms = next((r.get("median_ms") for r in rows if r.get("role") == "floor"), None)
     for row in rows:
         if not row.get("median_ms"):
             continue
@@ -361,6 +368,10 @@ def _add_speedups(rows: List[Dict]) -> None:
         vs = {name: ms / row["median_ms"] for name, ms in bases.items() if name != row["provider"]}
         if vs:
             row["speedup_vs"] = vs
+        if floor_ms and row.get("role") != "floor":
+            row["above_floor_ms"] = row["median_ms"] - floor_ms
+            if ref_ms and ref_ms > floor_ms and row["above_floor_ms"] > 0:
+                row["speedup_above_floor"] = (ref_ms - floor_ms) / row["above_floor_ms"]
 
 
 def best_speedups(cases: List[Case], rows: List[Dict]) -> Dict[str, Dict]:
@@ -391,11 +402,11 @@ def default_out(device_label: str) -> str:
 TABLE_COLUMNS = [  # title, row key (None: text column), number format
     ("case", "case", None), ("provider", "provider", None), ("check", "check", None),
     ("median ms", "median_ms", ".3f"), ("speed-up", "speedup", ".2f"), ("vs base", "vs_base", ".2f"),
-    ("vs compiled", "vs_compiled", ".2f"), ("ops", "ops", "d"), ("syncs", "syncs", "d"), ("host us", "host_us", ".0f"),
+    ("vs compiled", "vs_compiled", ".2f"), ("above floor", "speedup_above_floor", ".2f"), ("ops", "ops", "d"), ("syncs", "syncs", "d"), ("host us", "host_us", ".0f"),
     ("work", "work", ".2f"), ("GB/s", "gbs", ".1f"), ("kern GB/s", "kernel_gbs", ".1f"), ("TFLOP/s", "tflops", ".2f"),
     ("peak MB", "peak_mem_mb", ".1f"),
 ]
-SPEEDUP_KEYS = ("speedup", "vs_base", "vs_compiled")
+SPEEDUP_KEYS = ("speedup", "vs_base", "vs_compiled", "speedup_above_floor")
 
 
 def table_cells(r: Dict) -> Dict:
@@ -424,6 +435,16 @@ def baselines_legend(rows: List[Dict]) -> str:
         f"{n}: {', '.join(sorted(set(cs)))}" for n, cs in names.items()) + ")"
 
 
+FLOOR_LEGEND = ("above floor: the reference's time above the case's floor row (the work every provider does alike) "
+                "÷ the row's; the floor row's speed-up is the most any provider can reach")
+
+
+def legends(rows: List[Dict]) -> List[str]:
+    """The table's footnotes: the baselines, and the floor where a case has one."""
+    notes = [baselines_legend(rows), FLOOR_LEGEND if any(r.get("role") == "floor" for r in rows) else ""]
+    return [text for text in notes if text]
+
+
 def format_table(rows: List[Dict]) -> str:
     all_cells = [table_cells(r) for r in rows]
     cols = [(t, k, f) for t, k, f in TABLE_COLUMNS  # numeric columns nobody filled are left out
@@ -438,8 +459,7 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(" ".join(align(s, i) for i, s in enumerate(line)))
         if "error" in r:
             lines.append(f"    error: {r['error']}")
-    legend = baselines_legend(rows)
-    return "\n".join(lines + ([legend] if legend else []))
+    return "\n".join(lines + legends(rows))
 
 
 def kernel_rows() -> List[Dict]:

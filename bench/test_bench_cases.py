@@ -5,7 +5,7 @@
 
 Providers: the reference, each of the case's baselines (e.g. DC's per-class loop) and the first
 available ddfast provider; each is checked against the reference before it is timed, as in ``ddfast bench``
-(except the baselines in ``Case.unchecked``, which draw their own random numbers).
+(except the baselines in ``Case.unchecked``, which draw their own random numbers, and a case's floor).
 Not part of the test suite (``testpaths = tests``).
 """
 import os
@@ -21,7 +21,8 @@ FULL = os.environ.get("DDFAST_BENCH_FULL") == "1"
 CASES = select_cases(DEVICE.type, FULL)
 
 
-PAIRS = [(case, provider) for case in CASES for provider in ["reference", *case.baselines, "ddfast"]]
+PAIRS = [(case, provider) for case in CASES
+         for provider in ["reference", *case.baselines, *(["floor"] if case.floor else []), "ddfast"]]
 
 
 @pytest.mark.parametrize("case,provider", PAIRS, ids=[f"{c.name}-{p}" for c, p in PAIRS])
@@ -30,6 +31,8 @@ def test_case(benchmark, case, provider):
     ref_fn = lambda: case.reference(**inputs)  # noqa: E731
     if provider == "reference":
         fn = ref_fn
+    elif provider == "floor":  # the work every provider shares (Case.floor): timed only
+        fn = lambda: case.floor(**inputs)  # noqa: E731
     elif provider in case.unchecked:  # its own random draws: timed only
         fn = lambda: case.baselines[provider](**inputs)  # noqa: E731
     elif provider in case.baselines:

@@ -4,6 +4,7 @@
 // elementwise pass grad_x = a_c + b_c (x − μ_c). The CUDA kernels live in cuda/bn_stat.cu: one
 // launch each way (the forward's counters are zeroed by a memset on the stream).
 #include "ddfast_common.h"
+#include "bn_stat_cpu.h"
 #include "eager_autograd.h"
 
 #ifdef DDFAST_WITH_CUDA
@@ -23,42 +24,6 @@ void check_shapes(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& r
   TORCH_CHECK(x.dim() == 3, "bn_stat: x must be viewed as (N, C, S)");
   TORCH_CHECK(rm.numel() == x.size(1) && rv.numel() == x.size(1), "bn_stat: running stats must have C entries");
   DDFAST_CHECK_CONTIGUOUS(x);
-}
-
-// The norms run in fp64 (C values): squares of fp32 statistics above ~1e19 would overflow.
-// ‖mean − rm‖₂ + ‖var − rv‖₂ over C doubles (fp64, in channel order).
-double loss_from_stats(const double* mean, const double* var, const at::Tensor& rm, const at::Tensor& rv) {
-  at::Tensor rmd = rm.to(at::kDouble).contiguous(), rvd = rv.to(at::kDouble).contiguous();
-  const double* rmp = rmd.data_ptr<double>();
-  const double* rvp = rvd.data_ptr<double>();
-  double sq_mean = 0.0, sq_var = 0.0;
-  for (int64_t ch = 0; ch < rmd.numel(); ++ch) {
-    sq_mean += (mean[ch] - rmp[ch]) * (mean[ch] - rmp[ch]);
-    sq_var += (var[ch] - rvp[ch]) * (var[ch] - rvp[ch]);
-  }
-  return std::sqrt(sq_mean) + std::sqrt(sq_var);
-}
-
-// a_c = g (μ_c − rm_c) / (‖μ − rm‖ M), b_c = 2 g (σ²_c − rv_c) / (‖σ² − rv‖ M) in fp64; a zero norm gives 0.
-void coefficients(double g, const double* mean, const double* var, const at::Tensor& rm, const at::Tensor& rv,
-                  int64_t m, std::vector<double>& a, std::vector<double>& b) {
-  at::Tensor rmd = rm.to(at::kDouble).contiguous(), rvd = rv.to(at::kDouble).contiguous();
-  const double* rmp = rmd.data_ptr<double>();
-  const double* rvp = rvd.data_ptr<double>();
-  const int64_t c = rmd.numel();
-  double sq_mean = 0.0, sq_var = 0.0;
-  for (int64_t ch = 0; ch < c; ++ch) {
-    sq_mean += (mean[ch] - rmp[ch]) * (mean[ch] - rmp[ch]);
-    sq_var += (var[ch] - rvp[ch]) * (var[ch] - rvp[ch]);
-  }
-  const double nm = std::sqrt(sq_mean), nv = std::sqrt(sq_var), md = static_cast<double>(m);
-  const double scale_mean = nm > 0.0 ? g / (nm * md) : 0.0, scale_var = nv > 0.0 ? 2.0 * g / (nv * md) : 0.0;
-  a.resize(c);
-  b.resize(c);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    a[ch] = scale_mean * (mean[ch] - rmp[ch]);
-    b[ch] = scale_var * (var[ch] - rvp[ch]);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor& x, const at::Tensor& rm,
@@ -92,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor&
     });
   });
   const auto acc = acc_type(x.scalar_type());
-  at::Tensor loss = at::scalar_tensor(loss_from_stats(mp, vp, rm, rv), x.options().dtype(at::kDouble));
+  at::Tensor loss = at::scalar_tensor(bn_stat_cpu::loss_from_stats(mp, vp, rm, rv), x.options().dtype(at::kDouble));
   return {loss.to(acc), mean.to(acc), var.to(acc)};
 }
 
@@ -102,7 +67,7 @@ at::Tensor bn_stat_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at
   const int64_t n = x.size(0), c = x.size(1), s = x.size(2);
   at::Tensor mu = mean.to(at::kDouble).contiguous(), vd = var.to(at::kDouble).contiguous();
   std::vector<double> a, b;
-  coefficients(grad.to(at::kDouble).item<double>(), mu.data_ptr<double>(), vd.data_ptr<double>(), rm, rv, n * s, a, b);
+  bn_stat_cpu::coefficients(grad.to(at::kDouble).item<double>(), mu.data_ptr<double>(), vd.data_ptr<double>(), rm, rv, n * s, a, b);
   const double* ap = a.data();
   const double* bp = b.data();
   const double* mup = mu.data_ptr<double>();

@@ -24,6 +24,7 @@ _PUBLIC = {
     "bn_stat_loss": "ddfast.ops.bn_stat",
     "bn_stat_loss_sum": "ddfast.ops.bn_stat",
     "BNStatMatcher": "ddfast.ops.bn_stat",
+    "bn_eval_stat": "ddfast.ops.bn_eval_stat",
     "DistributionMatcher": "ddfast.ops.distribution_matcher",
     "supcon_nce": "ddfast.ops.supcon_nce",
     "MIM4DD": "ddfast.ops.mim4dd",

@@ -39,6 +39,7 @@ class OpSpec:
     compiled: bool = True
     cpu_compiled_is_faster: bool = False  # measured: auto on CPU uses the C++ kernel only if True
     cuda_prefers_triton: bool = False     # auto on CUDA tries Triton before the compiled kernel
+    compiled_cuda: bool = True            # the compiled library has a CUDA kernel (else: CPU only)
     on_load: Optional[Callable[[], None]] = field(default=None, compare=False, hash=False)
 
 
@@ -101,6 +102,8 @@ def compiled_status(op: str, device: torch.device) -> Tuple[bool, str]:
         return False, f"no compiled kernel for device type {device.type}"
     if not _extension.load(op, spec.on_load):
         return False, _extension.status().get(op, "unavailable")
+    if device.type == "cuda" and not spec.compiled_cuda:
+        return False, f"'{op}' has no CUDA kernel (its compiled kernel is CPU-only; Triton runs it on CUDA)"
     if device.type == "cuda" and not _extension.has_cuda_kernel(f"ddfast::{op}_fwd"):
         return False, "the extension was built without CUDA (CPU torch or no nvcc at build time)"
     return True, "CUDA kernel" if device.type == "cuda" else "C++ kernel"

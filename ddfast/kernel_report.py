@@ -227,6 +227,13 @@ def _op_calls(dtype):
             backward(ddfast.bn_stat_loss(x, torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype),
                                          backend="triton"))
 
+    def bn_eval_stat(affine):  # fused with an eval-mode BatchNorm: y written forward, grad_y read backward
+        x = rand(2, 2, 48, 48, grad=True)
+        w, b = (rand(2), rand(2)) if affine else (None, None)
+        y, loss = ddfast.bn_eval_stat(x, torch.zeros(2, dtype=dtype), torch.ones(2, dtype=dtype), w, b,
+                                      backend="triton")
+        backward(y.float().sum() + loss)
+
     def param_match():
         s = rand(300, grad=True)
         backward(ddfast.param_match(s, rand(300), rand(300), backend="triton"))
@@ -247,6 +254,7 @@ def _op_calls(dtype):
         w, b = (rand(3), rand(3)) if affine else (None, None)
         backward(ddfast.norm_relu_pool(x, w, b, 1e-5, pool, backend="triton"))
 
+    calls += [(f"bn_eval_stat affine={a}", lambda a=a: bn_eval_stat(a)) for a in (True, False)]
     calls += [("class_means", class_means), ("class_mean_loss", class_mean_loss), ("bn_stat_loss", bn),
               ("param_match", param_match)]
     calls += [(f"norm_relu_pool pool={p} affine={a}", lambda p=p, a=a: norm_relu_pool(p, a))

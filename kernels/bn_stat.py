@@ -15,6 +15,13 @@ every program first takes the two norms in fp64 (C values, the same order in eve
 writes ``grad_x = a_c + b_c (x − μ_c)`` with a_c = g (μ_c − rm_c)/(‖μ − rm‖ M),
 b_c = 2 g (σ²_c − rv_c)/(‖σ² − rv‖ M) (fp64, rounded to the accumulation dtype; a zero norm gives
 0), computed once per row of the tile. No host sync, no workspace kernel.
+
+Fused with an eval-mode BatchNorm (``bn_eval_stat``, WRITE_Y / HAS_GY): the forward also writes
+y = (x − rm_c)·α_c + β_c, α_c = w_c / sqrt(rv_c + eps), from the same loads of x; the backward also
+reads the incoming grad_y and adds grad_y·α_c. So the BatchNorm and its statistic loss cost one
+read of x and a write of y forward and one read of x and grad_y and a write of grad_x backward,
+where the layer and the loss apart cost two reads of x forward and, backward, the BatchNorm's
+pass, the loss's pass and autograd's sum of the two gradients.
 """
 from typing import Optional
 
@@ -22,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtypes, arrival_counters, last_to_arrive, sm_count
+from ._common import acc_dtypes, acc_scalar, arrival_counters, last_to_arrive, sm_count
 
 BLOCK = 1024
 MAX_SPLIT = 64
@@ -73,10 +80,19 @@ def _loss_from_squares(sq_ptr, loss_ptr, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _bn_scale(w_ptr, rv_ptr, ch, cmask, eps, HAS_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Eval-mode BatchNorm's α_c = w_c / sqrt(rv_c + eps) (fp64, rounded to the acc dtype)."""
+    alpha = 1.0 / tl.sqrt(tl.load(rv_ptr + ch, mask=cmask, other=1.0).to(tl.float64) + eps)
+    if HAS_W:
+        alpha = alpha * tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float64)
+    return alpha.to(ACC_DTYPE)
+
+
+@triton.jit
 def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, loss_ptr,
-                       C, S, M, chunk, num_splits,
+                       y_ptr, w_ptr, b_ptr, C, S, M, chunk, num_splits, eps: tl.float64,
                        BLOCK: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
-                       ACC_DTYPE: tl.constexpr):
+                       ACC_DTYPE: tl.constexpr, WRITE_Y: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     c = tl.program_id(0)
     sp = tl.program_id(1)
     lo = sp.to(tl.int64) * chunk
@@ -84,12 +100,19 @@ def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mea
     n_acc = tl.zeros((), dtype=ACC_DTYPE)
     mean_acc = tl.zeros((), dtype=ACC_DTYPE)
     m2_acc = tl.zeros((), dtype=ACC_DTYPE)
+    if WRITE_Y:  # y = (x − rm_c)·α_c + β_c, the BatchNorm in eval mode
+        alpha = _bn_scale(w_ptr, rv_ptr, c, True, acc_scalar(eps, tl.float64), HAS_W, ACC_DTYPE)
+        shift = tl.load(rm_ptr + c).to(ACC_DTYPE)
+        beta = tl.load(b_ptr + c).to(ACC_DTYPE) if HAS_B else tl.zeros((), dtype=ACC_DTYPE)
     for start in range(lo, hi, BLOCK):
         m = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = m < hi
         n_idx = m // S
         s_idx = m - n_idx * S
-        v = tl.load(x_ptr + (n_idx * C + c) * S + s_idx, mask=mask, other=0.0).to(ACC_DTYPE)
+        offs = (n_idx * C + c) * S + s_idx
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if WRITE_Y:
+            tl.store(y_ptr + offs, ((v - shift) * alpha + beta).to(y_ptr.dtype.element_ty), mask=mask)
         n_t = tl.sum(mask.to(ACC_DTYPE), axis=0)
         mean_t = tl.sum(v, axis=0) / n_t
         dev = tl.where(mask, v - mean_t, 0.0)
@@ -143,13 +166,14 @@ def _norm_scales(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, M, BLOCK_C: tl.
 
 
 @triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr
-def _bn_backward_kernel(grad_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, out_ptr, C, S, M, rows,
-                        num_col_tiles, num_tiles,
+def _bn_backward_kernel(grad_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, out_ptr, gy_ptr, w_ptr, C, S, M, rows,
+                        num_col_tiles, num_tiles, eps: tl.float64,
                         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr):
+                        ACC_DTYPE: tl.constexpr, HAS_GY: tl.constexpr, HAS_W: tl.constexpr):
     """Tile t = rows [rt·BLOCK_R, +BLOCK_R) of (N·C, S) × columns [ct·BLOCK_S, +BLOCK_S); program p
-    runs tiles p, p + programs, ... (grid-stride)."""
+    runs tiles p, p + programs, ... (grid-stride). HAS_GY: add the eval-mode BatchNorm's grad_y·α_c."""
     scale_mean, scale_var = _norm_scales(grad_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, M, BLOCK_C)
+    eps64 = acc_scalar(eps, tl.float64)
     for t in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         rt = t // num_col_tiles
         ct = t - rt * num_col_tiles
@@ -165,13 +189,19 @@ def _bn_backward_kernel(grad_ptr, x_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, out_
         mask = rmask[:, None] & (s < S)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         grad = a[:, None] + b[:, None] * (x - mu[:, None])
+        if HAS_GY:
+            alpha = _bn_scale(w_ptr, rv_ptr, ch, rmask, eps64, HAS_W, ACC_DTYPE)
+            grad += tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) * alpha[:, None]
         tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                    counters: Optional[torch.Tensor] = None):
+                    counters: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0):
     """x (N, C, S) contiguous → (loss, mean (C,), var (C,)) in the accumulation dtype; one launch.
-    ``counters``: C + 1 int32 zeros (default: ``arrival_counters``), left at zero."""
+    ``counters``: C + 1 int32 zeros (default: ``arrival_counters``), left at zero. With ``y`` (like
+    x, contiguous) the launch also writes the eval-mode BatchNorm of x with ``weight``, ``bias``
+    (C,) contiguous or None, and ``eps`` into it."""
     n, c, s = x.shape
     m = n * s
     acc_tl, acc_torch = acc_dtypes(x.dtype)
@@ -188,9 +218,11 @@ def bn_stat_forward(x: torch.Tensor, running_mean: torch.Tensor, running_var: to
     if c == 0:  # no program would write the loss: both norms are empty
         return loss.zero_(), mu, var
     _bn_forward_kernel[(c, splits)](x, partials, squares, counters, running_mean, running_var, mu, var, loss,
-                                    c, s, m, chunk, splits, BLOCK=BLOCK,
+                                    x if y is None else y, x if weight is None else weight,
+                                    x if bias is None else bias, c, s, m, chunk, splits, float(eps), BLOCK=BLOCK,
                                     BLOCK_SPLIT=triton.next_power_of_2(splits), BLOCK_C=_BLOCK_C,
-                                    ACC_DTYPE=acc_tl)
+                                    ACC_DTYPE=acc_tl, WRITE_Y=y is not None, HAS_W=weight is not None,
+                                    HAS_B=bias is not None)
     return loss, mu, var
 
 
@@ -207,7 +239,10 @@ def backward_tiles(n: int, c: int, s: int):
     return block_r, block_s, triton.cdiv(n * c, block_r), triton.cdiv(s, block_s)
 
 
-def bn_stat_backward(grad, x, running_mean, running_var, mean, var):
+def bn_stat_backward(grad, x, running_mean, running_var, mean, var, grad_y: Optional[torch.Tensor] = None,
+                     weight: Optional[torch.Tensor] = None, eps: float = 0.0):
+    """grad_x of the loss (``grad`` a 0-d tensor); with ``grad_y`` (like x, contiguous) plus the
+    eval-mode BatchNorm's grad_y·w_c/sqrt(rv_c + eps), in the same pass."""
     n, c, s = x.shape
     acc_tl, _ = acc_dtypes(x.dtype)
     block_r, block_s, row_tiles, col_tiles = backward_tiles(n, c, s)
@@ -215,6 +250,8 @@ def bn_stat_backward(grad, x, running_mean, running_var, mean, var):
     out = torch.empty_like(x)
     programs = max(1, min(num_tiles, _max_programs(x.device)))
     _bn_backward_kernel[(programs,)](grad, x, mean.contiguous(), var.contiguous(), running_mean, running_var, out,
-                                     c, s, n * s, n * c, col_tiles, num_tiles,
-                                     BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_C=_BLOCK_C, ACC_DTYPE=acc_tl)
+                                     x if grad_y is None else grad_y, x if weight is None else weight,
+                                     c, s, n * s, n * c, col_tiles, num_tiles, float(eps),
+                                     BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_C=_BLOCK_C, ACC_DTYPE=acc_tl,
+                                     HAS_GY=grad_y is not None, HAS_W=weight is not None)
     return out

@@ -617,5 +617,5 @@ def test_bn_matcher_host_tool_runs():
     from ddfast.bench.bn_matcher_host import measure
 
     layers, best = measure(batch=1, size=16, width=4, rounds=1, calls=1)
-    assert layers == 20 and set(best) == {"plain", "per-layer", "matcher", "sre2l"}
+    assert layers == 20 and set(best) == {"plain", "per-layer", "matcher", "fused", "sre2l"}
     assert all(0 < v < float("inf") for v in best.values())

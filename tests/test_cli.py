@@ -135,6 +135,33 @@ def test_bench_rows_count_ops_syncs_host_time_and_compare_against_every_baseline
     assert "| ops | syncs | host µs | work |" in md and "| fake/square | loop | ok |" in md
 
 
+def test_bench_floor_row_measures_the_time_the_providers_differ_in():
+    def shared(x):  # the work every provider does alike (a teacher's forward and backward)
+        y = x
+        for _ in range(200):
+            y = y * 1.0001
+        return y.sum()
+
+    case = _square_case(reference=lambda x: shared(x) + sum(x[i] * x[i] for i in range(x.shape[0])),
+                        fused=lambda backend, x: shared(x) + (x * x).sum(), floor=shared, baselines={},
+                        work_flops=None)
+    rows = runner.run_case(case, torch.device("cpu"), {"copy_gbs": 1.0}, 3, 0.0)
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["reference", "floor", "ddfast"] and by["floor"]["role"] == "floor"
+    assert by["floor"]["check"] == "n/a" and runner.failed_rows(rows) == []
+    floor, ref, mine = (by[p]["median_ms"] for p in ("floor", "reference", "ddfast"))
+    assert by["floor"]["speedup"] == pytest.approx(ref / floor)  # the most any provider can reach
+    assert by["ddfast"]["above_floor_ms"] == pytest.approx(mine - floor)
+    if mine > floor:
+        assert by["ddfast"]["speedup_above_floor"] == pytest.approx((ref - floor) / (mine - floor))
+    assert "speedup_above_floor" not in by["floor"] and "speedup_vs" not in by["ddfast"]
+    table = runner.format_table(rows)
+    assert "above floor" in table.splitlines()[0] and runner.FLOOR_LEGEND in table
+    from ddfast.bench.report import markdown
+    md = markdown({"device": "cpu", "torch": "t", "commit": "x", "date": "2026-01-01", "results": rows})
+    assert "| above floor |" in md and runner.FLOOR_LEGEND in md
+
+
 def test_bench_counts_host_syncs_of_a_provider():
     def reads_a_value(backend, x):
         scale = float(x.detach().abs().max())  # a host read: a sync on a GPU

@@ -220,8 +220,8 @@ def test_issue13_targets_are_judged_from_the_bench_rows():
          "frac_peak_bw_kernel": 0.96},
         {"case": "bn_stat/b32-c64-32x32", "provider": "cuda", "role": "ddfast", "check": "MISMATCH", "speedup": 9.0},
     ]
+    assert len(V.target_verdicts(rows)) == len(V.TARGETS)
     got = {t["case"]: t for t in V.target_verdicts(rows)}
-    assert len(got) == len(V.TARGETS)
     assert got["dc_step/convnet3-cifar10-ipc10"]["status"] == "MET"
     assert got["dc_step/convnet3-cifar10-ipc10"]["provider"] == "graph"
     assert got["dc_step/convnet3-cifar10-ipc50"]["status"] == "MISSED"
@@ -237,6 +237,27 @@ def test_issue13_targets_are_judged_from_the_bench_rows():
     assert "96 % (triton) | ≥ 70 % | MET" in text
 
 
+def test_resnet18_bn_target_is_judged_above_the_teachers_floor_and_the_whole_step_shows_its_bound():
+    from ddfast.bench.runner import _add_speedups
+
+    case = "bn_stat/resnet18-224-b100"
+    rows = [{"case": case, "provider": "reference", "role": "reference", "median_ms": 31.4},
+            {"case": case, "provider": "floor", "role": "floor", "check": "n/a", "median_ms": 17.0},
+            {"case": case, "provider": "cuda", "role": "ddfast", "check": "ok", "median_ms": 19.4}]
+    _add_speedups(rows)
+    got = {t["target"]: t for t in V.target_verdicts(rows) if t["case"] == case}
+    part = got["BN statistics inside SRe2L's ResNet-18 step"]
+    assert part["measure"] == "above_floor" and part["status"] == "MET"
+    assert part["value"] == pytest.approx((31.4 - 17.0) / (19.4 - 17.0), rel=1e-3)
+    whole = got["SRe2L's ResNet-18 step, whole"]
+    assert whole["status"] == "MISSED" and whole["bound"] == pytest.approx(31.4 / 17.0, rel=1e-3)
+    summary = V.summarize([{"name": "bench", "status": V.PASS, "details": {"targets": V.target_verdicts(rows)}}],
+                          {"device": "d", "torch": "t", "cuda": None, "commit": "c", "python": "3"}, "now", 1.0, "cmd")
+    text = V.markdown(summary)
+    assert "x vs reference, time above the floor row) | 6.00x (cuda) | ≥ 2x | MET |" in text
+    assert "| 1.62x (cuda) | ≥ 2x | MISSED (the floor allows at most 1.85x) |" in text
+
+
 def test_issue13_targets_name_existing_cases_and_baselines():
     import torch
 
@@ -246,7 +267,9 @@ def test_issue13_targets_name_existing_cases_and_baselines():
     cases = {c.name: c for c in all_cases()}
     for _label, case, measure, _threshold in V.TARGETS:
         assert case in cases and "cuda" in cases[case].devices, case
-        assert measure in ("reference", "kernel_bw") or measure in cases[case].baselines, (case, measure)
+        assert measure in ("reference", "kernel_bw", "above_floor") or measure in cases[case].baselines, (case, measure)
+        if measure == "above_floor":
+            assert cases[case].floor is not None, case
         assert providers_for(cases[case], torch.device("cuda")), case
         if measure == "kernel_bw":
             assert cases[case].bytes_moved is not None, case

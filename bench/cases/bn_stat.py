@@ -1,5 +1,6 @@
 """bn_stat cases: one BatchNorm statistic loss, and SRe2L's recovery step on a ResNet-18-like teacher
-(every BatchNorm2d hooked, as SRe2L: BNStatMatcher vs its BNFeatureHook; forward + backward to the images)."""
+(every BatchNorm2d hooked, as SRe2L: BNStatMatcher vs its BNFeatureHook; forward + backward to the images;
+also the matcher with fuse_batchnorm=True, provider "fused-bn")."""
 import torch
 from torch import nn
 
@@ -52,8 +53,10 @@ def _teacher_inputs(batch, size, width):
     return make
 
 
-def _sre2l_step(model, x):
-    """SRe2L's hooks: per BatchNorm, mean over (N, H, W), biased var of the permuted view, two norms."""
+def _sre2l_step(model, x, first_weight=1.0, with_output=False):
+    """SRe2L's hooks: per BatchNorm, mean over (N, H, W), biased var of the permuted view, two norms;
+    the first layer's loss times ``first_weight`` (its first_bn_multiplier). ``with_output``:
+    (model output, loss)."""
     feats = []
 
     def hook(module, inputs, _out):
@@ -65,15 +68,25 @@ def _sre2l_step(model, x):
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     try:
-        model(x)
+        out = model(x)
     finally:
         for h in handles:
             h.remove()
-    return sum(feats)
+    loss = first_weight * feats[0] + sum(feats[1:]) if first_weight != 1.0 else sum(feats)
+    return (out, loss) if with_output else loss
+
+
+def _teacher_only(model, x):
+    """The floor: the teacher's forward and backward to the images, no BatchNorm statistic (every
+    provider runs these convolutions, BatchNorms and ReLUs alike)."""
+    return model(x).sum()
 
 
 def _matcher_step(backend, model, x):
-    with ddfast.BNStatMatcher(model, backend=backend) as matcher:
+    """BNStatMatcher's step; variant "fused-bn": each BatchNorm and its loss in bn_eval_stat's fused
+    kernels (fuse_batchnorm=True; backend auto: Triton on CUDA, C++ on CPU)."""
+    fuse = backend == "fused-bn"
+    with ddfast.BNStatMatcher(model, backend="auto" if fuse else backend, fuse_batchnorm=fuse) as matcher:
         model(x)
         return matcher.loss()
 
@@ -109,10 +122,13 @@ def cases():
         make_inputs=_teacher_inputs(100, 224, 64),
         reference=_sre2l_step,
         fused=_matcher_step,
+        variants=("fused-bn",),
         grad_inputs=("x",),
         default=False,
         tol=1e-3,
         size=100 * 3 * 224 * 224,
-        notes="whole teacher forward + backward to the images; only the 20 BatchNorm losses differ",
+        floor=_teacher_only,
+        notes="whole teacher forward + backward to the images; only the 20 BatchNorm losses differ; floor = "
+              "the teacher's forward + backward without them (above floor: the BatchNorm losses' share)",
     ))
     return out

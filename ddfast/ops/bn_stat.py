@@ -15,6 +15,7 @@ with the compiled kernels, where a hook per layer cost a Python call, a node and
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Sequence
 
 import torch
@@ -271,10 +272,18 @@ class BNStatMatcher:
     modifying a recorded input in place before ``loss()`` raises there, as autograd would at
     backward. Otherwise (no_grad, or an input without grad) the hook computes its loss at once, so
     no activation is kept. ``losses`` computes the per-call losses when read.
+
+    ``fuse_batchnorm=True`` runs each hooked ``nn.BatchNorm2d`` that is in eval mode (a frozen
+    teacher, as SRe2L runs it) through ``ddfast.bn_eval_stat`` where it takes the fused kernels
+    (Triton on CUDA, C++ on CPU): the layer's output and its loss in one read of the input, and one
+    backward pass instead of three. Other layers and calls (train mode, a weight or bias that needs
+    a gradient, backend "torch") run as without it. The layers' ``forward`` is replaced by an
+    instance attribute until ``remove()``.
     """
 
     def __init__(self, model: nn.Module, first_layer_weight: float = 1.0, *, layers: str = "bn2d",
-                 first_layer: str = "modules", repeated_calls: str = "last", backend: str = "auto"):
+                 first_layer: str = "modules", repeated_calls: str = "last", backend: str = "auto",
+                 fuse_batchnorm: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_choice("layers", layers, LAYER_KINDS)
@@ -293,6 +302,16 @@ class BNStatMatcher:
         self.calls: List[tuple] = []
         self._handles = [model.register_forward_pre_hook(self._start)]
         self._handles += [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(self.layers)]
+        self._fused_loss = None  # the loss of the fused layer whose forward just ran, for its hook
+        self._fused_layers = []
+        if not isinstance(fuse_batchnorm, bool):
+            raise TypeError(f"fuse_batchnorm must be a bool, got {type(fuse_batchnorm).__name__}")
+        if fuse_batchnorm:
+            plain = nn.modules.batchnorm._BatchNorm.forward
+            self._fused_layers = [m for m in self.layers if isinstance(m, nn.BatchNorm2d)
+                                  and type(m).forward is plain and "forward" not in vars(m)]
+            for m in self._fused_layers:
+                m.forward = self._fused_forward(m)
 
     @property
     def losses(self) -> List[torch.Tensor]:
@@ -302,8 +321,26 @@ class BNStatMatcher:
     def _start(self, _module, _inputs) -> None:
         self.calls = []
 
+    def _fused_forward(self, module: nn.Module):
+        from .bn_eval_stat import fused_layer
+
+        def forward(x):
+            if not isinstance(x, torch.Tensor):
+                return type(module).forward(module, x)
+            plan = _fusion_plan(module, x, self.backend)
+            if plan is None:
+                return type(module).forward(module, x)
+            y, self._fused_loss = fused_layer(x, module.running_mean, module.running_var, module.weight, module.bias,
+                                              module.eps, *plan)
+            return y
+        return forward
+
     def _hook_for(self, index: int):
         def hook(module, inputs, _output) -> None:
+            if self._fused_loss is not None:  # this layer's fused forward computed its loss
+                self.calls.append((index, self._fused_loss))
+                self._fused_loss = None
+                return
             x = inputs[0]
             if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
                 # train mode moves the running statistics at every call: keep this call's
@@ -363,12 +400,40 @@ class BNStatMatcher:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self._fused_layers:
+            vars(m).pop("forward", None)
+        self._fused_layers = []
 
     def __enter__(self) -> "BNStatMatcher":
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# per BatchNorm module: {what decides its fusion: (backend, loss dtype) or None}; kept across
+# matchers (a recover loop may build one per step) and dropped with the module
+_FUSION_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _fusion_plan(module: nn.Module, x: torch.Tensor, backend: str):
+    """How BNStatMatcher(fuse_batchnorm=True) runs this call of ``module``: (backend, loss dtype)
+    for ``bn_eval_stat``'s fused kernels, or None for the layer's own forward (train mode, not 4-D,
+    a weight or bias that needs a gradient, no fused kernel here)."""
+    weight, bias, rm = module.weight, module.bias, module.running_mean
+    key = (x.dtype, x.device, x.dim(), module.training, rm.dtype, _backend.requested(backend),
+           weight is not None and weight.requires_grad, bias is not None and bias.requires_grad)
+    plans = _FUSION_PLANS.setdefault(module, {})
+    if key not in plans:
+        from .bn_eval_stat import _check, fused_backend_for
+
+        plan = None
+        if not module.training and x.dim() == 4:
+            which = fused_backend_for(x, rm, module.running_var, weight, bias, backend)
+            if which is not None:
+                plan = (which, _check(x, rm, module.running_var, weight, bias, module.eps))
+        plans[key] = plan
+    return plans[key]
 
 
 class _Recorded:
