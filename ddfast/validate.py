@@ -555,7 +555,7 @@ CUDA_BENCH_SELECT = r"^(bn_stat|class_mean|dc_step|dm_step|dsa|gradient_match|no
 # per device (key: CUDA?): option defaults (filled where the command line left them unset) and the
 # fixed sizes of the steps; on CUDA the whole run fits a 15-minute GPU lease (apply_device_defaults)
 OPTION_DEFAULTS = {
-    True: {"jobs": 12, "tests_timeout": 160, "bench_timeout": 140, "budget_min": 9.5, "compile_reference": False,
+    True: {"jobs": 12, "tests_timeout": 160, "bench_timeout": 160, "budget_min": 9.5, "compile_reference": False,
            "bench_select": CUDA_BENCH_SELECT},
     False: {"jobs": 0, "tests_timeout": 600, "bench_timeout": 360, "budget_min": 25, "compile_reference": True},
 }
@@ -567,7 +567,7 @@ OPTION_DEFAULTS = {
 # the 25 bench cases 64 s (before the kernel-time profile per bandwidth row). Fourth run (H100,
 # d37bfa9): the tests, grown to 958 CUDA tests, were killed at 100 s (97 %); 112 s on an H200 alone.
 STEP_SIZES = {  # seconds; bench_repeats: 5 of at least 0.1 s on CUDA
-    True: {"info_s": 30, "memcheck_s": 80, "racecheck_s": 160, "bench_repeats": ["--repeats", "5", "--min-seconds", "0.1"]},
+    True: {"info_s": 30, "memcheck_s": 80, "racecheck_s": 140, "bench_repeats": ["--repeats", "5", "--min-seconds", "0.1"]},
     False: {"info_s": 120, "memcheck_s": 300, "racecheck_s": 240, "bench_repeats": []},
 }
 
