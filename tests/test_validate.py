@@ -181,9 +181,9 @@ def test_gpu_lease_scripts_parse_and_name_existing_cases_and_providers():
     for script in ("setup.sh", "validate.sh", "profile.sh", "lease.sh"):
         subprocess.run(["bash", "-n", str(root / script)], check=True)
     cases = {c.name: c for c in all_cases()}
-    for script, count in (("profile.sh", 3), ("lease.sh", 4)):
+    for script, count in (("profile.sh", 3), ("lease.sh", 5)):
         text = (root / script).read_text()
-        specs = re.findall(r'"((?:dc_step|dm_step|norm_relu_pool)/[\w.-]+) (\w[\w-]*)"', text)
+        specs = re.findall(r'"((?:bn_stat|dc_step|dm_step|norm_relu_pool)/[\w.-]+) (\w[\w-]*)"', text)
         assert len(specs) == count, script
         for name, provider in specs:
             assert name in cases and "cuda" in cases[name].devices, name
