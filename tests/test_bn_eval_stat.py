@@ -336,3 +336,21 @@ def test_fused_matcher_makes_no_host_sync_after_warm_up():
     with count_syncs() as syncs:
         step()
     assert syncs.count == 0, syncs.events
+
+
+def test_fused_matcher_deep_copy_runs_the_copys_parameters():
+    import copy
+
+    require_backend(OP, "compiled", "cpu")
+    model = _teacher("cpu")
+    x = torch.randn(2, 3, 6, 6)
+    with ddfast.BNStatMatcher(model, fuse_batchnorm=True):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for m in (twin.bn1, twin.bn2):
+                m.running_mean.add_(1.0)
+        assert vars(twin.bn1)["forward"].__self__ is twin.bn1
+        out = twin(x)
+    for m in (twin.bn1, twin.bn2):
+        vars(m).pop("forward", None)
+    torch.testing.assert_close(out, twin(x))

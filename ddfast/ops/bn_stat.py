@@ -15,6 +15,7 @@ with the compiled kernels, where a hook per layer cost a Python call, a node and
 """
 from __future__ import annotations
 
+import types
 import weakref
 from typing import List, Optional, Sequence
 
@@ -322,18 +323,18 @@ class BNStatMatcher:
         self.calls = []
 
     def _fused_forward(self, module: nn.Module):
+        """``module.forward`` while fused: a method bound to the module, so a deep copy of the model
+        binds it to the copy (and, like the hooks, reports to this matcher)."""
         from .bn_eval_stat import fused_layer
 
-        def forward(x):
-            if not isinstance(x, torch.Tensor):
-                return type(module).forward(module, x)
-            plan = _fusion_plan(module, x, self.backend)
+        def forward(layer, x):
+            plan = _fusion_plan(layer, x, self.backend) if isinstance(x, torch.Tensor) else None
             if plan is None:
-                return type(module).forward(module, x)
-            y, self._fused_loss = fused_layer(x, module.running_mean, module.running_var, module.weight, module.bias,
-                                              module.eps, *plan)
+                return type(layer).forward(layer, x)
+            y, self._fused_loss = fused_layer(x, layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                                              layer.eps, *plan)
             return y
-        return forward
+        return types.MethodType(forward, module)
 
     def _hook_for(self, index: int):
         def hook(module, inputs, _output) -> None:
