@@ -99,16 +99,21 @@ def measure_peaks(device: torch.device) -> Dict[str, float]:
 # --- checking ---------------------------------------------------------------------------------
 
 def _run_step(fn: Callable[[], torch.Tensor], inputs: Dict, grad_names, collect: bool = True):
+    """One forward and backward (ones as every output's gradient); with ``collect``, (output, grads).
+    A step may return a tuple of tensors (an op with several outputs): compared as one flat tensor."""
     for name in grad_names:
         inputs[name].grad = None
     out = fn()
-    if out.requires_grad:
-        out.backward(torch.ones_like(out))
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    wanted = [o for o in outs if o.requires_grad]
+    if wanted:
+        torch.autograd.backward(wanted, [torch.ones_like(o) for o in wanted])
     if not collect:
         return None
     grads = {name: (inputs[name].grad.detach().clone() if inputs[name].grad is not None else None)
              for name in grad_names}
-    return out.detach(), grads
+    value = outs[0].detach() if len(outs) == 1 else torch.cat([o.detach().reshape(-1) for o in outs])
+    return value, grads
 
 
 def _rel_err(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> float:

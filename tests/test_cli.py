@@ -162,6 +162,24 @@ def test_bench_floor_row_measures_the_time_the_providers_differ_in():
     assert "| above floor |" in md and runner.FLOOR_LEGEND in md
 
 
+def test_bench_compares_every_output_of_a_multi_output_op():
+    """An op returning (y, loss), as bn_eval_stat: both outputs get gradient ones, both are compared."""
+    def make(device):
+        return {"x": torch.randn(8, device=device, requires_grad=True)}
+
+    def case(fused):
+        return Case(name="fake/two-outputs", make_inputs=make, reference=lambda x: (x * 2, (x * x).sum()),
+                    fused=fused, backends=("auto",), grad_inputs=("x",))
+
+    good = runner.run_case(case(lambda backend, x: (x + x, (x ** 2).sum())), torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0)
+    assert {r["provider"]: r["check"] for r in good} == {"reference": "reference", "ddfast": "ok"}
+    wrong_loss = case(lambda backend, x: (x + x, (x ** 2).sum() * 1.01))
+    wrong_grad = case(lambda backend, x: (x + x, (x.detach() * x).sum()))  # half the loss's gradient
+    for bad in (wrong_loss, wrong_grad):
+        rows = runner.run_case(bad, torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0)
+        assert [r["provider"] for r in runner.failed_rows(rows)] == ["ddfast"]
+
+
 def test_bench_counts_host_syncs_of_a_provider():
     def reads_a_value(backend, x):
         scale = float(x.detach().abs().max())  # a host read: a sync on a GPU

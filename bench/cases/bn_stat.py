@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import ddfast
+from ddfast.ops.bn_eval_stat import bn_eval_stat_reference
 from ddfast.ops.bn_stat import bn_stat_loss_reference
 
 from ..case import Case
@@ -101,6 +102,15 @@ def _layer_inputs(n, c, hw):
     return make
 
 
+def _eval_bn_inputs(n, c, hw):
+    def make(device):
+        inputs = _layer_inputs(n, c, hw)(device)
+        g = torch.Generator().manual_seed(1)
+        inputs.update(weight=torch.randn(c, generator=g).to(device), bias=torch.randn(c, generator=g).to(device))
+        return inputs
+    return make
+
+
 def cases():
     out = []
     for n, c, hw, default in ((32, 64, 32, True), (100, 64, 112, False)):
@@ -116,6 +126,20 @@ def cases():
             bytes_moved=lambda inp: 3 * inp["x"].numel() * inp["x"].element_size(),
             size=n * c * hw * hw,
         ))
+    out.append(Case(  # one layer of a frozen teacher and its hook: what bn_eval_stat fuses
+        name="bn_stat/eval-bn-b100-c64-112x112",
+        op="bn_eval_stat",
+        make_inputs=_eval_bn_inputs(100, 64, 112),
+        reference=bn_eval_stat_reference,
+        fused=lambda backend, **kw: ddfast.bn_eval_stat(**kw, backend=backend),
+        grad_inputs=("x",),
+        default=False,
+        # forward reads x and writes y; backward reads x and grad_y and writes grad_x
+        bytes_moved=lambda inp: 5 * inp["x"].numel() * inp["x"].element_size(),
+        size=100 * 64 * 112 * 112,
+        notes="eval-mode BatchNorm (F.batch_norm) + SRe2L's hook loss of its input vs bn_eval_stat; both outputs "
+              "get gradient ones",
+    ))
     out.append(Case(
         name="bn_stat/resnet18-224-b100",
         op="bn_stat",
