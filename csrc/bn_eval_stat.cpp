@@ -16,6 +16,8 @@
 namespace ddfast {
 namespace {
 
+constexpr int64_t kChunk = 2048;  // forward: elements of a row summed, then normalised, at a time
+
 void check_inputs(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv, const c10::optional<at::Tensor>& w,
                   const c10::optional<at::Tensor>& b) {
   TORCH_CHECK(x.dim() == 3, "bn_eval_stat: x must be viewed as (N, C, S)");
@@ -67,14 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_stat_fwd_cpu(
         const acc_t a = static_cast<acc_t>(alpha[ch]), rmv = static_cast<acc_t>(shift[ch]);
         const acc_t bv = static_cast<acc_t>(beta[ch]);
         double sum = 0.0, sumsq = 0.0;
+        // chunks small enough to stay in L1 between the sums and the y pass: x read once from memory
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t row = (i * c + ch) * s;
-          for (int64_t j = 0; j < s; ++j) {
-            const scalar_t v = xp[row + j];
-            const double d = static_cast<double>(v) - first;
-            sum += d;
-            sumsq += d * d;
-            yp[row + j] = static_cast<scalar_t>((static_cast<acc_t>(v) - rmv) * a + bv);
+          for (int64_t j0 = 0; j0 < s; j0 += kChunk) {
+            const int64_t at = (i * c + ch) * s + j0, len = std::min(kChunk, s - j0);
+            bn_stat_cpu::add_shifted_sums(xp + at, len, first, sum, sumsq);
+            for (int64_t j = at; j < at + len; ++j) {
+              yp[j] = static_cast<scalar_t>((static_cast<acc_t>(xp[j]) - rmv) * a + bv);
+            }
           }
         }
         const double md = sum / m;

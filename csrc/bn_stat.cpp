@@ -42,14 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_stat_fwd_cpu(const at::Tensor&
       for (int64_t ch = c0; ch < c1; ++ch) {
         const double shift = static_cast<double>(xp[ch * s]);
         double sum = 0.0, sumsq = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* row = xp + (i * c + ch) * s;
-          for (int64_t j = 0; j < s; ++j) {
-            const double d = static_cast<double>(row[j]) - shift;
-            sum += d;
-            sumsq += d * d;
-          }
-        }
+        for (int64_t i = 0; i < n; ++i) bn_stat_cpu::add_shifted_sums(xp + (i * c + ch) * s, s, shift, sum, sumsq);
         const double md = sum / m;
         mp[ch] = shift + md;
         vp[ch] = std::max(0.0, sumsq / m - md * md);
