@@ -21,8 +21,8 @@ inline std::vector<double> to_doubles(const at::Tensor& t) {
 }
 
 // sum += Σ (x_j − shift), sumsq += Σ (x_j − shift)² over a run of n values, in fp64. Eight
-// independent lanes, so the compiler vectorises the loop: one serial fp64 accumulator is bound by
-// the add latency (4.8 GB/s on this project's 2-core CPU, a tenth of its copy bandwidth).
+// independent lanes, so the compiler vectorises the loop; one serial fp64 accumulator waited on
+// the add latency: bn_stat's forward over 100×64×112×112 fp32 took 35 ms, now 25.5 ms (2 threads).
 template <typename scalar_t>
 inline void add_shifted_sums(const scalar_t* x, int64_t n, double shift, double& sum, double& sumsq) {
   constexpr int kLanes = 8;
