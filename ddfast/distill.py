@@ -285,6 +285,9 @@ def _parse_overrides(items: List[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):  # flags (flip, fuse_batchnorm, ...): "false" is not a truthy string
+            out[key] = value.lower() == "true"
+            continue
         for conv in (int, float):
             try:
                 out[key] = conv(value)

@@ -89,6 +89,33 @@ def test_recover_batch_iterations_equal_sre2l_loop_float64():
         want_losses.append(loss.item())
     torch.testing.assert_close(got, x.detach(), rtol=1e-9, atol=1e-10)
     assert losses == pytest.approx(want_losses, rel=1e-9)
+    # fuse_batchnorm=True (the C++ bn_eval_stat kernels on CPU): the same iterations
+    fused, fused_losses = sre2l.recover_batch(model, y, x0, iterations=2, lr=0.1, r_bn=0.01, first_bn_multiplier=10.0,
+                                              jitter=0, crop_scale=(1.0, 1.0), flip=False, clip_range=(-1.2, 1.2),
+                                              fuse_batchnorm=True)
+    torch.testing.assert_close(fused, x.detach(), rtol=1e-9, atol=1e-10)
+    assert fused_losses == pytest.approx(want_losses, rel=1e-9)
+    assert all("forward" not in vars(m) for m in model.modules())  # the matcher restored the layers
+
+
+def test_fuse_batchnorm_reaches_every_recover_and_parses_from_set():
+    from ddfast.distill import _parse_overrides
+    from ddfast.methods import infer
+
+    assert _parse_overrides(["fuse_batchnorm=true", "flip=False", "lr=0.5", "init=real"]) == {
+        "fuse_batchnorm": True, "flip": False, "lr": 0.5, "init": "real"}
+    from ddfast.data import load_digits
+
+    digits = load_digits()
+    for name in ("sre2l", "dwa", "infer"):
+        assert get_method(name).default_hparams(digits, 10)["fuse_batchnorm"] is False
+    model = _small_bn_model(dtype=torch.float32)
+    base = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([0, 1, 2])
+    plain = infer.optimise_compensator(model, base, y, iterations=2, lr=0.1, jitter=0)
+    fused = infer.optimise_compensator(model, base, y, iterations=2, lr=0.1, jitter=0, fuse_batchnorm=True)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert fused[1] == pytest.approx(plain[1], rel=1e-5)
 
 
 def test_crop_resize_equals_slice_and_bilinear_resize():

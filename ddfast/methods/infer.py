@@ -65,7 +65,7 @@ def infer_budget(ipc: int, num_classes: int, num_archs: int, base: Optional[int]
 def optimise_compensator(teacher: nn.Module, base_images: torch.Tensor, targets: torch.Tensor, *,
                          iterations: int = 1000, lr: float = 0.25, r_bn: float = 1.0,
                          first_bn_multiplier: float = 10.0, jitter: int = 4,
-                         seed: int = 0) -> Tuple[torch.Tensor, list]:
+                         seed: int = 0, fuse_batchnorm: bool = False) -> Tuple[torch.Tensor, list]:
     """One UFC (1, C_in, H, W) for ``base_images`` (one per class, labels ``targets``) against one teacher."""
     if base_images.shape[0] != targets.shape[0]:
         raise ValueError(f"base_images has {base_images.shape[0]} images but targets has {targets.shape[0]}")
@@ -74,7 +74,7 @@ def optimise_compensator(teacher: nn.Module, base_images: torch.Tensor, targets:
     opt = torch.optim.Adam([ufc], lr=lr, betas=(0.5, 0.9), eps=1e-8)
     rng = random.Random(seed)
     losses = []
-    with BNStatMatcher(teacher, first_layer_weight=first_bn_multiplier) as matcher:
+    with BNStatMatcher(teacher, first_layer_weight=first_bn_multiplier, fuse_batchnorm=fuse_batchnorm) as matcher:
         for it in range(iterations):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, it, iterations)
@@ -198,7 +198,7 @@ class INFER:
             raise ValueError("INFER compensates real images: init must be 'real' or 'herding', not 'noise'")
         cset, log = build_compensated_set(teachers, base, seed=seed, progress=progress, iterations=hp["iterations"],
                                           lr=hp["lr"], r_bn=hp["r_bn"], first_bn_multiplier=hp["first_bn_multiplier"],
-                                          jitter=hp["jitter"])
+                                          jitter=hp["jitter"], fuse_batchnorm=hp["fuse_batchnorm"])
         x, y = cset.instances()
         logits = static_soft_labels(teachers, x)
         from .relabel import parameter_bytes

@@ -39,7 +39,9 @@ from ..ops.bn_stat import BNStatMatcher
 from . import relabel
 from ._common import DSA_STRATEGY, cosine_lr
 
-DEFAULTS = dict(iterations=1000, lr=0.25, r_bn=0.01, first_bn_multiplier=10.0, jitter=4)
+# fuse_batchnorm: BNStatMatcher(fuse_batchnorm=True), each teacher BatchNorm and its loss in one pass
+# each way (bn_eval_stat); the same numbers up to fp32 rounding, off by default until a GPU run measures it
+DEFAULTS = dict(iterations=1000, lr=0.25, r_bn=0.01, first_bn_multiplier=10.0, jitter=4, fuse_batchnorm=False)
 
 
 # --- squeeze ------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def recover_batch(teacher: nn.Module, targets: torch.Tensor, init: torch.Tensor,
                   lr: float = 0.25, r_bn: float = 0.01, first_bn_multiplier: float = 10.0, jitter: int = 4,
                   crop_scale: Optional[Tuple[float, float]] = None, flip: bool = True,
                   clip_range: Optional[Tuple[float, float]] = None, seed: int = 0,
-                  matcher: Optional[BNStatMatcher] = None) -> Tuple[torch.Tensor, list]:
+                  matcher: Optional[BNStatMatcher] = None, fuse_batchnorm: bool = False) -> Tuple[torch.Tensor, list]:
     """Optimise one batch (``init``: its starting images, one per entry of ``targets``) against the
     teacher; returns the images and the loss per iteration."""
     if iterations < 0:
@@ -156,7 +158,7 @@ def recover_batch(teacher: nn.Module, targets: torch.Tensor, init: torch.Tensor,
     x = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
     own = matcher is None
-    matcher = matcher or BNStatMatcher(teacher, first_layer_weight=first_bn_multiplier)
+    matcher = matcher or BNStatMatcher(teacher, first_layer_weight=first_bn_multiplier, fuse_batchnorm=fuse_batchnorm)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     losses = []
     try:
@@ -420,4 +422,4 @@ class SRe2L:
 def recover_kwargs(hp: Dict, dataset) -> Dict:
     return dict(iterations=hp["iterations"], lr=hp["lr"], r_bn=hp["r_bn"],
                 first_bn_multiplier=hp["first_bn_multiplier"], jitter=hp["jitter"], crop_scale=hp["crop_scale"],
-                flip=hp["flip"], clip_range=pixel_clip_range(dataset))
+                flip=hp["flip"], clip_range=pixel_clip_range(dataset), fuse_batchnorm=hp["fuse_batchnorm"])
