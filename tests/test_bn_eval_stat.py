@@ -354,3 +354,24 @@ def test_fused_matcher_deep_copy_runs_the_copys_parameters():
     for m in (twin.bn1, twin.bn2):
         vars(m).pop("forward", None)
     torch.testing.assert_close(out, twin(x))
+
+
+def test_fused_forward_called_without_hooks_is_not_counted_for_the_next_layer():
+    """layer.forward(x) skips the hooks (and SRe2L's): its loss must not land on the next hooked layer."""
+    require_backend(OP, "compiled", "cpu")
+    model = _teacher("cpu")
+    model.bn1.weight.requires_grad_(True)  # bn1 unfused: its hook records its own input
+    x = torch.randn(2, 3, 6, 6)
+    with ddfast.BNStatMatcher(model, fuse_batchnorm=True) as matcher:
+        model.bn2.forward(torch.randn(2, 8, 6, 6) * 5)  # fused, no hook runs
+        model(x)
+        losses = [loss.item() for loss in matcher.losses]
+    _, want = _sre2l_hooks(model, x)
+    assert len(losses) == 2 and sum(losses) == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_bad_fuse_batchnorm_leaves_no_hook_behind():
+    model = _teacher("cpu")
+    with pytest.raises(TypeError, match="fuse_batchnorm"):
+        ddfast.BNStatMatcher(model, fuse_batchnorm=1)
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.modules())

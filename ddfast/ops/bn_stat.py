@@ -300,19 +300,22 @@ class BNStatMatcher:
                              "statistics to match")
         # per hooked call of the last forward, in call order: (layer index, loss) or, deferred,
         # (layer index, _Recorded)
+        if not isinstance(fuse_batchnorm, bool):
+            raise TypeError(f"fuse_batchnorm must be a bool, got {type(fuse_batchnorm).__name__}")
         self.calls: List[tuple] = []
         self._handles = [model.register_forward_pre_hook(self._start)]
         self._handles += [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(self.layers)]
-        self._fused_loss = None  # the loss of the fused layer whose forward just ran, for its hook
-        self._fused_layers = []
-        if not isinstance(fuse_batchnorm, bool):
-            raise TypeError(f"fuse_batchnorm must be a bool, got {type(fuse_batchnorm).__name__}")
-        if fuse_batchnorm:
-            plain = nn.modules.batchnorm._BatchNorm.forward
-            self._fused_layers = [m for m in self.layers if isinstance(m, nn.BatchNorm2d)
-                                  and type(m).forward is plain and "forward" not in vars(m)]
-            for m in self._fused_layers:
-                m.forward = self._fused_forward(m)
+        self._fused_loss = None  # (layer, loss) of the fused forward that just ran, for that layer's hook
+        self._fused_layers = self._fuse_layers() if fuse_batchnorm else []
+
+    def _fuse_layers(self) -> List[nn.Module]:
+        """Replace the forward of the hooked plain BatchNorm2d layers (see ``_fused_forward``)."""
+        plain = nn.modules.batchnorm._BatchNorm.forward
+        layers = [m for m in self.layers
+                  if isinstance(m, nn.BatchNorm2d) and type(m).forward is plain and "forward" not in vars(m)]
+        for m in layers:
+            m.forward = self._fused_forward(m)
+        return layers
 
     @property
     def losses(self) -> List[torch.Tensor]:
@@ -331,17 +334,19 @@ class BNStatMatcher:
             plan = _fusion_plan(layer, x, self.backend) if isinstance(x, torch.Tensor) else None
             if plan is None:
                 return type(layer).forward(layer, x)
-            y, self._fused_loss = fused_layer(x, layer.running_mean, layer.running_var, layer.weight, layer.bias,
-                                              layer.eps, *plan)
+            y, loss = fused_layer(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, *plan)
+            self._fused_loss = (layer, loss)
             return y
         return types.MethodType(forward, module)
 
     def _hook_for(self, index: int):
         def hook(module, inputs, _output) -> None:
-            if self._fused_loss is not None:  # this layer's fused forward computed its loss
-                self.calls.append((index, self._fused_loss))
-                self._fused_loss = None
+            pending, self._fused_loss = self._fused_loss, None
+            if pending is not None and pending[0] is module:  # this layer's fused forward computed its loss
+                self.calls.append((index, pending[1]))
                 return
+            # (a fused forward called without its hooks, layer.forward(x), is not counted: nor would
+            # SRe2L's hooks count it)
             x = inputs[0]
             if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
                 # train mode moves the running statistics at every call: keep this call's
