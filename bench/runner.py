@@ -98,11 +98,28 @@ def measure_peaks(device: torch.device) -> Dict[str, float]:
 
 # --- checking ---------------------------------------------------------------------------------
 
+def _leaves(value) -> List[torch.Tensor]:
+    """A grad input: one leaf tensor, or a list of them (e.g. a model's per-tensor gradients)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _collected_grad(value) -> Optional[torch.Tensor]:
+    """The .grad of a grad input; a list of leaves flattened into one tensor, a leaf the step did not
+    reach as zeros (DC's rank-1 tensors under "ours"), as one flat leaf's gradient would hold them."""
+    if not isinstance(value, (list, tuple)):
+        return value.grad.detach().clone() if value.grad is not None else None
+    if all(leaf.grad is None for leaf in value):
+        return None
+    return torch.cat([(leaf.grad.detach() if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1)
+                      for leaf in value])
+
+
 def _run_step(fn: Callable[[], torch.Tensor], inputs: Dict, grad_names, collect: bool = True):
     """One forward and backward (ones as every output's gradient); with ``collect``, (output, grads).
     A step may return a tuple of tensors (an op with several outputs): compared as one flat tensor."""
     for name in grad_names:
-        inputs[name].grad = None
+        for leaf in _leaves(inputs[name]):
+            leaf.grad = None
     out = fn()
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     wanted = [o for o in outs if o.requires_grad]
@@ -110,8 +127,7 @@ def _run_step(fn: Callable[[], torch.Tensor], inputs: Dict, grad_names, collect:
         torch.autograd.backward(wanted, [torch.ones_like(o) for o in wanted])
     if not collect:
         return None
-    grads = {name: (inputs[name].grad.detach().clone() if inputs[name].grad is not None else None)
-             for name in grad_names}
+    grads = {name: _collected_grad(inputs[name]) for name in grad_names}
     value = outs[0].detach() if len(outs) == 1 else torch.cat([o.detach().reshape(-1) for o in outs])
     return value, grads
 

@@ -209,16 +209,35 @@ def test_bench_compile_failure_is_an_error_row_not_a_crash(monkeypatch):
 def test_gradient_match_dc_loop_baseline_equals_the_grouped_reference():
     case = next(c for c in all_cases() if c.name == "gradient_match/convnet3-cifar10-c10")
     inputs = case.make_inputs(torch.device("cpu"))
-    inputs = dict(inputs, syn=inputs["syn"].detach().double().requires_grad_(True), real=inputs["real"].double())
+    inputs = dict(syn=[t.detach().double().requires_grad_(True) for t in inputs["syn"]],
+                  real=[t.double() for t in inputs["real"]])
     losses, grads = [], []
     for fn in (case.reference, case.baselines["dc-loop"]):
         loss = fn(**inputs)
         losses.append(loss.detach())
-        grads.append(torch.autograd.grad(loss, inputs["syn"])[0])
+        got = torch.autograd.grad(loss, inputs["syn"], allow_unused=True)  # rank-1 tensors: no gradient
+        grads.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                                for g, t in zip(got, inputs["syn"])]))
     # DC accumulates into torch.tensor(0.0): a float32 sum of float64 distances, as in DC
     assert losses[1].dtype == torch.float32
     torch.testing.assert_close(losses[1].double(), losses[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+
+
+def test_bench_grad_input_may_be_a_list_of_leaves():
+    """A model's per-tensor gradients as one grad input: no flat leaf viewed as the tensors, whose
+    backward would concatenate the gradients (a copy timed with the op); compared flattened."""
+    case = next(c for c in all_cases() if c.name == "gradient_match/convnet3-cifar10-c10")
+    inputs = case.make_inputs(torch.device("cpu"))
+    assert isinstance(inputs["syn"], list) and all(t.is_leaf and t.requires_grad for t in inputs["syn"])
+    out, grads = runner._run_step(lambda: case.reference(**inputs), inputs, case.grad_inputs)
+    assert grads["syn"].shape == (sum(t.numel() for t in inputs["syn"]),)
+    want = torch.autograd.grad(case.reference(**inputs), inputs["syn"], allow_unused=True)
+    assert any(g is None for g in want)  # the rank-1 tensors: zeros in the collected gradient
+    torch.testing.assert_close(grads["syn"], torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                                                        for g, t in zip(want, inputs["syn"])]))
+    rows = runner.run_case(case, torch.device("cpu"), {"copy_gbs": 1.0}, 1, 0.0)
+    assert runner.failed_rows(rows) == [] and {r["check"] for r in rows} <= {"reference", "ok"}
 
 
 def _cancellation_case(fused):
