@@ -273,13 +273,17 @@ TARGETS = (
 APPROXIMATE_PROVIDERS = ("bf16-real",)
 
 
+# measures read straight from a row (any other names a baseline: the row's speedup_vs entry)
+_ROW_MEASURES = {"reference": "speedup", "kernel_bw": "frac_peak_bw_kernel", "above_floor": "speedup_above_floor"}
+
+
 def target_verdicts(rows: List[Dict]) -> List[Dict]:
     """Each issue-13 target against the bench rows: the best exact ddfast provider's value, MET or
     MISSED, or "not measured" when the run has no such row (a CPU run, a case left out)."""
     def measured(r: Dict, measure: str):
-        if measure in ("kernel_bw", "above_floor"):
-            return r.get({"kernel_bw": "frac_peak_bw_kernel", "above_floor": "speedup_above_floor"}[measure])
-        return r.get("speedup") if measure == "reference" else (r.get("speedup_vs") or {}).get(measure)
+        if measure in _ROW_MEASURES:
+            return r.get(_ROW_MEASURES[measure])
+        return (r.get("speedup_vs") or {}).get(measure)
 
     # per case, the floor row's speed-up: the most any provider can reach on the whole step
     bounds = {r["case"]: r["speedup"] for r in rows if r.get("role") == "floor" and r.get("speedup")}

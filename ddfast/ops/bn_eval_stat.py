@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._checks import acc_dtype, check_float_tensor, check_result_finite, check_same_device
-from .bn_stat import _checked_layer, bn_stat_loss, bn_stat_loss_reference
+from .bn_stat import _checked_layer, _kernel_inputs, bn_stat_loss, bn_stat_loss_reference, check_channel_vector
 
 OP = "bn_eval_stat"
 
@@ -140,26 +140,13 @@ def fused_backend_for(x: torch.Tensor, running_mean, running_var, weight, bias,
     return which
 
 
-def takes_fused_kernels(x: torch.Tensor, running_mean, running_var, weight, bias, backend: str = "auto") -> bool:
-    """Whether ``bn_eval_stat`` runs its fused kernels for these arguments."""
-    return fused_backend_for(x, running_mean, running_var, weight, bias, backend) is not None
-
-
-def _kernel_inputs(x, *params):
-    x3 = x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1)
-    return [t if t is None or t.is_contiguous() else t.contiguous() for t in (x3, *params)]
-
-
 def _check(x, running_mean, running_var, weight, bias, eps) -> torch.dtype:
     out_dtype = _checked_layer(x, running_mean, running_var)
-    c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_float_tensor(name, t, min_dim=1)
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"{name} must be 1-D with one entry per channel of x ({c}), got shape {tuple(t.shape)}")
-        check_same_device(x=x, **{name: t})
+        if t is not None:
+            check_float_tensor(name, t, min_dim=1)
+            check_channel_vector(name, t, x)
+            check_same_device(x=x, **{name: t})
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     return out_dtype
@@ -175,9 +162,9 @@ def bn_eval_stat(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     of ``x`` and the running statistics. Gradients to ``x`` (and, through the composition, to a
     weight or bias that requires one)."""
     out_dtype = _check(x, running_mean, running_var, weight, bias, eps)
-    which = fused_backend_for(x, running_mean, running_var, weight, bias, backend)
-    if which is None:
-        sub = "auto" if _fused_backend(backend, x.device) != "torch" else backend  # the loss's own kernels
+    which = _fused_backend(backend, x.device)
+    if which == "torch" or not _fused_ok(x, running_mean, running_var, weight, bias):
+        sub = backend if which == "torch" else "auto"  # the loss's own choice of kernels
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
         return y, bn_stat_loss(x, running_mean, running_var, backend=sub)
     return fused_layer(x, running_mean, running_var, weight, bias, float(eps), which, out_dtype)

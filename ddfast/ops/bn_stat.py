@@ -116,19 +116,24 @@ def _checked_layer(x, running_mean, running_var, names=("x", "running_mean", "ru
     check_float_tensor(x_name, x, min_dim=2)
     check_float_tensor(mean_name, running_mean, min_dim=1)
     check_float_tensor(var_name, running_var, min_dim=1)
-    c = x.shape[1]
     for name, t in ((mean_name, running_mean), (var_name, running_var)):
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"{name} must be 1-D with one entry per channel of {x_name} ({c}), got shape "
-                             f"{tuple(t.shape)}")
+        check_channel_vector(name, t, x, x_name)
     check_same_device(**{x_name: x, mean_name: running_mean, var_name: running_var})
     return torch.promote_types(x.dtype, torch.promote_types(running_mean.dtype, running_var.dtype))
 
 
-def _kernel_inputs(x, running_mean, running_var) -> List[torch.Tensor]:
-    """What the kernels take: x as (N, C, S) and all three contiguous."""
+def check_channel_vector(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:
+    """``t`` is 1-D with one entry per channel (dim 1) of ``x``."""
+    c = x.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(f"{name} must be 1-D with one entry per channel of {x_name} ({c}), got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _kernel_inputs(x, *per_channel) -> List[Optional[torch.Tensor]]:
+    """What the kernels take: x as (N, C, S), it and the per-channel tensors contiguous (None kept)."""
     x3 = x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1)
-    return [t if t.is_contiguous() else t.contiguous() for t in (x3, running_mean, running_var)]
+    return [t if t is None or t.is_contiguous() else t.contiguous() for t in (x3, *per_channel)]
 
 
 def _weighted_sum(terms) -> torch.Tensor:
