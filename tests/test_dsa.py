@@ -162,11 +162,13 @@ def test_cuda_reference_stream_leaves_cpu_and_cuda_generators_as_the_per_group_c
 @pytest.mark.parametrize("mode", ["S", "M"])
 def test_device_draw_reseeds_skip_torch_manual_seed(monkeypatch, mode):
     """The re-seed path of device draws (CUDA initialised, emulated here on CPU tensors): the CPU
-    generator and CUDA's manual_seed_all get every seed directly, torch.random.manual_seed (which
-    formats the Python stack for each backend not initialised) runs once at the end, and the
-    draws and the CPU generator equal the per-draw torch.random.manual_seed path."""
+    generator and CUDA's manual_seed_all get every seed directly, the other devices are seeded
+    once at the end (seed_other_devices, never torch.random.manual_seed, which formats the Python
+    stack for each backend not initialised), and the draws and the CPU generator equal the
+    per-draw torch.random.manual_seed path."""
     real_manual_seed = torch.random.manual_seed
-    calls = {"manual_seed": 0, "cuda_seeds": []}
+    calls = {"manual_seed": 0, "cuda_seeds": [], "others": []}
+    real_others = dsa.seed_other_devices
 
     def counting_manual_seed(seed):
         calls["manual_seed"] += 1
@@ -175,7 +177,7 @@ def test_device_draw_reseeds_skip_torch_manual_seed(monkeypatch, mode):
     def draw(initialised):
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
         torch.default_generator.manual_seed(3)
-        calls.update(manual_seed=0, cuda_seeds=[])
+        calls.update(manual_seed=0, cuda_seeds=[], others=[])
         stream = dsa.SeedStream(11, cpu_draws=False)
         stages = dsa.draw_stages(dsa.parse_strategy(STRATEGY, _param(mode)), stream, 6, 10, 12, _param(mode),
                                  torch.float32, "cpu", siamese=True)
@@ -186,14 +188,48 @@ def test_device_draw_reseeds_skip_torch_manual_seed(monkeypatch, mode):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls["cuda_seeds"].append(seed))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: None)
+    monkeypatch.setattr(dsa, "seed_other_devices",
+                        lambda seed, keep_cuda=False: (calls["others"].append(seed), real_others(seed, keep_cuda)))
     want, state_want, per_draw = draw(False)
     got, state_got, direct = draw(True)
     monkeypatch.setattr(torch.random, "manual_seed", real_manual_seed)
     assert per_draw["manual_seed"] >= 2 and per_draw["cuda_seeds"] == []
-    assert direct["manual_seed"] == 1 and direct["cuda_seeds"] == list(range(11, 11 + per_draw["manual_seed"]))
+    assert direct["manual_seed"] == 0 and direct["cuda_seeds"] == list(range(11, 11 + per_draw["manual_seed"]))
+    assert direct["others"] == [10 + per_draw["manual_seed"]]  # once, with the last seed
     assert torch.equal(state_got, state_want)
     for (ip_g, fp_g), (ip_w, fp_w) in zip(got, want):
         assert torch.equal(ip_g, ip_w) and torch.equal(fp_g, fp_w)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("keep_cuda,cuda_initialised", [(False, False), (True, False), (True, True)])
+def test_seed_other_devices_seeds_what_torch_manual_seed_seeds(monkeypatch, compiled, keep_cuda, cuda_initialised):
+    """seed_other_devices calls the device seeders torch.random.manual_seed calls, in its order,
+    but leaves the CPU generator (and, with keep_cuda, initialised CUDA) alone, and skips devices
+    this build was compiled without (their lazy seed could never run)."""
+    assert dsa._fast_seeding_matches_torch()  # a torch seeding another device would fall back
+    calls = []
+    for name, seed_all in dsa._SEEDED_DEVICES:
+        module = getattr(torch, name)
+        monkeypatch.setattr(module, seed_all, lambda seed, name=name: calls.append((name, seed)))
+        monkeypatch.setattr(module, "_is_in_bad_fork", lambda: False)
+        if name != "mps":  # mps has no _is_compiled: it returns early itself when absent
+            monkeypatch.setattr(module, "_is_compiled", lambda: compiled, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_initialised)
+    monkeypatch.setattr(torch.random, "_seed_custom_device", lambda seed: calls.append(("custom", seed)))
+    torch.default_generator.manual_seed(3)
+    torch.random.manual_seed(17)
+    want = list(calls)
+    calls.clear()
+    torch.default_generator.manual_seed(3)
+    state = torch.random.get_rng_state()
+    dsa.seed_other_devices(17, keep_cuda=keep_cuda)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    skipped = set() if compiled else {"cuda", "xpu", "mtia"}
+    if keep_cuda and cuda_initialised:
+        skipped.add("cuda")
+    assert calls == [c for c in want if c[0] not in skipped]
+    assert ("mps", 17) in calls and ("custom", 17) in calls
 
 
 def test_empty_group_makes_no_call():

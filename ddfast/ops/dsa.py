@@ -149,15 +149,61 @@ class SeedStream:
         return torch.randint(low, high, size=size, device=device, generator=self.generator)
 
 
+# torch.random.manual_seed's devices besides the CPU, each (module, its seed-all function)
+_SEEDED_DEVICES = (("cuda", "manual_seed_all"), ("mps", "manual_seed"), ("xpu", "manual_seed_all"),
+                   ("mtia", "manual_seed_all"))
+_FAST_SEEDING: Optional[bool] = None
+
+
+def _fast_seeding_matches_torch() -> bool:
+    """Whether ``torch.random.manual_seed`` seeds exactly the devices ``_SEEDED_DEVICES`` lists (and
+    the custom one): read once from its source, so a torch that seeds another device falls back."""
+    global _FAST_SEEDING
+    if _FAST_SEEDING is None:
+        import inspect
+        import re
+
+        try:
+            source = inspect.getsource(torch.random.manual_seed)
+            impl = getattr(torch.random, "_manual_seed_impl", None)
+            source += inspect.getsource(impl) if impl is not None else ""
+            seeded = set(re.findall(r"torch\.(\w+)\.manual_seed", source))
+            _FAST_SEEDING = (seeded <= {name for name, _ in _SEEDED_DEVICES}
+                             and hasattr(torch.random, "_seed_custom_device"))
+        except (OSError, TypeError):  # no source (frozen install): torch's own call
+            _FAST_SEEDING = False
+    return _FAST_SEEDING
+
+
+def _device_compiled(module) -> bool:
+    """False only when this build cannot run the device at all (its queued lazy seed never runs)."""
+    compiled = getattr(module, "_is_compiled", None)
+    return True if compiled is None else bool(compiled())
+
+
 def seed_other_devices(seed: int, keep_cuda: bool = False) -> None:
     """``torch.random.manual_seed(seed)``'s effect on every generator but the CPU one (and, with
-    ``keep_cuda``, the initialised CUDA ones), which keep their state."""
-    state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if keep_cuda and torch.cuda.is_initialized() else None
-    torch.random.manual_seed(seed)
-    torch.random.set_rng_state(state)
-    if cuda_states is not None:
-        torch.cuda.set_rng_state_all(cuda_states)
+    ``keep_cuda``, the initialised CUDA ones), which keep their state.
+
+    Devices this build was compiled without are skipped: torch would only queue a lazy seed for
+    them (formatting the Python stack, about 40 µs each), which no later call can run."""
+    if not _fast_seeding_matches_torch():
+        state = torch.random.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if keep_cuda and torch.cuda.is_initialized() else None
+        torch.random.manual_seed(seed)
+        torch.random.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        return
+    seed = int(seed)
+    for name, seed_all in _SEEDED_DEVICES:
+        module = getattr(torch, name)
+        if module._is_in_bad_fork() or not _device_compiled(module):
+            continue
+        if name == "cuda" and keep_cuda and torch.cuda.is_initialized():
+            continue
+        getattr(module, seed_all)(seed)
+    torch.random._seed_custom_device(seed)
 
 
 def _pixels(extent: int, ratio: float) -> int:
