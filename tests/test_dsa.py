@@ -611,11 +611,12 @@ def test_default_rng_is_device_and_sync_free_after_warm_up():
 
 
 @pytest.mark.parametrize("mode", ["M", "S"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_deferred_host_reads_give_the_same_tables_and_generator_states(monkeypatch, mode, dtype):
     """On CUDA the reference-stream draws are read on the host once per call (HostReads) instead of
     once per draw; CPU draws are filled at once. Queued as a GPU's would be, every table entry and
-    the generator state left behind equal the immediate reads, for mixed seeds and both modes."""
+    the generator state left behind equal the immediate reads, for mixed seeds and both modes
+    (the queued draws mix 8-, 4- and 2-byte elements: their bytes share one buffer)."""
     seeds, groups = [5, -1, 9], torch.tensor([0, 1, 1, 2, 0, 2, 1])
     families = dsa.parse_strategy(STRATEGY, _param(mode))
 

@@ -225,8 +225,9 @@ class HostReads:
     """Device draws read on the host once per call instead of once per draw (each read was a sync:
     about 8 per group, 69 per DM step side on an H200). ``read(t, fill)`` queues a draw's values
     and the function that writes them into the CPU tables; ``flush`` copies every queued draw in
-    one transfer and runs the fills in order. CPU draws are filled at once. The values are exact:
-    float32 and small int64 draws pass through float64 unchanged and come back in their dtype."""
+    one transfer and runs the fills in order. CPU draws are filled at once. The draws travel as
+    their bytes (one concatenation, no conversion launch per draw), so the values are bitwise
+    the drawn ones."""
 
     def __init__(self):
         self.items: List[tuple] = []
@@ -240,11 +241,18 @@ class HostReads:
     def flush(self) -> None:
         if not self.items:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t, _ in self.items]).cpu()
-        start = 0
-        for t, fill in self.items:
-            fill(flat[start:start + t.numel()].to(t.dtype))
-            start += t.numel()
+        # widest elements first, so every draw starts at a multiple of its element size in the
+        # byte buffer (a byte view can only be reinterpreted at an aligned offset)
+        order = sorted(range(len(self.items)), key=lambda i: -self.items[i][0].element_size())
+        raw = torch.cat([self.items[i][0].reshape(-1).contiguous().view(torch.uint8) for i in order]).cpu()
+        values, start = [None] * len(self.items), 0
+        for i in order:
+            t = self.items[i][0]
+            nbytes = t.numel() * t.element_size()
+            values[i] = raw[start:start + nbytes].view(t.dtype)
+            start += nbytes
+        for (_, fill), v in zip(self.items, values):
+            fill(v)
         self.items = []
 
 
