@@ -3,6 +3,7 @@
 CPU: the option runs eagerly with one warning and gives the eager numbers. CUDA (skipped without a
 GPU): replays equal eager steps, in-place parameter updates are seen, a new configuration captures
 again."""
+import gc
 import warnings
 
 import pytest
@@ -76,6 +77,69 @@ def test_graphed_step_on_cpu_runs_eagerly():
     with pytest.warns(RuntimeWarning, match="CUDA tensors"):
         assert step(lambda t: t * 2, ("k",), (x,)).tolist() == [2.0, 2.0, 2.0]
     assert step.captures == 0
+
+
+class _FakeCudaTensor:
+    """Passes GraphedStep's argument checks, so its capture logic runs without a GPU."""
+    is_cuda = requires_grad = True
+
+    def detach(self):
+        return self
+
+    def clone(self):
+        return self
+
+    def requires_grad_(self, flag=True):
+        return self
+
+
+def _fake_capture(monkeypatch, fail=False):
+    log = []
+
+    def make_graphed_callables(fn, static, allow_unused_input=False):
+        log.append(("capture", gc.isenabled()))
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return lambda *args: torch.ones(1)
+
+    real_collect = gc.collect
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+    monkeypatch.setattr(gc, "collect", lambda *a: (log.append(("collect", gc.isenabled())), real_collect(*a))[1])
+    return log
+
+
+def test_a_failed_capture_is_not_retried_for_the_same_key(monkeypatch):
+    log = _fake_capture(monkeypatch, fail=True)
+    step, x, eager = GraphedStep("Test"), _FakeCudaTensor(), lambda t: torch.zeros(1)
+    with pytest.warns(RuntimeWarning, match="capture failed .*stream is capturing"):
+        assert step(eager, "a", (x,)).tolist() == [0.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for _ in range(3):
+            assert step(eager, "a", (x,)).tolist() == [0.0]
+    assert [e for e, _ in log] == ["capture"] and step.captures == 0
+    assert "stream is capturing" in step.fallback_reason
+    step(eager, "b", (x,))  # a new configuration tries again
+    assert [e for e, _ in log] == ["capture", "capture"]
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_capture_runs_with_the_collector_off_after_collecting_the_old_graph(monkeypatch, enabled_before):
+    """The old graph is collected before a re-capture, never inside it (pytorch/pytorch#161037)."""
+    log = _fake_capture(monkeypatch)
+    step, x, eager = GraphedStep("Test"), _FakeCudaTensor(), lambda t: torch.zeros(1)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        assert step(eager, "a", (x,)).tolist() == [1.0]
+        assert step(eager, "a", (x,)).tolist() == [1.0]  # a replay
+        assert step(eager, "b", (x,)).tolist() == [1.0]
+        assert gc.isenabled() == enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
+    # first capture: nothing to collect; the re-capture collects (collector as it was), then captures with it off
+    assert log == [("capture", False), ("collect", enabled_before), ("capture", False)]
+    assert step.captures == 2 and step.replays == 3
 
 
 @cuda

@@ -9,10 +9,18 @@ parameters, cached label layouts) is read from the same storage at every replay,
 updates (an optimizer step) are seen; replacing a parameter tensor changes the key.
 
 When capture is impossible (CPU tensors, no grad wanted, or capture raising: a host sync or an
-unsupported op inside the step) the step runs eagerly, with one warning per reason and matcher.
+unsupported op inside the step) the step runs eagerly, with one warning per reason and matcher; a
+key whose capture failed is not tried again (each try costs three warm-up steps).
+
+A new key frees the old graph first: ``make_graphed_callables`` keeps its graphs in a class that
+only Python's cyclic collector frees, and a collection that lands inside the next capture would
+destroy them there, which CUDA refuses ("operation not permitted when stream is capturing") and
+which invalidates the capture (pytorch/pytorch#161037). So the old graph is collected before, and
+the collector is off during, every capture (also releasing the old graph's memory pool at once).
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -56,6 +64,7 @@ class GraphedStep:
         self.replays = 0
         self.fallback_reason: Optional[str] = None
         self._warned = set()
+        self._failed: Optional[tuple] = None  # (key, reason) of the last capture that raised
 
     def _eager(self, fn, args, reason: str):
         if reason not in self._warned:
@@ -65,6 +74,26 @@ class GraphedStep:
         self.fallback_reason = reason
         return fn(*args)
 
+    def _capture(self, fn, args) -> Optional[str]:
+        """Capture ``fn`` on copies of ``args`` into ``self.graphed``; the failure's reason, or None."""
+        had_graph = self.graphed is not None
+        self.graphed, self.key = None, None
+        if had_graph:
+            gc.collect()  # the old graph dies here, not inside the next capture
+        # the graph owns its input buffers: every call copies into them (given the caller's own
+        # tensors, a later call would overwrite the first call's inputs in place)
+        static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.graphed = torch.cuda.make_graphed_callables(fn, static, allow_unused_input=True)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back, said once
+            return f"capture failed ({type(exc).__name__}: {exc})"
+        finally:
+            if was_enabled:
+                gc.enable()
+        return None
+
     def __call__(self, fn: Callable, key: Hashable, args: Sequence[torch.Tensor]):
         args = tuple(args)
         if not all(a.is_cuda for a in args):
@@ -72,15 +101,13 @@ class GraphedStep:
         if not torch.is_grad_enabled() or not any(a.requires_grad for a in args):
             return self._eager(fn, args, "no input requires grad (the graph holds forward and backward)")
         if key != self.key:
-            self.graphed, self.key = None, None
-            # the graph owns its input buffers: every call copies into them (given the caller's own
-            # tensors, a later call would overwrite the first call's inputs in place)
-            static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            try:
-                self.graphed = torch.cuda.make_graphed_callables(fn, static, allow_unused_input=True)
-            except Exception as exc:  # noqa: BLE001 - any capture failure falls back, said once
-                return self._eager(fn, args, f"capture failed ({type(exc).__name__}: {exc})")
-            self.key = key
+            if self._failed is not None and self._failed[0] == key:
+                return self._eager(fn, args, self._failed[1])
+            reason = self._capture(fn, args)
+            if reason is not None:
+                self._failed = (key, reason)
+                return self._eager(fn, args, reason)
+            self.key, self._failed = key, None
             self.captures += 1
         self.replays += 1
         self.fallback_reason = None
