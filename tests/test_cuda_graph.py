@@ -108,11 +108,18 @@ def _fake_capture(monkeypatch, fail=False):
     return log
 
 
-def test_a_failed_capture_is_not_retried_for_the_same_key(monkeypatch):
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_a_failed_capture_is_not_retried_for_the_same_key(monkeypatch, enabled_before):
     log = _fake_capture(monkeypatch, fail=True)
     step, x, eager = GraphedStep("Test"), _FakeCudaTensor(), lambda t: torch.zeros(1)
-    with pytest.warns(RuntimeWarning, match="capture failed .*stream is capturing"):
-        assert step(eager, "a", (x,)).tolist() == [0.0]
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        with pytest.warns(RuntimeWarning, match="capture failed .*stream is capturing"):
+            assert step(eager, "a", (x,)).tolist() == [0.0]
+        assert gc.isenabled() == enabled_before  # restored after a failed capture too
+    finally:
+        (gc.enable if was else gc.disable)()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         for _ in range(3):
@@ -121,6 +128,30 @@ def test_a_failed_capture_is_not_retried_for_the_same_key(monkeypatch):
     assert "stream is capturing" in step.fallback_reason
     step(eager, "b", (x,))  # a new configuration tries again
     assert [e for e, _ in log] == ["capture", "capture"]
+
+
+def test_a_failed_key_stays_failed_after_another_key_captures(monkeypatch):
+    """A fails, B captures: going back to A runs eagerly (no retry, B's graph kept)."""
+    log = []
+
+    def make_graphed_callables(fn, static, allow_unused_input=False):
+        log.append(fn.__name__)
+        if fn.__name__ == "a":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return lambda *args: torch.ones(1)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+
+    def a(t):
+        return torch.zeros(1)
+
+    def b(t):
+        return torch.zeros(1)
+    step, x = GraphedStep("Test"), _FakeCudaTensor()
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        for _ in range(3):
+            assert step(a, "a", (x,)).tolist() == [0.0]
+            assert step(b, "b", (x,)).tolist() == [1.0]
+    assert log == ["a", "b"] and step.captures == 1 and step.replays == 3
 
 
 @pytest.mark.parametrize("enabled_before", [True, False])

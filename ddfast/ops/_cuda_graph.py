@@ -12,11 +12,12 @@ When capture is impossible (CPU tensors, no grad wanted, or capture raising: a h
 unsupported op inside the step) the step runs eagerly, with one warning per reason and matcher; a
 key whose capture failed is not tried again (each try costs three warm-up steps).
 
-A new key frees the old graph first: ``make_graphed_callables`` keeps its graphs in a class that
-only Python's cyclic collector frees, and a collection that lands inside the next capture would
-destroy them there, which CUDA refuses ("operation not permitted when stream is capturing") and
-which invalidates the capture (pytorch/pytorch#161037). So the old graph is collected before, and
-the collector is off during, every capture (also releasing the old graph's memory pool at once).
+``make_graphed_callables`` keeps its graphs in a class that only Python's cyclic collector frees,
+and a collection that lands inside a capture would destroy an old graph there, which CUDA refuses
+("operation not permitted when stream is capturing") and which invalidates the capture
+(pytorch/pytorch#161037). So the collector is off during every capture, and a new key collects
+first: that frees the old graph and its memory pool, unless the caller still holds one of its
+outputs (whose autograd history reaches it).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class GraphedStep:
         self.replays = 0
         self.fallback_reason: Optional[str] = None
         self._warned = set()
-        self._failed: Optional[tuple] = None  # (key, reason) of the last capture that raised
+        self._failed: dict = {}  # key -> reason, for the keys whose capture raised (a few at most)
 
     def _eager(self, fn, args, reason: str):
         if reason not in self._warned:
@@ -79,7 +80,7 @@ class GraphedStep:
         had_graph = self.graphed is not None
         self.graphed, self.key = None, None
         if had_graph:
-            gc.collect()  # the old graph dies here, not inside the next capture
+            gc.collect()  # the old graph dies here (unless its outputs are still held), not inside the capture
         # the graph owns its input buffers: every call copies into them (given the caller's own
         # tensors, a later call would overwrite the first call's inputs in place)
         static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
@@ -101,13 +102,15 @@ class GraphedStep:
         if not torch.is_grad_enabled() or not any(a.requires_grad for a in args):
             return self._eager(fn, args, "no input requires grad (the graph holds forward and backward)")
         if key != self.key:
-            if self._failed is not None and self._failed[0] == key:
-                return self._eager(fn, args, self._failed[1])
+            if key in self._failed:
+                return self._eager(fn, args, self._failed[key])
             reason = self._capture(fn, args)
             if reason is not None:
-                self._failed = (key, reason)
+                if len(self._failed) >= 64:  # keys hold storage addresses: keep the memory bounded
+                    self._failed.clear()
+                self._failed[key] = reason
                 return self._eager(fn, args, reason)
-            self.key, self._failed = key, None
+            self.key = key
             self.captures += 1
         self.replays += 1
         self.fallback_reason = None

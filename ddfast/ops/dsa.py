@@ -168,7 +168,8 @@ def _fast_seeding_matches_torch() -> bool:
             impl = getattr(torch.random, "_manual_seed_impl", None)
             source += inspect.getsource(impl) if impl is not None else ""
             seeded = set(re.findall(r"torch\.(\w+)\.manual_seed", source))
-            _FAST_SEEDING = (seeded <= {name for name, _ in _SEEDED_DEVICES}
+            # CUDA must be among them: an empty match means the seeding moved where this cannot see
+            _FAST_SEEDING = ("cuda" in seeded and seeded <= {name for name, _ in _SEEDED_DEVICES}
                              and hasattr(torch.random, "_seed_custom_device"))
         except (OSError, TypeError):  # no source (frozen install): torch's own call
             _FAST_SEEDING = False
