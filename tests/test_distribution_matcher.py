@@ -375,6 +375,51 @@ def test_auto_chunking_equals_reference_loop_and_makes_no_sync(monkeypatch):
     assert syncs.count == 0 and not syncs.exempt, syncs
 
 
+def test_auto_chunks_are_smaller_on_the_cpu():
+    """The CPU's "auto" limit (2^19 input elements: DM's CIFAR-10 ipc-50 step measured fastest
+    there) chunks a batch one forward would take on a GPU (2^23); shapes only, so a meta tensor
+    stands in for the GPU's."""
+    from ddfast.ops import distribution_matcher as dm
+
+    matcher = ddfast.DistributionMatcher(_convnet_embed(), 4)
+    per_image = 3 * 32 * 32
+    n = dm.AUTO_CHUNK_ELEMENTS_CPU // per_image + 1  # 171 CIFAR images: just above the CPU limit
+    assert matcher.chunk_size(torch.empty(n - 1, 3, 32, 32)) is None
+    assert matcher.chunk_size(torch.empty(n, 3, 32, 32)) == -(-n // 2)  # two equal chunks
+    assert matcher.chunk_size(torch.empty(n, 3, 32, 32, device="meta")) is None
+    big = dm.AUTO_CHUNK_ELEMENTS // per_image + 1
+    assert matcher.chunk_size(torch.empty(big, 3, 32, 32, device="meta")) == -(-big // 2)
+
+
+@pytest.mark.parametrize("loss", ["mean", "mmd"])
+def test_cpu_synthetic_chunks_equal_one_forward_and_the_reference_loop(monkeypatch, loss):
+    """On the CPU "auto" embeds the synthetic images in pieces (graphs kept): the loss and the image
+    gradient equal one forward's and DM's loop; never with real_chunk_size=None, a batch-statistic
+    BatchNorm or off the CPU."""
+    from ddfast.ops import distribution_matcher as dm
+
+    embed = _convnet_embed()
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 5, "cpu")  # 15 synthetic images of 192 elements
+    monkeypatch.setattr(dm, "AUTO_CHUNK_ELEMENTS_CPU_SYN", 192 * 4)  # at most 4 images: 4 chunks of 4
+    chunked = ddfast.DistributionMatcher(embed, 3, loss=loss)
+    whole = ddfast.DistributionMatcher(embed, 3, loss=loss, real_chunk_size=None)
+    assert chunked.syn_chunk_size(x_syn) == 4 and whole.syn_chunk_size(x_syn) is None
+    calls = []
+    handle = embed.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    got, g_got = _run(lambda x: chunked(x_real, y_real, x, y_syn), x_syn)
+    handle.remove()
+    assert calls[-4:] == [4, 4, 4, 3]  # the synthetic side's forwards
+    want, g_want = _run(lambda x: whole(x_real, y_real, x, y_syn), x_syn)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-14)
+    if loss == "mean":
+        ref, g_ref = _run(lambda x: dm_reference_loop(embed, x_real, y_real, x, y_syn, 3), x_syn)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-12)
+    assert ddfast.DistributionMatcher(_convnet_bn_embed(), 3).syn_chunk_size(x_syn) is None
+    assert chunked.syn_chunk_size(x_syn.to("meta")) is None
+
+
 def test_auto_chunking_stays_off_where_it_would_change_or_cost(monkeypatch):
     """"auto" keeps one forward for loss "mmd" (it needs every real feature) and for embeddings with
     batch-statistic BatchNorm (chunking them costs extra forwards); None never chunks."""
