@@ -77,9 +77,9 @@ class GraphedStep:
 
     def _capture(self, fn, args) -> Optional[str]:
         """Capture ``fn`` on copies of ``args`` into ``self.graphed``; the failure's reason, or None."""
-        had_graph = self.graphed is not None
-        self.graphed, self.key = None, None
-        if had_graph:
+        self.key = None
+        if self.graphed is not None:
+            self.graphed = None
             gc.collect()  # the old graph dies here (unless its outputs are still held), not inside the capture
         # the graph owns its input buffers: every call copies into them (given the caller's own
         # tensors, a later call would overwrite the first call's inputs in place)

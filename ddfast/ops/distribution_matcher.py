@@ -75,11 +75,13 @@ class DistributionMatcher:
     CIFAR-100 × 256 real images); the loss is unchanged up to fp rounding. "auto" (default) chunks
     real batches above ``AUTO_CHUNK_ELEMENTS`` input elements (2^23 on a GPU, 2^19 on the CPU,
     where smaller chunks measured faster) when no BatchNorm uses batch statistics
-    (``chunk_size``); None: always one forward. When ``embed`` is an ``nn.Module`` (or a bound method of one) with BatchNorm layers that use batch statistics, those
-    statistics are first computed over the whole real batch, chunk by chunk, one pass per such
-    layer (so the real side costs about (layers + 1) / 2 forwards more), and the running
-    statistics are updated once, as one forward of the whole batch updates them. An embedding
-    given as a plain function is assumed to treat samples independently.
+    (``chunk_size``); on the CPU the synthetic side is also embedded in pieces
+    (``syn_chunk_size``); None: always one forward. When ``embed`` is an ``nn.Module`` (or a
+    bound method of one) with BatchNorm layers that use batch statistics, those statistics are
+    first computed over the whole real batch, chunk by chunk, one pass per such layer (so the real
+    side costs about (layers + 1) / 2 forwards more), and the running statistics are updated once,
+    as one forward of the whole batch updates them. An embedding given as a plain function is
+    assumed to treat samples independently.
     cuda_graph: on CUDA, capture the embeddings and the loss (forward and backward to the
     augmented synthetic images) once per static configuration and replay them from a CUDA graph;
     DSA stays eager, before it (its seeds come from the host). CPU or a failed capture: eager, one

@@ -51,6 +51,7 @@ from one CPU generator in a single call: same distributions, not the reference's
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, List, Optional, Sequence
 
@@ -152,28 +153,25 @@ class SeedStream:
 # torch.random.manual_seed's devices besides the CPU, each (module, its seed-all function)
 _SEEDED_DEVICES = (("cuda", "manual_seed_all"), ("mps", "manual_seed"), ("xpu", "manual_seed_all"),
                    ("mtia", "manual_seed_all"))
-_FAST_SEEDING: Optional[bool] = None
 
 
+@functools.lru_cache(maxsize=None)
 def _fast_seeding_matches_torch() -> bool:
     """Whether ``torch.random.manual_seed`` seeds exactly the devices ``_SEEDED_DEVICES`` lists (and
     the custom one): read once from its source, so a torch that seeds another device falls back."""
-    global _FAST_SEEDING
-    if _FAST_SEEDING is None:
-        import inspect
-        import re
+    import inspect
+    import re
 
-        try:
-            source = inspect.getsource(torch.random.manual_seed)
-            impl = getattr(torch.random, "_manual_seed_impl", None)
-            source += inspect.getsource(impl) if impl is not None else ""
-            seeded = set(re.findall(r"torch\.(\w+)\.manual_seed", source))
-            # CUDA must be among them: an empty match means the seeding moved where this cannot see
-            _FAST_SEEDING = ("cuda" in seeded and seeded <= {name for name, _ in _SEEDED_DEVICES}
-                             and hasattr(torch.random, "_seed_custom_device"))
-        except (OSError, TypeError):  # no source (frozen install): torch's own call
-            _FAST_SEEDING = False
-    return _FAST_SEEDING
+    try:
+        source = inspect.getsource(torch.random.manual_seed)
+        impl = getattr(torch.random, "_manual_seed_impl", None)
+        source += inspect.getsource(impl) if impl is not None else ""
+    except (OSError, TypeError):  # no source (frozen install): torch's own call
+        return False
+    seeded = set(re.findall(r"torch\.(\w+)\.manual_seed", source))
+    # CUDA must be among them: an empty match means the seeding moved where this cannot see
+    return ("cuda" in seeded and seeded <= {name for name, _ in _SEEDED_DEVICES}
+            and hasattr(torch.random, "_seed_custom_device"))
 
 
 def _device_compiled(module) -> bool:
