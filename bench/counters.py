@@ -6,7 +6,9 @@ They judge GPU behaviour without a GPU (and between GPU sessions):
   one each: a custom op's own kernels are not seen), counted by a ``TorchDispatchMode``. A proxy
   for kernel launches (view ops that launch nothing are counted too).
 * ``syncs``: ``ddfast._sync.count_syncs`` (data-dependent ops, device<->host copies, tensors from
-  Python data, Python reads of tensor values; on CUDA also torch's own sync reports).
+  Python data, Python reads of tensor values; on CUDA also torch's own sync reports). On CUDA a
+  read of a CPU tensor (a CPU draw's ``.item()``) is not a sync and is not counted; on CPU every
+  read counts, standing for the GPU run where the tensor may be on the device.
 * ``host_us``: the host's share of the call. CUDA: wall time of the call from a synchronised start
   to its return, launches not synchronised (includes any wait a host sync forces). CPU (where
   kernels run on the host): CPU time of the calling thread during the call minus its CPU time
@@ -28,7 +30,8 @@ DEFINITIONS = {
     "ops": "ops dispatched below autograd in one fwd+bwd call (TorchDispatchMode; aten and ddfast custom ops, "
            "one each; views included): a kernel-launch proxy. None for torch.compile'd code, whose kernels "
            "bypass the dispatcher",
-    "syncs": "host syncs in one fwd+bwd call after warm-up, by ddfast._sync.count_syncs",
+    "syncs": "host syncs in one fwd+bwd call after warm-up, by ddfast._sync.count_syncs (target = the case's "
+             "device: on CUDA reads of CPU tensors are not counted; on CPU every read counts)",
     "host_us": "CUDA: wall time of one fwd+bwd call from a synchronised start to its return, launches not "
                "synchronised (median). CPU: the calling thread's CPU time during the call minus its CPU time "
                "inside the dispatched ops (timed per op by a TorchDispatchMode) minus the mode's own per-op "
@@ -65,13 +68,14 @@ def count_ops(step: Callable[[], None]) -> int:
     return counter.ops
 
 
-def count_syncs(step: Callable[[], None]) -> Optional[int]:
-    """Host syncs of one call, or None when ddfast._sync is not available."""
+def count_syncs(step: Callable[[], None], device_type: str = "cpu") -> Optional[int]:
+    """Host syncs of one call, or None when ddfast._sync is not available. On a GPU
+    (``device_type`` "cuda") reads of CPU tensors are not counted: they do not wait for the device."""
     try:
         from ddfast._sync import count_syncs as _count
     except ImportError:
         return None
-    with _count() as syncs:
+    with _count(target=device_type) as syncs:
         step()
     return syncs.count
 

@@ -275,7 +275,7 @@ def all_providers(case: Case, device: torch.device, compile_reference: bool = Fa
 
 def _measure_counters(row: Dict, step: Callable[[], None], device: torch.device, compiled: bool) -> None:
     row["ops"] = None if compiled else counters.count_ops(step)
-    row["syncs"] = counters.count_syncs(step)
+    row["syncs"] = counters.count_syncs(step, device.type)
     if device.type == "cpu":
         row["host_us"] = None if compiled else counters.host_us_cpu(step)
 

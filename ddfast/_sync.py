@@ -25,7 +25,14 @@ the C++ launchers are kept sync-free by construction (see the report in the note
 
 Reads that ``ddfast._checks`` makes of CPU tensors under ``set_checks("full")`` (the CPU default)
 are listed in ``exempt`` and not counted: on CPU they cost no sync, and on CUDA the default policy
-("once") does not make them after the first call. ``events + exempt`` is everything seen.
+("once") does not make them after the first call.
+
+``target``: the device type the measured work runs on. "cpu" (the default): a CPU run standing in
+for a GPU one, so every read counts (the tensor read may live on the GPU there), and on a GPU every
+read of a CPU tensor counts too (strict). Any other, e.g. "cuda" (what ``ddfast bench`` passes on a
+GPU): a read that touches CPU tensors only (an ``.item()`` of a CPU draw, ``torch.tensor`` data)
+does not wait for the device; it is listed in ``host_reads`` and not counted.
+``events + exempt + host_reads`` is everything seen.
 """
 from __future__ import annotations
 
@@ -55,24 +62,34 @@ class SyncCount:
 
     events: List[str] = field(default_factory=list)
     exempt: List[str] = field(default_factory=list)
+    host_reads: List[str] = field(default_factory=list)
+    target: str = "cpu"
 
     @property
     def count(self) -> int:
         return len(self.events)
 
     def __repr__(self) -> str:
-        return f"SyncCount(count={self.count}, events={self.events}, exempt={self.exempt})"
+        return (f"SyncCount(count={self.count}, events={self.events}, exempt={self.exempt}, "
+                f"host_reads={self.host_reads}, target={self.target!r})")
 
 
 _active: List[SyncCount] = []  # open counters (nested contexts all record)
 _lock = threading.Lock()
 
 
-def _record(name: str) -> None:
+def _record(name: str, host_only: bool = False) -> None:
+    """One read seen; ``host_only``: it touched CPU tensors only (a sync only where they stand for
+    device tensors, i.e. for a counter whose target is the CPU)."""
     exempt = getattr(_state, "exempt", 0) > 0
     with _lock:
         for counter in _active:
-            (counter.exempt if exempt else counter.events).append(name)
+            if exempt:
+                counter.exempt.append(name)
+            elif host_only and counter.target != "cpu":
+                counter.host_reads.append(name)
+            else:
+                counter.events.append(name)
 
 
 @contextlib.contextmanager
@@ -92,6 +109,19 @@ def counting() -> bool:
 
 def _device_of(x):
     return x.device if isinstance(x, torch.Tensor) else None
+
+
+def _touches_device(args, kwargs) -> bool:
+    """Whether any tensor among the call's arguments (nested in lists too) lives off the CPU."""
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        a = stack.pop()
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                return True
+        elif isinstance(a, (list, tuple)):
+            stack.extend(a)
+    return False
 
 
 def _is_bool_mask(x) -> bool:
@@ -145,15 +175,15 @@ class _SyncMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if not getattr(_state, "in_python_read", 0):  # a patched read already counted itself
             event = _classify(func, args, kwargs)
-            if event is not None:
-                _record(event)
+            if event is not None:  # a copy event is always between devices, so never host-only
+                _record(event, host_only=not _touches_device(args, kwargs))
         return func(*args, **kwargs)
 
 
 def _patched(method_name: str, original):
     def read(self, *args, **kwargs):
         if not getattr(_state, "in_python_read", 0):
-            _record(f"Tensor.{method_name.strip('_')}()")
+            _record(f"Tensor.{method_name.strip('_')}()", host_only=self.device.type == "cpu")
         _state.in_python_read = getattr(_state, "in_python_read", 0) + 1
         try:
             return original(self, *args, **kwargs)
@@ -203,9 +233,16 @@ def _cuda_sync_warnings() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def count_syncs() -> Iterator[SyncCount]:
-    """Count host syncs (and would-be syncs on CPU) while the block runs; see the module doc."""
-    counter = SyncCount()
+def count_syncs(target: str = "cpu") -> Iterator[SyncCount]:
+    """Count host syncs (and would-be syncs on CPU) while the block runs; see the module doc.
+    ``target``: the device type the work runs on; "cpu" counts reads of CPU tensors too."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a device type string like 'cpu' or 'cuda', got {type(target).__name__}")
+    try:
+        target = torch.device(target).type
+    except RuntimeError as e:
+        raise ValueError(f"target must be a device type like 'cpu' or 'cuda', got {target!r}") from e
+    counter = SyncCount(target=target)
     first = not _active
     with _lock:
         _active.append(counter)

@@ -345,6 +345,34 @@ def test_step_makes_no_host_sync_after_warm_up(dsa_strategy):
     assert syncs.count == 0, syncs.events
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_reference_stream_step_reads_its_draws_only_and_waits_for_no_queued_work():
+    """DM's own DSA draws (dsa_rng="reference") on CUDA: after a warm-up with the same label
+    tensors, a step's only device reads are its two sides' draws (made on a side stream), so the
+    step returns while earlier work still runs on the current stream; its loss equals an idle GPU's."""
+    from ddfast._sync import count_syncs
+
+    embed = _convnet_embed(dtype=torch.float32, device="cuda")
+    x_real, y_real, x_syn, y_syn = _data(3, 4, 2, "cuda", dtype=torch.float32, size=16)
+    x_syn.requires_grad_(True)
+    seeds = [11, 12, 13]
+    matcher = ddfast.DistributionMatcher(embed, 3, dsa_strategy=STRATEGY, dsa_rng="reference")
+    matcher(x_real, y_real, x_syn, y_syn, seeds=seeds).backward()  # warm-up
+    want = matcher(x_real, y_real, x_syn, y_syn, seeds=seeds)
+    torch.cuda.synchronize()
+    with count_syncs(target="cuda") as syncs:
+        matcher(x_real, y_real, x_syn, y_syn, seeds=seeds).backward()
+    torch.cuda.synchronize()
+    assert [e for e in syncs.events if not e.startswith("cuda sync")] == ["Tensor.cpu()"] * 2, syncs
+    torch.cuda._sleep(2 ** 30)  # about half a second of GPU work queued before the step
+    done = torch.cuda.Event()
+    done.record()
+    got = matcher(x_real, y_real, x_syn, y_syn, seeds=seeds)
+    assert not done.query(), "the step waited for the work queued before it"
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_auto_chunking_equals_reference_loop_and_makes_no_sync(monkeypatch):
     """real_chunk_size "auto": above AUTO_CHUNK_ELEMENTS input elements the real side runs in equal
     chunks; a class with synthetic images only and one with real images only are left out, as in

@@ -639,3 +639,42 @@ def test_deferred_host_reads_give_the_same_tables_and_generator_states(monkeypat
     assert len(got) == len(want) and torch.equal(state_got, state_want)
     for (ip_g, fp_g), (ip_w, fp_w) in zip(got, want):
         assert torch.equal(ip_g, ip_w) and torch.equal(fp_g, fp_w)
+
+
+def _busy_stream():
+    """Queue about half a second of GPU work on the current stream; the event completes after it."""
+    torch.cuda._sleep(2 ** 30)
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("call", ["dsa_augment", "diff_augment"])
+def test_cuda_reference_stream_reads_once_and_waits_for_no_queued_work(call):
+    """The reference stream's device draws run on a side stream (dsa.draw_stream) and come back in
+    one read, and a groups tensor passed again is not read again (host_copy): after a warm-up one
+    call makes one device read, and it returns while earlier work still runs on the current
+    stream. The output equals the call's on an idle GPU."""
+    from ddfast._sync import count_syncs
+
+    x = _images(12, h=16, w=16, device="cuda")
+    groups = (torch.arange(12) % 3).to("cuda")
+    seeds = [3, 8, 21]
+
+    def step():
+        if call == "dsa_augment":
+            return _reference_stream(x, groups, STRATEGY, seeds, param=_param("S"))
+        return dc.DiffAugment(x, STRATEGY, 5, _param("M"))
+    step()  # warm-up: the groups' host copy, the kernels
+    want = step()
+    torch.cuda.synchronize()
+    with count_syncs(target="cuda") as syncs:
+        step()
+    torch.cuda.synchronize()
+    assert [e for e in syncs.events if not e.startswith("cuda sync")] == ["Tensor.cpu()"], syncs
+    done = _busy_stream()
+    got = step()
+    assert not done.query(), "the call waited for the work queued before it"
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)

@@ -78,6 +78,39 @@ def test_counter_ignores_sync_free_work_and_restores_tensor():
     assert torch.Tensor.item is original_item and "item" not in torch.Tensor.__dict__
 
 
+@pytest.mark.parametrize("action", [
+    lambda x, y: x.sum().item(), lambda x, y: y.tolist(), lambda x, y: (y == 1).nonzero(),
+    lambda x, y: x[y == 1], lambda x, y: torch.tensor([1, 2, 3]), lambda x, y: int(y[0]),
+], ids=["item", "tolist", "nonzero", "mask-index", "tensor-from-data", "int"])
+def test_counter_on_a_gpu_target_lists_cpu_reads_apart(action):
+    """With target "cuda" a read that touches CPU tensors only is a host read (it waits for no
+    device); with the default target "cpu" the same read counts, standing for a device tensor."""
+    x, y = torch.randn(5), torch.tensor([0, 1, 1, 2, 0])
+    with count_syncs(target="cuda") as on_gpu:
+        action(x, y)
+    with count_syncs() as on_cpu:
+        action(x, y)
+    assert on_gpu.count == 0 and on_gpu.host_reads == on_cpu.events and on_cpu.count >= 1, (on_gpu, on_cpu)
+    assert on_gpu.target == "cuda" and on_cpu.target == "cpu"
+
+
+def test_counter_sees_device_tensors_among_the_arguments():
+    from ddfast._sync import _touches_device
+    cpu, meta = torch.ones(2), torch.ones(2, device="meta")
+    assert not _touches_device((cpu, [cpu, 3]), {"out": cpu})
+    assert _touches_device((cpu, [cpu, meta]), {})
+    assert _touches_device((), {"indices": (None, meta)})
+
+
+def test_counter_target_is_checked():
+    with pytest.raises(TypeError, match="target"):
+        with count_syncs(target=0):
+            pass
+    with pytest.raises(ValueError, match="target"):
+        with count_syncs(target="gpu0"):
+            pass
+
+
 def test_check_reads_on_cpu_are_exempt_and_once_reads_nothing():
     y = torch.tensor([0, 1, 2])
     with count_syncs() as syncs:

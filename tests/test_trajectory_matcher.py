@@ -397,3 +397,40 @@ def test_dsa_reads_only_in_the_up_front_draws():
     with count_syncs() as syncs:
         tm(x, labels, a, start, target, generator=torch.Generator().manual_seed(0)).backward()
     assert draws.count > 0 and syncs.events == draws.events, (syncs.events, draws.events)
+
+
+def test_global_generator_draws_are_read_once_per_schedule(monkeypatch):
+    """Without a generator the DSA draws come from torch's global generators, on the GPU from the
+    CUDA one: all steps' device draws are queued and read on the host in one transfer (a GPU's
+    path, emulated here by queueing the CPU draws too). The schedule and the generator state left
+    behind equal the immediate reads'."""
+    from ddfast.ops import dsa
+
+    net, images, labels, start, target = make_problem("convnet", dtype=torch.float32)
+    tm = ddfast.TrajectoryMatcher(net, syn_steps=5, batch_syn=3, mode="exact", dsa_strategy=DSA)
+
+    def schedule():
+        torch.manual_seed(7)
+        s = tm.schedule(images)
+        return s, torch.get_rng_state()
+
+    want, state_want = schedule()
+    flushes, queued = [], []
+    real_flush = dsa.HostReads.flush
+
+    def queue_cpu_too(self, t, fill):  # what a CUDA tensor's read does
+        queued.append(t.numel())
+        self.items.append((t, fill))
+
+    def counted_flush(self):
+        flushes.append(len(self.items))
+        real_flush(self)
+    monkeypatch.setattr(dsa.HostReads, "read", queue_cpu_too)
+    monkeypatch.setattr(dsa.HostReads, "flush", counted_flush)
+    got, state_got = schedule()
+    assert queued and flushes == [len(queued)], (flushes, len(queued))
+    assert torch.equal(state_got, state_want)
+    for a, b in zip(got.steps, want.steps):
+        assert torch.equal(a.indices, b.indices)
+        for (ip_g, fp_g), (ip_w, fp_w) in zip(a.stages, b.stages):
+            assert torch.equal(ip_g, ip_w) and torch.equal(fp_g, fp_w)

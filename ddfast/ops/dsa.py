@@ -46,11 +46,14 @@ every draw of the group's full size on x's device (flip, color, crop, cutout) or
 from wherever the previous groups left the generator) and the state of every generator afterwards
 are those of the per-group reference calls, on CPU and CUDA. A group without images makes no
 call. Cost: host work and small launches per group, and on CUDA one device-to-host read per call
-(``HostReads``). ``rng="fast"`` draws every parameter of every group
+(``HostReads``) of draws made on a side stream (``draw_stream``), so the read does not wait for
+the work queued before the call; a groups tensor on the device is read once while it is unchanged
+(``host_copy``). ``rng="fast"`` draws every parameter of every group
 from one CPU generator in a single call: same distributions, not the reference's stream.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, List, Optional, Sequence
@@ -60,6 +63,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._checks import acc_dtype, check_choice, check_float_tensor, check_labels, check_result_finite
+from ._host_copy import host_copy
 
 OP = "dsa"
 
@@ -255,6 +259,26 @@ class HostReads:
         self.items = []
 
 
+_DRAW_STREAMS: dict = {}  # CUDA device index -> the side stream of its reference-stream draws
+
+
+def draw_stream(device) -> contextlib.AbstractContextManager:
+    """Where the reference stream's device draws run. On CUDA: a side stream of their own. The draws
+    read nothing the current stream writes (only the generator's state, which is the host's), so
+    ``HostReads.flush``'s read waits for the draws alone, not for the work queued before them: the
+    host draws the next augmentation while the GPU still runs the previous step. The values are
+    the same on any stream (the generator's offset advances on the host at each launch). Elsewhere,
+    or while a CUDA graph is being captured, the current stream."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return contextlib.nullcontext()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _DRAW_STREAMS.get(index)
+    if stream is None:
+        stream = _DRAW_STREAMS[index] = torch.cuda.Stream(device=index)
+    return torch.cuda.stream(stream)
+
+
 def draw_family(family: str, stream: SeedStream, n: int, keep: int, height: int, width: int, param,
                 dtype: torch.dtype, device, reads: HostReads) -> List[tuple]:
     """One op family's draws, in the reference's order (sizes, dtypes, devices as it uses them).
@@ -339,8 +363,9 @@ def draw_stages(families: Sequence[str], stream: SeedStream, n: int, height: int
         return []
     if reads is None:
         reads = HostReads()
-        stages = draw_stages(families, stream, n, height, width, param, dtype, device, siamese, reads)
-        reads.flush()
+        with draw_stream(device):
+            stages = draw_stages(families, stream, n, height, width, param, dtype, device, siamese, reads)
+            reads.flush()
         return stages
     if param.aug_mode == "M":
         chosen = list(families)
@@ -456,7 +481,7 @@ def apply_group_draws(x: torch.Tensor, groups: torch.Tensor, seeds: Sequence[int
     """Apply per-group draws (``reference_group_draws`` of each group, None for an empty group) to
     the images of each group, all groups in one pass per stage."""
     which = _backend.resolve(OP, backend, x.device)
-    stages = _per_image_tables(seeds, groups.cpu(), group_draws)
+    stages = _per_image_tables(seeds, host_copy(groups), group_draws)
     y = apply_stages(x, stages, align_corners, which)
     check_result_finite(y, x=x)
     return y
@@ -493,12 +518,13 @@ def draw_grouped(families, seeds: List[int], groups: torch.Tensor, height: int, 
     counts = torch.bincount(groups_cpu, minlength=len(seeds)).tolist()
     cpu_draws = torch.device(device).type == "cpu"
     group_draws, last_seed, reads = [], None, HostReads()
-    for seed, count in zip(seeds, counts):
-        stream = SeedStream(seed, cpu_draws=cpu_draws)
-        group_draws.append(draw_stages(families, stream, count, height, width, param, dtype, device,
-                                       siamese=seed != -1, reads=reads) if count else None)
-        last_seed = stream.last_global if stream.last_global is not None else last_seed
-    reads.flush()  # every group's device draws in one host read
+    with draw_stream(device):
+        for seed, count in zip(seeds, counts):
+            stream = SeedStream(seed, cpu_draws=cpu_draws)
+            group_draws.append(draw_stages(families, stream, count, height, width, param, dtype, device,
+                                           siamese=seed != -1, reads=reads) if count else None)
+            last_seed = stream.last_global if stream.last_global is not None else last_seed
+        reads.flush()  # every group's device draws in one host read
     if last_seed is not None:  # the other generators, once for all groups (SeedStream.finish)
         seed_other_devices(last_seed, keep_cuda=not cpu_draws)
     return _per_image_tables(seeds, groups_cpu, group_draws)
@@ -892,7 +918,9 @@ def dsa_augment(x: torch.Tensor, groups: Optional[torch.Tensor], strategy: str, 
     if groups is None:
         groups = torch.zeros(n, dtype=torch.int64, device=x.device if rng == "device" else "cpu")
     elif isinstance(groups, torch.Tensor) and rng != "device":
-        groups = groups.cpu()  # the draws are made on the CPU: one transfer serves the check and the draws
+        # the draws are made on the CPU: one transfer serves the check and the draws, and a loop
+        # that passes the same groups tensor every step reads it once (host_copy)
+        groups = host_copy(groups)
     check_labels("groups", groups, n, len(seeds))
     if not families:
         return x

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .. import _backend
 from .._checks import acc_dtype, check_choice, check_float_tensor
 from .dsa import OP as DSA_OP
-from .dsa import ParamDiffAug, SeedStream, apply_stages, draw_stages, parse_strategy
+from .dsa import HostReads, ParamDiffAug, SeedStream, apply_stages, draw_stages, draw_stream, parse_strategy
 from .param_match import param_match
 
 __all__ = ["TrajectoryMatcher", "flat_model", "tesla_reference"]
@@ -128,17 +128,20 @@ def _draw_schedule(n_images: int, batch_syn: int, syn_steps: int, families, dsa_
     draw_device = device if generator is None else torch.device("cpu")
     dsa_backend = _backend.resolve(DSA_OP, "auto", device) if families else "torch"
     chunks: List[torch.Tensor] = []
-    picked, drawn = [], []
-    for _ in range(syn_steps):
-        if not chunks:
-            chunks = list(torch.split(torch.randperm(n_images, generator=generator), batch_syn))
-        idx = chunks.pop()
-        picked.append(idx)
-        if families:  # seed −1: per-image draws from the generator, as DiffAugment(x, strategy, param=...)
-            drawn.append(draw_stages(families, SeedStream(-1, generator), idx.numel(), image.shape[2],
-                                     image.shape[3], dsa_param, image.dtype, draw_device, siamese=False))
-        else:
-            drawn.append([])
+    picked, drawn, reads = [], [], HostReads()
+    with draw_stream(draw_device):  # global-generator draws on the GPU: one host read for all steps
+        for _ in range(syn_steps):
+            if not chunks:
+                chunks = list(torch.split(torch.randperm(n_images, generator=generator), batch_syn))
+            idx = chunks.pop()
+            picked.append(idx)
+            if families:  # seed −1: per-image draws from the generator, as DiffAugment(x, strategy, param=...)
+                drawn.append(draw_stages(families, SeedStream(-1, generator), idx.numel(), image.shape[2],
+                                         image.shape[3], dsa_param, image.dtype, draw_device, siamese=False,
+                                         reads=reads))
+            else:
+                drawn.append([])
+        reads.flush()
     sizes = [idx.numel() for idx in picked]
     # one host-to-device transfer for the whole schedule (indices, and the DSA tables the fused
     # kernels read); the torch DSA backend reads its tables on the host
