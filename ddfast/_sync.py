@@ -150,6 +150,9 @@ def _classify(func, args, kwargs):
     return None
 
 
+_COPY_EVENTS = {f"{kind} copy ({name})" for kind in ("host->device", "device->host") for name in _COPY_OPS}
+
+
 def _copy_event(name, args, kwargs):
     if name == "_to_copy":
         src, dst = args[0].device, kwargs.get("device")
@@ -175,8 +178,9 @@ class _SyncMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if not getattr(_state, "in_python_read", 0):  # a patched read already counted itself
             event = _classify(func, args, kwargs)
-            if event is not None:  # a copy event is always between devices, so never host-only
-                _record(event, host_only=not _touches_device(args, kwargs))
+            if event is not None:  # a copy event is between devices (an upload's only tensor is on the CPU)
+                host_only = event not in _COPY_EVENTS and not _touches_device(args, kwargs)
+                _record(event, host_only=host_only)
         return func(*args, **kwargs)
 
 

@@ -1,14 +1,16 @@
 """Triton kernels for bn_stat_loss (SRe2L's BatchNorm statistic matching): one launch each way.
 
 Forward (``_bn_forward_kernel``, grid (C, splits)): x viewed as (N, C, S); program (c, split) reads
-its slice of channel c once, tile by tile, and keeps (count, mean, M2) merged with Chan's parallel
-update (each tile's mean and M2 are exact in registers), so the variance never suffers from
-E[x²] − E[x]² cancellation; fp32 accumulation (fp64 for fp64). It stores its partial and bumps
+its slice of channel c once, tile by tile, and keeps (count, mean, M2) of x − rm_c merged with
+Chan's parallel update (each tile's mean and M2 are exact in registers), so the variance never
+suffers from E[x²] − E[x]² cancellation; fp32 accumulation (fp64 for fp64). The shift by the
+running mean rm_c matters where x ≈ rm_c far from 0 (x ≈ 1e3): the loss measures exactly μ − rm,
+which an fp32 mean of x, rounded at 1e3, would only give to ~3e-5. It stores its partial and bumps
 channel c's arrival counter; the last split of c to arrive merges c's partials (Chan's formula in
-fp64), writes μ_c, σ²_c and the squared deviations (μ_c − rm_c)², (σ²_c − rv_c)² (fp64, from the
-statistics as stored), then bumps a global counter; the last channel to finish sums the squared
-deviations in channel order (fixed order: deterministic) and writes
-loss = sqrt(Σ(μ − rm)²) + sqrt(Σ(σ² − rv)²). Counters come from ``arrival_counters`` and are left
+fp64), writes μ_c, σ²_c (rounded to the accumulation dtype) and the squared deviations
+(μ_c − rm_c)², (σ²_c − rv_c)² (fp64, from the merged fp64 statistics), then bumps a global counter;
+the last channel to finish sums the squared deviations in channel order (fixed order:
+deterministic) and writes loss = sqrt(Σ(μ − rm)²) + sqrt(Σ(σ² − rv)²). Counters come from ``arrival_counters`` and are left
 at zero (each folding program resets its own).
 Backward (``_bn_backward_kernel``, a capped grid over tiles of rows (n, c) × spatial columns):
 every program first takes the two norms in fp64 (C values, the same order in every program), then
@@ -41,9 +43,11 @@ _PROGRAMS_PER_SM = 4
 @triton.jit
 def _merge_channel(part_ptr, sq_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, c, C, num_splits,
                    BLOCK_SPLIT: tl.constexpr):
-    """Chan's merge of channel c's split partials in fp64 → μ_c, σ²_c (stored in the acc dtype) and
-    the squared deviations from the running statistics (fp64, from the stored values, like the
-    reference's fp32 tensors). Reads through L2 (.cg): the partials were written by other programs."""
+    """Chan's merge of channel c's split partials (statistics of x − shift_c, shift_c = rm_c in the
+    acc dtype) in fp64 → μ_c, σ²_c (stored in the acc dtype) and the squared deviations from the
+    running statistics (fp64, from the merged fp64 values: μ_c − rm_c is the shifted mean plus
+    shift_c − rm_c, with no cancellation). Reads through L2 (.cg): the partials were written by
+    other programs."""
     sp = tl.arange(0, BLOCK_SPLIT)
     smask = sp < num_splits
     offs = c * num_splits + sp
@@ -52,15 +56,16 @@ def _merge_channel(part_ptr, sq_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, c, C, nu
     mu_p = tl.load(part_ptr + plane + offs, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float64)
     m2_p = tl.load(part_ptr + 2 * plane + offs, mask=smask, other=0.0, cache_modifier=".cg").to(tl.float64)
     total = tl.sum(cnt, axis=0)
-    mu = tl.sum(cnt * mu_p, axis=0) / total
+    mu = tl.sum(cnt * mu_p, axis=0) / total  # mean of x − shift_c
     dev = tl.where(smask, mu_p - mu, 0.0)
     var = (tl.sum(m2_p, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / total
-    mean_c = mu.to(mean_ptr.dtype.element_ty)
-    var_c = var.to(var_ptr.dtype.element_ty)
-    tl.store(mean_ptr + c, mean_c)
-    tl.store(var_ptr + c, var_c)
-    dm = mean_c.to(tl.float64) - tl.load(rm_ptr + c).to(tl.float64)
-    dv = var_c.to(tl.float64) - tl.load(rv_ptr + c).to(tl.float64)
+    rm = tl.load(rm_ptr + c)
+    rm64 = rm.to(tl.float64)
+    shift = rm.to(part_ptr.dtype.element_ty).to(tl.float64)  # the forward's shift, exactly
+    tl.store(mean_ptr + c, (shift + mu).to(mean_ptr.dtype.element_ty))
+    tl.store(var_ptr + c, var.to(var_ptr.dtype.element_ty))
+    dm = mu + (shift - rm64)
+    dv = var - tl.load(rv_ptr + c).to(tl.float64)
     tl.store(sq_ptr + c, dm * dm)
     tl.store(sq_ptr + C + c, dv * dv)
 
@@ -100,9 +105,9 @@ def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mea
     n_acc = tl.zeros((), dtype=ACC_DTYPE)
     mean_acc = tl.zeros((), dtype=ACC_DTYPE)
     m2_acc = tl.zeros((), dtype=ACC_DTYPE)
+    shift = tl.load(rm_ptr + c).to(ACC_DTYPE)  # statistics of x − rm_c (module doc)
     if WRITE_Y:  # y = (x − rm_c)·α_c + β_c, the BatchNorm in eval mode
         alpha = _bn_scale(w_ptr, rv_ptr, c, True, acc_scalar(eps, tl.float64), HAS_W, ACC_DTYPE)
-        shift = tl.load(rm_ptr + c).to(ACC_DTYPE)
         beta = tl.load(b_ptr + c).to(ACC_DTYPE) if HAS_B else tl.zeros((), dtype=ACC_DTYPE)
     for start in range(lo, hi, BLOCK):
         m = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -110,12 +115,12 @@ def _bn_forward_kernel(x_ptr, part_ptr, sq_ptr, counter_ptr, rm_ptr, rv_ptr, mea
         n_idx = m // S
         s_idx = m - n_idx * S
         offs = (n_idx * C + c) * S + s_idx
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) - shift, 0.0)
         if WRITE_Y:
-            tl.store(y_ptr + offs, ((v - shift) * alpha + beta).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offs, (d * alpha + beta).to(y_ptr.dtype.element_ty), mask=mask)
         n_t = tl.sum(mask.to(ACC_DTYPE), axis=0)
-        mean_t = tl.sum(v, axis=0) / n_t
-        dev = tl.where(mask, v - mean_t, 0.0)
+        mean_t = tl.sum(d, axis=0) / n_t
+        dev = tl.where(mask, d - mean_t, 0.0)
         m2_t = tl.sum(dev * dev, axis=0)
         n_new = n_acc + n_t
         delta = mean_t - mean_acc

@@ -95,12 +95,16 @@ def test_float64_eps_is_not_rounded_to_fp32(device, kind):
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 2])
 @pytest.mark.parametrize("kind", FUSED)
-def test_large_offset_noncontiguous_input(device, kind):
+def test_large_offset_noncontiguous_input(device, kind, seed):
     """x ≈ running_mean ≈ 1e3: ATen's fp32 x·α + (b − rm·α) cancels (~6e-5 off); the kernels
-    subtract first. Judged against float64, where ddfast must be no worse than the fp32 reference."""
+    subtract first, and their statistics are of x − rm_c, so the loss's μ − rm does not cancel
+    either. Judged against float64, where ddfast must be no worse than the fp32 reference.
+    (Seed 2 failed with the Triton kernel's earlier statistics of x itself: loss 8.2e-5 off
+    against the reference's 7.4e-5; on an H200 seed 0 did, 3.8e-5 against 3.1e-5.)"""
     backend = _fused_backend(kind, device)
-    x, *params = _inputs((3, 6, 5, 7), device, offset=1e3)
+    x, *params = _inputs((3, 6, 5, 7), device, offset=1e3, seed=seed)
     x = x.to(memory_format=torch.channels_last)
     assert not x.is_contiguous()
     got = _run(lambda t, *p: ddfast.bn_eval_stat(t, *p, backend=backend), x, params)

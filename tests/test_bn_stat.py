@@ -96,6 +96,26 @@ def test_large_offset_and_values(device, backend_kind):
         torch.testing.assert_close(got.double(), bn_stat_loss_reference(x.double(), rm, rv), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("kind", ["triton", "compiled"])
+def test_loss_has_no_cancellation_when_x_is_near_a_large_running_mean(device, kind, seed):
+    """x ≈ running_mean ≈ 1e3 in fp32: the loss measures μ − rm, which an fp32 μ rounded at 1e3
+    gives only to ~3e-5 (the fp32 reference's error here is 3e-5 to 1e-4). The Triton kernel
+    accumulates x − rm_c and the C++ CPU kernel shifted fp64 sums, so both are within 5e-6 of
+    float64. (The CUDA C++ kernel rounds μ first: not covered.)"""
+    if kind == "compiled" and device != "cpu":
+        pytest.skip("the CUDA C++ kernel's loss takes the deviation from the rounded fp32 mean")
+    backend = require_backend(OP, kind, device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 5, 7, generator=g, dtype=torch.float64) * 2 + 1e3
+    rm = torch.randn(6, generator=g, dtype=torch.float64) + 1e3
+    rv = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    x32, rm32, rv32 = (t.float().to(device) for t in (x, rm, rv))
+    truth = bn_stat_loss_reference(x32.double(), rm32.double(), rv32.double())
+    got = ddfast.bn_stat_loss(x32, rm32, rv32, backend=backend)
+    assert abs(float(got.double() - truth)) < 5e-6, (float(got), float(truth))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_accumulate_in_fp32(device, backend_kind, dtype):
     if backend_kind == "triton" and device == "cpu":

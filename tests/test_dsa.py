@@ -166,6 +166,9 @@ def test_device_draw_reseeds_skip_torch_manual_seed(monkeypatch, mode):
     once at the end (seed_other_devices, never torch.random.manual_seed, which formats the Python
     stack for each backend not initialised), and the draws and the CPU generator equal the
     per-draw torch.random.manual_seed path."""
+    # read torch's seeding source now: under the patch below it would see counting_manual_seed's
+    # and cache False for the whole process (seen on an H200, depending on test order)
+    assert dsa._fast_seeding_matches_torch()
     real_manual_seed = torch.random.manual_seed
     calls = {"manual_seed": 0, "cuda_seeds": [], "others": []}
     real_others = dsa.seed_other_devices

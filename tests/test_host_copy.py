@@ -58,3 +58,14 @@ def test_inference_tensors_are_not_cached():
 def test_host_copy_of_a_cpu_tensor_is_the_tensor():
     t = torch.tensor([3, 1])
     assert hc.host_copy(t) is t
+
+
+def test_a_tensor_in_use_stays_cached_while_others_pass_through():
+    """Least recently used first: a tensor looked up every step survives a stream of others."""
+    hot, calls = torch.tensor([9]), []
+    hc.cached_by_identity(hot, _counting(hot, calls))
+    passing = [torch.tensor([i]) for i in range(3 * hc.CACHE_SIZE)]
+    for k in passing:
+        hc.cached_by_identity(k, lambda k=k: k.clone())
+        hc.cached_by_identity(hot, _counting(hot, calls))
+    assert len(calls) == 1

@@ -94,6 +94,14 @@ def test_counter_on_a_gpu_target_lists_cpu_reads_apart(action):
     assert on_gpu.target == "cuda" and on_cpu.target == "cpu"
 
 
+def test_counter_on_a_gpu_target_counts_uploads():
+    """An upload's only tensor argument is on the CPU, yet it is a copy between devices (pageable:
+    the host waits): counted with any target. A meta tensor stands in for the device."""
+    with count_syncs(target="cuda") as syncs:
+        torch.ones(2).to("meta")
+    assert syncs.events == ["host->device copy (_to_copy)"] and syncs.host_reads == [], syncs
+
+
 def test_counter_sees_device_tensors_among_the_arguments():
     from ddfast._sync import _touches_device
     cpu, meta = torch.ones(2), torch.ones(2, device="meta")

@@ -20,7 +20,7 @@ CACHE_SIZE = 16
 
 def cached_by_identity(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``make()``'s result, computed once per (tensor identity, version); bounded to CACHE_SIZE
-    tensors, oldest dropped first, and an entry leaves with its tensor."""
+    tensors, the least recently used dropped first, and an entry leaves with its tensor."""
     try:
         version = t._version
     except RuntimeError:  # inference tensors have no version counter: nothing to key on
@@ -28,6 +28,7 @@ def cached_by_identity(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> tor
     key = id(t)
     entry = _copies.get(key)
     if entry is not None and entry[0]() is t and entry[1] == version:
+        _copies[key] = _copies.pop(key)  # most recently used last
         return entry[2]
     value = make()
     if key not in _copies and len(_copies) >= CACHE_SIZE:

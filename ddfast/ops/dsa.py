@@ -274,8 +274,8 @@ def draw_stream(device) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _DRAW_STREAMS.get(index)
-    if stream is None:
-        stream = _DRAW_STREAMS[index] = torch.cuda.Stream(device=index)
+    if stream is None:  # high priority: torch's pool of those is one a user's streams rarely share
+        stream = _DRAW_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
     return torch.cuda.stream(stream)
 
 
@@ -904,7 +904,9 @@ def dsa_augment(x: torch.Tensor, groups: Optional[torch.Tensor], strategy: str, 
     drawn per call from torch's global CPU generator), "reference" (the reference's generator
     calls per group: equal to the per-group DiffAugment calls, and leaves torch's generators where
     they leave them; see the module doc; what the ``ddfast.compat`` drop-ins use) or "fast" (one
-    CPU generator call for all groups).
+    CPU generator call for all groups). With "reference" or "fast", groups on a GPU are read on
+    the host once per tensor and version: write new ids in place through torch ops (which bump the
+    version) or pass a new tensor, not through ``.data`` or a raw pointer.
     Differentiable w.r.t. x in every backend.
     """
     _check_images(x)
