@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import weakref
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import _sync
+from ._tensor_cache import TensorCache
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECK_MODES = ("full", "once", "off")
@@ -185,8 +185,7 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_a} and {name_b} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-_bounds_cache: Dict[int, tuple] = {}  # id(labels) -> (weakref, version, lo, hi)
-_BOUNDS_CACHE_SIZE = 256
+_bounds = TensorCache(256)  # per label tensor and version: (min, max)
 
 
 def _read_bounds(labels: torch.Tensor) -> Tuple[int, int]:
@@ -199,19 +198,7 @@ def label_bounds(labels: torch.Tensor, cached: bool) -> Tuple[int, int]:
     object at this version counter (exact unless the data changed behind autograd, e.g. via ``.data``)."""
     if not cached:
         return _read_bounds(labels)
-    try:
-        version = labels._version
-    except RuntimeError:  # inference tensors have no version counter: read every time
-        return _read_bounds(labels)
-    key = id(labels)
-    entry = _bounds_cache.get(key)
-    if entry is not None and entry[0]() is labels and entry[1] == version:
-        return entry[2], entry[3]
-    lo, hi = _read_bounds(labels)
-    if len(_bounds_cache) >= _BOUNDS_CACHE_SIZE:
-        _bounds_cache.pop(next(iter(_bounds_cache)))
-    _bounds_cache[key] = (weakref.ref(labels, lambda _ref, k=key: _bounds_cache.pop(k, None)), version, lo, hi)
-    return lo, hi
+    return _bounds.get(labels, lambda: _read_bounds(labels))
 
 
 def check_labels(name: str, labels, n: int, num_classes: Optional[int] = None) -> torch.Tensor:

@@ -150,9 +150,6 @@ def _classify(func, args, kwargs):
     return None
 
 
-_COPY_EVENTS = {f"{kind} copy ({name})" for kind in ("host->device", "device->host") for name in _COPY_OPS}
-
-
 def _copy_event(name, args, kwargs):
     if name == "_to_copy":
         src, dst = args[0].device, kwargs.get("device")
@@ -178,9 +175,9 @@ class _SyncMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if not getattr(_state, "in_python_read", 0):  # a patched read already counted itself
             event = _classify(func, args, kwargs)
-            if event is not None:  # a copy event is between devices (an upload's only tensor is on the CPU)
-                host_only = event not in _COPY_EVENTS and not _touches_device(args, kwargs)
-                _record(event, host_only=host_only)
+            if event is not None:  # a copy is between devices (an upload's only tensor is on the CPU)
+                copy = func._schema.name.split("::")[-1] in _COPY_OPS
+                _record(event, host_only=not copy and not _touches_device(args, kwargs))
         return func(*args, **kwargs)
 
 

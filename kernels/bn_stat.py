@@ -10,8 +10,8 @@ channel c's arrival counter; the last split of c to arrive merges c's partials (
 fp64), writes μ_c, σ²_c (rounded to the accumulation dtype) and the squared deviations
 (μ_c − rm_c)², (σ²_c − rv_c)² (fp64, from the merged fp64 statistics), then bumps a global counter;
 the last channel to finish sums the squared deviations in channel order (fixed order:
-deterministic) and writes loss = sqrt(Σ(μ − rm)²) + sqrt(Σ(σ² − rv)²). Counters come from ``arrival_counters`` and are left
-at zero (each folding program resets its own).
+deterministic) and writes loss = sqrt(Σ(μ − rm)²) + sqrt(Σ(σ² − rv)²). Counters come from
+``arrival_counters`` and are left at zero (each folding program resets its own).
 Backward (``_bn_backward_kernel``, a capped grid over tiles of rows (n, c) × spatial columns):
 every program first takes the two norms in fp64 (C values, the same order in every program), then
 writes ``grad_x = a_c + b_c (x − μ_c)`` with a_c = g (μ_c − rm_c)/(‖μ − rm‖ M),

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._checks import acc_dtype, check_choice, check_float_tensor, check_labels, check_result_finite
-from ._host_copy import host_copy
+from .._tensor_cache import host_copy
 
 OP = "dsa"
 
